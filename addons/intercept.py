@@ -1,0 +1,36 @@
+"""Intercept TLS only for Azure catalog hosts; tunnel everything else untouched."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy.proxy import layer, layers
+
+from proxy import metrics
+from proxy.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+
+class InterceptOnlyAzure:
+    """Decides, per CONNECT target, whether keyless looks inside the connection at all.
+
+    Must run before mitmproxy's own NextLayer addon. A tunnelled connection is never decrypted:
+    the app sees the upstream's own certificate and keyless adds nothing.
+    """
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if nextlayer.layer:
+            return
+        server = nextlayer.context.server
+        # No address yet: this is the proxy's own HTTP layer reading the app's request.
+        if server.address is None:
+            return
+        host = server.address[0]
+        if self.catalog.match(host) is None:
+            metrics.TUNNELS.inc()
+            logger.debug("tunnelling %s:%s untouched", host, server.address[1])
+            nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)

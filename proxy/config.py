@@ -1,0 +1,191 @@
+"""keyless' settings. Every flag is also an environment variable and a TOML key.
+
+Precedence: command-line flag > `KEYLESS_<FLAG>` environment variable > `--config` TOML file >
+default. For repeatable flags the first source that sets them wins as a whole. In the
+environment, repeated values are separated by commas or newlines.
+
+`FLAGS` is the single source of truth: argparse, the environment, the TOML keys and the
+README's flag reference are all derived from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.connect_to import ConnectTo
+
+HostPort = tuple[str, int]
+
+
+def parse_host_port(text: str) -> HostPort:
+    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", text.strip())
+    if not match or not 0 <= int(match.group(2)) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return match.group(1), int(match.group(2))
+
+
+def parse_set(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"expected a number of seconds ≥ 0, got {text!r}")
+    return value
+
+
+def parse_log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"expected debug, info, warning or error, got {text!r}")
+    return level
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    metavar: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    repeatable: bool = False
+
+    @property
+    def env(self) -> str:
+        return "KEYLESS_" + self.name.upper().replace("-", "_")
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("listen", "HOST:PORT", "127.0.0.1:8080", parse_host_port,
+         "Where the proxy listens; apps set HTTPS_PROXY=http://HOST:PORT."),
+    Flag("admin", "HOST:PORT", "127.0.0.1:9180", parse_host_port,
+         "Where the admin server listens: /metrics, /healthz, /readyz."),
+    Flag("confdir", "DIR", "~/.keyless", lambda s: Path(s).expanduser(),
+         "The CA key and certificate, generated on first start. "
+         "Apps trust DIR/mitmproxy-ca-cert.pem."),
+    Flag("connect-to", "HOST:PORT:ADDR:PORT", (), ConnectTo.parse,
+         "When the target is HOST:PORT, dial ADDR:PORT instead, keeping HOST as TLS server "
+         "name and Host header (curl's meaning; also for tunnelled connections). Repeatable.",
+         repeatable=True),
+    Flag("set", "NAME=VALUE", (), parse_set,
+         "Set any mitmproxy option, e.g. ssl_verify_upstream_trusted_ca=/ca.pem. Repeatable.",
+         repeatable=True),
+    Flag("token-margin", "SECONDS", "300", parse_seconds,
+         "Never attach a token that expires within this many seconds."),
+    Flag("token-timeout", "SECONDS", "10", parse_seconds,
+         "How long a request waits for a token before keyless answers 503."),
+    Flag("log-level", "LEVEL", "info", parse_log_level,
+         "debug, info, warning or error."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: HostPort
+    admin: HostPort
+    confdir: Path
+    connect_to: tuple[ConnectTo, ...]
+    set: tuple[tuple[str, str], ...]
+    token_margin: float
+    token_timeout: float
+    log_level: str
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="A TOML file whose keys are the flag names (env: KEYLESS_CONFIG).")
+    for flag in FLAGS:
+        env_note = f" (env: {flag.env}; default: {flag.default or 'none'})"
+        parser.add_argument(
+            f"--{flag.name}", metavar=flag.metavar, dest=flag.attr,
+            action="append" if flag.repeatable else "store", default=None,
+            help=flag.help + env_note,
+        )
+
+
+def _parse_one(flag: Flag, raw: Any, source: str) -> Any:
+    try:
+        if flag.repeatable:
+            items = raw if isinstance(raw, list | tuple) else [raw]
+            return tuple(flag.parse(str(item)) for item in items)
+        if isinstance(raw, list | dict):
+            raise ValueError("expected a single value")
+        return flag.parse(str(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {flag.name for flag in FLAGS}
+    if unknown := sorted(set(data) - known):
+        raise ConfigError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+            f"known keys: {', '.join(sorted(known))}"
+        )
+    if isinstance(data.get("set"), dict):  # [set] table form: name = value
+        data["set"] = [f"{k}={v if not isinstance(v, bool) else str(v).lower()}"
+                       for k, v in data["set"].items()]
+    return data
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Merge flags, environment and TOML file into Settings; raise ConfigError on bad input."""
+    config_path = args.config or environ.get("KEYLESS_CONFIG")
+    file_values = _read_toml(config_path) if config_path else {}
+    values: dict[str, Any] = {}
+    for flag in FLAGS:
+        from_flag = getattr(args, flag.attr, None)
+        from_env = environ.get(flag.env)
+        if from_flag is not None:
+            values[flag.attr] = _parse_one(flag, from_flag, f"--{flag.name}")
+        elif from_env is not None and from_env.strip():
+            raw: Any = from_env
+            if flag.repeatable:
+                raw = [item for item in re.split(r"[,\n]", from_env) if item.strip()]
+            values[flag.attr] = _parse_one(flag, raw, flag.env)
+        elif flag.name in file_values:
+            values[flag.attr] = _parse_one(flag, file_values[flag.name],
+                                           f"{config_path}: {flag.name}")
+        else:
+            values[flag.attr] = _parse_one(flag, list(flag.default) if flag.repeatable
+                                           else flag.default, "default")
+    return Settings(**values)
+
+
+def flag_reference() -> str:
+    """The Markdown flag table for the README (a test keeps the README in step with it)."""
+    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |",
+            "| `--config FILE` | `KEYLESS_CONFIG` | none | A TOML file whose keys are the "
+            "flag names. |"]
+    for flag in FLAGS:
+        default = f"`{flag.default}`" if flag.default else "none"
+        rows.append(f"| `--{flag.name} {flag.metavar}` | `{flag.env}` | {default} | {flag.help} |")
+    return "\n".join(rows)
+
+

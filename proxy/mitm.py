@@ -1,0 +1,103 @@
+"""The one module that builds and runs the mitmproxy master with keyless' addons."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from mitmproxy import addons as mitm_addons
+from mitmproxy import exceptions, master, options
+from mitmproxy.addons import errorcheck
+
+from addons.azure_auth import AzureAuth
+from addons.health import ReportHealth
+from addons.intercept import InterceptOnlyAzure
+from addons.stream import StreamBodies
+from proxy.admin import AdminServer, Health
+from proxy.catalog import Catalog
+from proxy.config import Settings
+from proxy.identity import CredentialSource
+from proxy.tokens import Identity, TokenCache
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    pass
+
+
+def keyless_options(settings: Settings) -> dict[str, object]:
+    host, port = settings.listen
+    return {
+        "listen_host": host,
+        "listen_port": port,
+        "confdir": str(settings.confdir),
+        # Connect upstream only when a request is really forwarded: a refused request never
+        # opens a connection to the service.
+        "connection_strategy": "lazy",
+        "onboarding": False,
+    }
+
+
+def build_master(settings: Settings, tokens: TokenCache, health: Health) -> master.Master:
+    opts = options.Options()
+    m = master.Master(opts)
+    catalog = Catalog()
+    # Our interception decision must come before mitmproxy's own NextLayer addon.
+    m.addons.add(InterceptOnlyAzure(catalog))
+    m.addons.add(*mitm_addons.default_addons())
+    m.addons.add(
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
+        StreamBodies(),
+        AzureAuth(catalog, tokens, Identity(os.environ.get("AZURE_CLIENT_ID") or None)),
+        ReportHealth(health),
+    )
+    try:
+        # Options exist once the addons that declare them are loaded.
+        opts.update(**keyless_options(settings))
+        if settings.set:
+            opts.set(*(f"{name}={value}" for name, value in settings.set))
+    except exceptions.OptionsError as exc:
+        raise StartupError(f"invalid mitmproxy option: {exc}") from None
+    return m
+
+
+async def serve(settings: Settings) -> int:
+    """Run the proxy and the admin server until SIGTERM/SIGINT."""
+    health = Health()
+    source = CredentialSource()
+    tokens = TokenCache(
+        source, expiry_margin=settings.token_margin, wait_timeout=settings.token_timeout
+    )
+    proxy_master = build_master(settings, tokens, health)
+    admin = AdminServer(health, *settings.admin)
+    try:
+        await admin.start()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on admin address {settings.admin[0]}:{settings.admin[1]}: "
+            f"{exc.strerror}"
+        ) from None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop, proxy_master, health)
+    logger.info(
+        "keyless listening on %s:%s, admin on %s:%s, CA certificate %s",
+        *settings.listen, *settings.admin, settings.confdir / "mitmproxy-ca-cert.pem",
+    )
+    try:
+        await proxy_master.run()
+    finally:
+        health.listening = False
+        await admin.stop()
+        await tokens.close()
+        await source.close()
+    return 0
+
+
+def _stop(proxy_master: master.Master, health: Health) -> None:
+    logger.info("stopping")
+    health.draining = True
+    proxy_master.shutdown()

@@ -1,0 +1,195 @@
+"""The token cache: one Entra token per (identity, scope), fetched once, refreshed early.
+
+azure-identity's own caching does not single-flight concurrent misses and its async path
+stops serving a token at `refresh_on`, so keyless keeps its own cache:
+
+- entries live in a cachetools `TLRUCache` whose per-entry expiry is the token's `expires_on`
+  minus a safety margin, so a token that expires within the margin is never handed out;
+- concurrent misses for one key share one fetch;
+- at `refresh_on` the token is refreshed in the background while the current one keeps
+  serving; a failed refresh keeps the still-valid token and is retried after a pause;
+- a request waits at most `wait_timeout` seconds for a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cachetools import TLRUCache
+
+from proxy import metrics
+from proxy.redact import redact
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Which managed identity a token is for: a user-assigned client id, or the default one."""
+
+    client_id: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.client_id or "default"
+
+
+class TokenInfo(Protocol):
+    """What a credential returns (azure-core's `AccessTokenInfo` has these)."""
+
+    token: str
+    expires_on: int
+    refresh_on: int | None
+
+
+TokenSource = Callable[[Identity, str], Awaitable[TokenInfo]]
+Key = tuple[Identity, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: str = field(repr=False)
+    expires_on: float
+    refresh_on: float
+
+
+class TokenUnavailable(Exception):
+    """No usable token could be had. The message is safe to show: it never holds a secret."""
+
+
+class TokenCache:
+    def __init__(
+        self,
+        source: TokenSource,
+        *,
+        clock: Callable[[], float] = time.time,
+        expiry_margin: float = 300.0,
+        wait_timeout: float = 10.0,
+        refresh_retry: float = 30.0,
+        maxsize: int = 1024,
+    ) -> None:
+        self._source = source
+        self._clock = clock
+        self._margin = expiry_margin
+        self._wait_timeout = wait_timeout
+        self._refresh_retry = refresh_retry
+        self._cache: TLRUCache[Key, Token] = TLRUCache(
+            maxsize, ttu=lambda _key, token, _now: token.expires_on - self._margin, timer=clock
+        )
+        self._inflight: dict[Key, asyncio.Task[Token]] = {}
+        self._refresh_failed_at: dict[Key, float] = {}
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+
+    async def get(self, identity: Identity, scope: str) -> str:
+        """A token valid for more than the margin, from the cache or a (shared) fetch."""
+        key = (identity, scope)
+        token = self._cache.get(key)
+        if token is not None:
+            metrics.TOKEN_CACHE.labels(result="hit").inc()
+            if self._clock() >= token.refresh_on:
+                self._refresh(key)
+            return token.value
+        metrics.TOKEN_CACHE.labels(result="miss").inc()
+        task = self._inflight.get(key) or self._start_fetch(key)
+        try:
+            token = await asyncio.wait_for(asyncio.shield(task), self._wait_timeout)
+        except TimeoutError:
+            raise TokenUnavailable(
+                f"no token for scope {scope} (identity {identity.label}) "
+                f"within {self._wait_timeout:g}s"
+            ) from None
+        return token.value
+
+    def invalidate(self, identity: Identity, scope: str) -> None:
+        """Forget a token (e.g. the service rejected it): the next request fetches afresh."""
+        self._cache.pop((identity, scope), None)
+
+    def peek(self) -> dict[Key, Token]:
+        """The usable tokens now cached (for metrics and readiness; values stay inside)."""
+        return {key: token for key, token in list(self._cache.items())}
+
+    async def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._inflight.values()):
+            task.cancel()
+        self._inflight.clear()
+
+    def _start_fetch(self, key: Key) -> asyncio.Task[Token]:
+        task = asyncio.get_running_loop().create_task(self._fetch(key))
+        self._inflight[key] = task
+        task.add_done_callback(lambda t: self._fetch_done(key, t))
+        return task
+
+    def _fetch_done(self, key: Key, task: asyncio.Task[Token]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled() and task.exception() is not None:
+            self._refresh_failed_at[key] = self._clock()
+            if key in self._cache:  # a refresh failed: retry later while the token still serves
+                self._timers[key] = asyncio.get_running_loop().call_later(
+                    self._refresh_retry, self._refresh, key
+                )
+
+    async def _fetch(self, key: Key) -> Token:
+        identity, scope = key
+        started = time.perf_counter()
+        try:
+            info = await self._source(identity, scope)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any credential failure becomes a clear, secret-free reason
+            metrics.TOKEN_FETCHES.labels(result="error").inc()
+            reason = redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            logger.warning("token fetch failed for scope %s (identity %s): %s",
+                           scope, identity.label, reason)
+            raise TokenUnavailable(
+                f"could not get a token for scope {scope} (identity {identity.label}): {reason}"
+            ) from None
+        finally:
+            metrics.TOKEN_FETCH_SECONDS.observe(time.perf_counter() - started)
+        now = self._clock()
+        expires_on = float(info.expires_on)
+        if expires_on - self._margin <= now:
+            metrics.TOKEN_FETCHES.labels(result="expired").inc()
+            raise TokenUnavailable(
+                f"the token for scope {scope} (identity {identity.label}) expires within "
+                f"{self._margin:g}s of issue"
+            )
+        refresh_on = float(info.refresh_on) if info.refresh_on else now + (expires_on - now) / 2
+        # Refresh no later than half-way into the margin-free lifetime left, so a slow or
+        # failing refresh still has time before the token stops being served.
+        usable_until = expires_on - self._margin
+        refresh_on = min(refresh_on, usable_until - (usable_until - now) / 4)
+        token = Token(info.token, expires_on, refresh_on)
+        self._cache[key] = token
+        self._refresh_failed_at.pop(key, None)
+        self._schedule_refresh(key, token)
+        metrics.TOKEN_FETCHES.labels(result="ok").inc()
+        logger.info("token cached for scope %s (identity %s), expires in %ds",
+                    scope, identity.label, int(expires_on - now))
+        return token
+
+    def _schedule_refresh(self, key: Key, token: Token) -> None:
+        # Idle sidecars refresh too: a timer fires at refresh_on even without traffic.
+        if old := self._timers.pop(key, None):
+            old.cancel()
+        delay = max(0.0, token.refresh_on - self._clock())
+        self._timers[key] = asyncio.get_running_loop().call_later(delay, self._refresh, key)
+
+    def _refresh(self, key: Key) -> None:
+        if key in self._inflight:
+            return
+        failed_at = self._refresh_failed_at.get(key)
+        recently_failed = failed_at is not None and self._clock() - failed_at < self._refresh_retry
+        if recently_failed and key in self._cache:
+            return  # a valid token still serves; try again after the pause
+        task = self._start_fetch(key)
+        # A failed background refresh is logged in _fetch; the current token keeps serving.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
