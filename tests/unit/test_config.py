@@ -72,7 +72,7 @@ def test_bad_values_are_reported_clearly(argv, message):
 def test_unknown_and_malformed_toml_are_reported(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('listne = "127.0.0.1:1"\n')
-    with pytest.raises(ConfigError, match="unknown key.*listne"):
+    with pytest.raises(ConfigError, match=r"unknown key.*listne"):
         settings(["--config", str(bad)])
     bad.write_text("listen = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
