@@ -1,0 +1,90 @@
+"""Real processes on loopback: Azurite (HTTPS, OAuth), a managed-identity endpoint, keyless."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.azurite import Azurite, TestPKI
+from tests.support.identity_endpoint import FakeIdentityEndpoint
+from tests.support.keyless import KeylessProcess
+from tests.support.upstreams import RecordingServer
+
+BLOB_HOST = "devstoreaccount1.blob.core.windows.net"
+QUEUE_HOST = "devstoreaccount1.queue.core.windows.net"
+RECORDER_HOST = "recorder.blob.core.windows.net"  # a catalog host served by a recording fake
+# Proxy variables for keyless' own process: a dead proxy. If the credential's traffic went
+# through proxy environment variables, no token could be fetched.
+DEAD_PROXY_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+                  "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+                  "NO_PROXY": "", "no_proxy": ""}
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> TestPKI:
+    return TestPKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory, pki) -> Iterator[Azurite]:
+    with Azurite(tmp_path_factory.mktemp("azurite"), pki) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def identity() -> Iterator[FakeIdentityEndpoint]:
+    with FakeIdentityEndpoint() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def plain_http_recorder() -> Iterator[RecordingServer]:
+    """Stands in for a catalog host reached over plain HTTP (port 80)."""
+    with RecordingServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def catalog_recorder(pki) -> Iterator[RecordingServer]:
+    """A TLS server for a catalog host name that records exactly what keyless forwarded."""
+    with RecordingServer(tls=pki.issue_server_cert(RECORDER_HOST)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def keyless(tmp_path_factory, pki, azurite, identity, plain_http_recorder,
+            catalog_recorder) -> Iterator[KeylessProcess]:
+    process = KeylessProcess(
+        tmp_path_factory.mktemp("keyless"),
+        [
+            "--connect-to", f"{BLOB_HOST}:443:127.0.0.1:{azurite.blob_port}",
+            "--connect-to", f"{QUEUE_HOST}:443:127.0.0.1:{azurite.queue_port}",
+            "--connect-to", f"{BLOB_HOST}:80:127.0.0.1:{plain_http_recorder.port}",
+            "--connect-to", f"{RECORDER_HOST}:443:127.0.0.1:{catalog_recorder.port}",
+            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
+            "--token-timeout", "5",
+        ],
+        {**identity.env(), **DEAD_PROXY_ENV},
+    ).start()
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+@pytest.fixture
+def through_keyless(monkeypatch, keyless) -> KeylessProcess:
+    """The legacy app's environment: proxy variables and keyless' CA, nothing else."""
+    monkeypatch.setenv("HTTPS_PROXY", keyless.proxy_url)
+    monkeypatch.setenv("HTTP_PROXY", keyless.proxy_url)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", keyless.ca_path)
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "http_proxy", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    return keyless
+
+
+@pytest.fixture
+def direct(monkeypatch) -> None:
+    """No proxy at all: the app talks to Azurite itself."""
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)

@@ -1,0 +1,370 @@
+"""Fake managed-identity token endpoint speaking the App Service protocol.
+
+azure-identity's ManagedIdentityCredential picks the App Service flavour when
+IDENTITY_ENDPOINT and IDENTITY_HEADER are set, then sends
+
+    GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource=<resource>[&client_id=<id>]
+    X-IDENTITY-HEADER: <secret>
+
+This server answers such requests with JWT-shaped (unsigned, fake) tokens that
+Azurite's `--oauth basic` mode accepts: it decodes tokens without verifying
+the signature and only checks iss/aud/nbf/exp.
+
+Standalone use (prints the env vars as one JSON line, serves until killed):
+
+    python tests/support/identity_endpoint.py --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal, Self, get_args
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = [
+    "API_VERSION",
+    "MODES",
+    "OBJECT_ID",
+    "SYSTEM_ASSIGNED_CLIENT_ID",
+    "TENANT_ID",
+    "TOKEN_PATH",
+    "FakeIdentityEndpoint",
+    "Mode",
+    "decode",
+    "make_token",
+]
+
+# Fixed, obviously fake identifiers so assertions can be exact.
+TENANT_ID = "72f988bf-0000-4000-8000-00000000cafe"
+SYSTEM_ASSIGNED_CLIENT_ID = "5a5a5a5a-0000-4000-8000-000000000001"
+OBJECT_ID = "0b0b0b0b-0000-4000-8000-000000000002"
+API_VERSION = "2019-08-01"
+TOKEN_PATH = "/msi/token"
+
+Mode = Literal["ok", "error", "throttle", "slow", "drop"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+# Query parameters that select a user-assigned identity; all are recorded.
+_IDENTITY_PARAMS = ("client_id", "principal_id", "mi_res_id", "object_id")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_json(obj: dict[str, Any]) -> str:
+    return _b64url(json.dumps(obj, separators=(",", ":")).encode())
+
+
+def make_token(
+    resource: str,
+    client_id: str | None = None,
+    lifetime: int = 3600,
+    *,
+    now: int | None = None,
+) -> str:
+    """Mint a JWT-shaped token for `resource` (used verbatim as `aud`).
+
+    The signature is random bytes: nothing downstream verifies it, and it
+    keeps the token from ever looking like a usable credential.
+    """
+    issued_at = int(time.time()) if now is None else now
+    appid = client_id or SYSTEM_ASSIGNED_CLIENT_ID
+    header = {"alg": "RS256", "typ": "JWT"}
+    payload = {
+        "aud": resource,
+        "iss": f"https://sts.windows.net/{TENANT_ID}/",
+        "iat": issued_at,
+        # Same clock-skew allowance Entra ID uses, so nbf checks never flake.
+        "nbf": issued_at - 300,
+        "exp": issued_at + lifetime,
+        "oid": OBJECT_ID,
+        "appid": appid,
+        "tid": TENANT_ID,
+        "sub": OBJECT_ID,
+        "idtyp": "app",
+        # Unique per token so tests can tell a refreshed token from a cached one.
+        "jti": str(uuid.uuid4()),
+    }
+    return ".".join((_b64url_json(header), _b64url_json(payload), _b64url(os.urandom(32))))
+
+
+def decode(token: str) -> dict[str, Any]:
+    """Decode a JWT payload without verifying anything (test helper)."""
+    if token.lower().startswith("bearer "):
+        token = token[7:]
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise ValueError(f"not a JWT: expected 3 dot-separated parts, got {len(parts)}")
+    body = parts[1]
+    body += "=" * (-len(body) % 4)
+    result: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body))
+    return result
+
+
+class _Server(ThreadingHTTPServer):
+    # Handler threads must never keep the test process alive (e.g. "slow" mode).
+    daemon_threads = True
+    block_on_close = False
+    endpoint: FakeIdentityEndpoint
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # The default writes every request to stderr, which drowns test output.
+        pass
+
+    def do_GET(self) -> None:
+        self.server.endpoint._handle(self)
+
+    def send_json(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"statusCode": status, "error": code, "message": message}
+
+
+class FakeIdentityEndpoint:
+    """A real HTTP token endpoint on 127.0.0.1 for ManagedIdentityCredential.
+
+    `mode`, `lifetime_seconds` and `delay_seconds` may be changed while the
+    server runs; each request reads them when it arrives.
+    """
+
+    decode = staticmethod(decode)
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        lifetime_seconds: int = 3600,
+        mode: Mode = "ok",
+        delay_seconds: float = 2.0,
+        secret: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.secret: str = secret or secrets.token_urlsafe(24)
+        self.lifetime_seconds = lifetime_seconds
+        self.delay_seconds = delay_seconds
+        self._mode: Mode = "ok"
+        self.mode = mode
+        self._lock = threading.Lock()
+        self._calls: list[dict[str, Any]] = []
+        self._issued: list[str] = []
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> Self:
+        if self._server is not None:
+            raise RuntimeError("FakeIdentityEndpoint already started")
+        server = _Server((self.host, self.port), _Handler)
+        server.endpoint = self
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fake-identity-endpoint:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- configuration -----------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Mode) -> None:
+        # Reject typos loudly; a misspelt mode would silently behave as "ok".
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        self._mode = value
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FakeIdentityEndpoint not started")
+        return f"http://{self.host}:{self.port}{TOKEN_PATH}"
+
+    def env(self) -> dict[str, str]:
+        """Environment that makes ManagedIdentityCredential use this server."""
+        return {"IDENTITY_ENDPOINT": self.url, "IDENTITY_HEADER": self.secret}
+
+    # -- records (snapshots: safe to iterate while requests arrive) ---------
+
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        """One dict per request: resource, client_id, time, status, and the
+        other identity selectors (principal_id, mi_res_id, object_id).
+        status is None when the connection was dropped without an answer."""
+        with self._lock:
+            return [dict(c) for c in self._calls]
+
+    @property
+    def issued(self) -> list[str]:
+        with self._lock:
+            return list(self._issued)
+
+    def calls_for(self, resource: str) -> list[dict[str, Any]]:
+        return [c for c in self.calls if c["resource"] == resource]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._calls.clear()
+            self._issued.clear()
+
+    # -- request handling (runs on server threads) ---------------------------
+
+    def _handle(self, req: _Handler) -> None:
+        split = urlsplit(req.path)
+        query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        record: dict[str, Any] = {
+            "resource": query.get("resource"),
+            "time": time.time(),
+            "status": None,
+            "path": split.path,
+            "api_version": query.get("api-version"),
+        }
+        for name in _IDENTITY_PARAMS:
+            record[name] = query.get(name)
+        with self._lock:
+            self._calls.append(record)
+        # Read the mode once so a concurrent change can't split one request.
+        mode = self.mode
+
+        def reply(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+            with self._lock:
+                record["status"] = status
+            req.send_json(status, body, headers)
+
+        if split.path != TOKEN_PATH:
+            reply(404, _error_body(404, "not_found", f"no such path {split.path}"))
+            return
+        if req.headers.get("X-IDENTITY-HEADER") != self.secret:
+            reply(
+                401,
+                _error_body(401, "unauthorized", "missing or wrong X-IDENTITY-HEADER"),
+            )
+            return
+        if not record["api_version"]:
+            reply(400, _error_body(400, "bad_request", "api-version is required"))
+            return
+        if not record["resource"]:
+            reply(400, _error_body(400, "bad_request", "resource is required"))
+            return
+
+        if mode == "drop":
+            # Send nothing; the server then closes the socket, so the client
+            # sees the connection end with no status line at all.
+            req.close_connection = True
+            return
+        if mode == "error":
+            reply(
+                500,
+                _error_body(500, "internal_error", "fake identity endpoint is in error mode"),
+            )
+            return
+        if mode == "throttle":
+            reply(
+                429,
+                _error_body(429, "throttled", "too many requests"),
+                {"Retry-After": "1"},
+            )
+            return
+        if mode == "slow":
+            time.sleep(self.delay_seconds)
+
+        client_id = record["client_id"]
+        lifetime = self.lifetime_seconds
+        now = int(time.time())
+        token = make_token(record["resource"], client_id, lifetime, now=now)
+        with self._lock:
+            self._issued.append(token)
+        reply(
+            200,
+            {
+                "access_token": token,
+                # App Service sends epoch seconds as a string; keep that quirk.
+                "expires_on": str(now + lifetime),
+                "resource": record["resource"],
+                "token_type": "Bearer",
+                "client_id": client_id or SYSTEM_ASSIGNED_CLIENT_ID,
+            },
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="TCP port on 127.0.0.1 (0 = pick a free one)",
+    )
+    parser.add_argument("--lifetime", type=int, default=3600, help="token lifetime in seconds")
+    parser.add_argument("--secret", default=None, help="X-IDENTITY-HEADER value (default: random)")
+    args = parser.parse_args(argv)
+
+    endpoint = FakeIdentityEndpoint(
+        port=args.port, lifetime_seconds=args.lifetime, secret=args.secret
+    )
+    endpoint.start()
+    print(json.dumps(endpoint.env()), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        endpoint.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
