@@ -134,7 +134,7 @@ def find_azurite(azurite_bin: str | None = None) -> str:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     # Racy by nature (the port is released before Azurite binds it), but the
     # kernel hands out ephemeral ports round-robin so reuse is unlikely.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -306,7 +306,7 @@ class Azurite:
 def _distinct_free_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
-        port = _free_port()
+        port = free_port()
         if port not in ports:
             ports.append(port)
     return ports
