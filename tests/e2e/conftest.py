@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.azurite import Azurite, TestPKI
+from tests.support.fake_azure import FakeAzure
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.keyless import KeylessProcess
 from tests.support.upstreams import RecordingServer
@@ -14,6 +15,49 @@ from tests.support.upstreams import RecordingServer
 BLOB_HOST = "devstoreaccount1.blob.core.windows.net"
 QUEUE_HOST = "devstoreaccount1.queue.core.windows.net"
 RECORDER_HOST = "recorder.blob.core.windows.net"  # a catalog host served by a recording fake
+
+# Hosts served by the FakeAzure upstream (one loopback HTTPS server, chosen by Host header).
+FAKE_HOSTS = {
+    "cosmos": "keylesscosmos.documents.azure.com",
+    "cosmos-regional": "keylesscosmos-westus2.documents.azure.com",
+    "appconfig": "keylessconfig.azconfig.io",
+    "eventgrid": "keylesstopic.westus2-1.eventgrid.azure.net",
+    "openai": "keylessai.openai.azure.com",
+    "ai-regional": "westus2.api.cognitive.microsoft.com",
+    "search": "keylesssearch.search.windows.net",
+    "servicebus": "keylessbus.servicebus.windows.net",
+    "eventhubs": "keylesshub.servicebus.windows.net",  # made Event Hubs by a route below
+    "communication": "keylesscomm.communication.azure.com",
+    "maps": "atlas.microsoft.com",
+    "signalr": "keylesssignalr.service.signalr.net",
+    "keyvault": "keylessvault.vault.azure.net",
+    "route-a": "storage-a.contoso.internal",  # custom route: storage-blob, identity A
+    "route-b": "api-b.contoso.internal",  # custom route: explicit scope, api-key, identity B
+}
+MAPS_CLIENT_ID = "3a3a3a3a-0000-4000-8000-00000000a71a"
+ROUTE_A_CLIENT_ID = "aaaaaaaa-0000-4000-8000-00000000000a"
+ROUTE_B_CLIENT_ID = "bbbbbbbb-0000-4000-8000-00000000000b"
+ROUTE_B_SCOPE = "api://keyless-test-api-b/.default"
+KEYLESS_TOML = f"""
+maps-client-id = "{MAPS_CLIENT_ID}"
+keyvault-swap-bearer = true
+
+[[route]]
+host = "{FAKE_HOSTS['eventhubs']}"
+service = "eventhubs"
+
+[[route]]
+host = "storage-*.contoso.internal"
+service = "storage-blob"
+client-id = "{ROUTE_A_CLIENT_ID}"
+
+[[route]]
+host = "{FAKE_HOSTS['route-b']}"
+scope = "{ROUTE_B_SCOPE}"
+strip = ["api-key"]
+token-format = "bearer"
+client-id = "{ROUTE_B_CLIENT_ID}"
+"""
 # Proxy variables for keyless' own process: a dead proxy. If the credential's traffic went
 # through proxy environment variables, no token could be fetched.
 DEAD_PROXY_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
@@ -54,15 +98,27 @@ def catalog_recorder(pki) -> Iterator[RecordingServer]:
 
 
 @pytest.fixture(scope="session")
+def fake_azure(pki) -> Iterator[FakeAzure]:
+    """The fake upstream for services without an emulator; test modules add their handlers."""
+    with FakeAzure(pki.issue_server_cert(*FAKE_HOSTS.values())) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
 def keyless(tmp_path_factory, pki, azurite, identity, plain_http_recorder,
-            catalog_recorder) -> Iterator[KeylessProcess]:
+            catalog_recorder, fake_azure) -> Iterator[KeylessProcess]:
+    workdir = tmp_path_factory.mktemp("keyless")
+    (workdir / "keyless.toml").write_text(KEYLESS_TOML)
     process = KeylessProcess(
-        tmp_path_factory.mktemp("keyless"),
+        workdir,
         [
+            "--config", str(workdir / "keyless.toml"),
             "--connect-to", f"{BLOB_HOST}:443:127.0.0.1:{azurite.blob_port}",
             "--connect-to", f"{QUEUE_HOST}:443:127.0.0.1:{azurite.queue_port}",
             "--connect-to", f"{BLOB_HOST}:80:127.0.0.1:{plain_http_recorder.port}",
             "--connect-to", f"{RECORDER_HOST}:443:127.0.0.1:{catalog_recorder.port}",
+            # everything else on 443 (the FakeAzure hosts) goes to the fake upstream
+            "--connect-to", f":443:127.0.0.1:{fake_azure.port}",
             "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
             "--token-timeout", "5",
         ],
