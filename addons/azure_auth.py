@@ -8,8 +8,9 @@ from mitmproxy import http
 
 from proxy import metrics
 from proxy.authority import Destination
-from proxy.catalog import Catalog
-from proxy.errors import TOKEN_UNAVAILABLE, error_response
+from proxy.catalog import CHALLENGE_SCOPE, Catalog, Target
+from proxy.challenge import ChallengeScopes
+from proxy.errors import NOT_CONFIGURED, TOKEN_UNAVAILABLE, error_response
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
 
 logger = logging.getLogger(__name__)
@@ -33,40 +34,86 @@ class AzureAuth:
         self.catalog = catalog
         self.tokens = tokens
         self.identity = identity
+        self.challenges = ChallengeScopes()
+        self._reported: set[str] = set()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        service = self.catalog.match(flow.request.host)
-        if service is None:
+        target = self.catalog.match(flow.request.host, flow.request.path)
+        if target is None:
             return
+        service = target.service
+        flow.metadata["keyless_service"] = service.name
         host = destination(flow).agreed_host()
         if host is None or host != flow.request.host.lower():
             # Plain HTTP, or names that disagree: never a token. The request goes on as the
             # app sent it, to the destination the app chose.
-            metrics.REQUESTS.labels(service=service.name, outcome="passed_through").inc()
+            self._count(service.name, "passed_through")
             logger.info("%s %s: no token (not TLS, or CONNECT/SNI/Host disagree)",
                         service.name, flow.request.method)
             return
+        if service.conversion is None:
+            self._report_unsupported(host, target)
+            return
+        scope = self._scope(host, target)
+        if scope is None:
+            self._count(service.name, "passed_through")
+            logger.info("%s: scope not known yet; learning it from the service's challenge",
+                        service.name)
+            return
         stripped = service.conversion.strip(flow.request)
         if stripped is None:
-            metrics.REQUESTS.labels(service=service.name, outcome="passed_through").inc()
+            self._count(service.name, "passed_through")
             return
         for scheme in stripped.schemes:
             metrics.KEY_MATERIAL_STRIPPED.labels(service=service.name, scheme=scheme).inc()
+        if service.not_configured:
+            self._refuse(flow, service.name, NOT_CONFIGURED, service.not_configured)
+            return
         try:
-            token = await self.tokens.get(self.identity, service.scope)
+            token = await self.tokens.get(service.identity or self.identity, scope)
         except TokenUnavailable as exc:
-            self._refuse(flow, service.name, str(exc))
+            self._refuse(flow, service.name, TOKEN_UNAVAILABLE, str(exc))
             return
         service.conversion.attach(flow.request, token, stripped)
-        metrics.REQUESTS.labels(service=service.name, outcome="converted").inc()
+        self._count(service.name, "converted")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None or response.status_code != 401:
+            return
+        target = self.catalog.match(flow.request.host, flow.request.path)
+        if target is None or target.service.scope != CHALLENGE_SCOPE:
+            return
+        if destination(flow).agreed_host() != flow.request.host.lower():
+            return
+        for challenge in response.headers.get_all("www-authenticate"):
+            if scope := self.challenges.learn(flow.request.host.lower(), challenge):
+                logger.info("%s: learned scope %s from the service's challenge",
+                            target.service.name, scope)
+                return
+
+    def _scope(self, host: str, target: Target) -> str | None:
+        if target.service.scope == CHALLENGE_SCOPE:
+            return self.challenges.get(host)
+        return target.scope
+
+    def _report_unsupported(self, host: str, target: Target) -> None:
+        self._count(target.service.name, "unsupported")
+        if host not in self._reported:  # once per host: the metric counts the rest
+            self._reported.add(host)
+            logger.warning("%s: %s is not converted: %s", target.service.name, host,
+                           target.service.note)
 
     @staticmethod
-    def _refuse(flow: http.HTTPFlow, service: str, reason: str) -> None:
+    def _count(service: str, outcome: str) -> None:
+        metrics.REQUESTS.labels(service=service, outcome=outcome).inc()
+
+    def _refuse(self, flow: http.HTTPFlow, service: str, code: str, reason: str) -> None:
         # Fail closed: answer the app ourselves; the request (and its key) goes nowhere.
-        headers, body = error_response(TOKEN_UNAVAILABLE, reason)
+        headers, body = error_response(code, reason)
         flow.request.stream = False  # mitmproxy cannot stream a request it answers itself
         flow.response = http.Response.make(503, body, headers)
-        metrics.REQUESTS.labels(service=service, outcome="refused").inc()
+        self._count(service, "refused")
         logger.error("%s %s refused: %s", service, flow.request.method, reason)

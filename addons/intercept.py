@@ -30,7 +30,7 @@ class InterceptOnlyAzure:
         if server.address is None:
             return
         host = server.address[0]
-        if self.catalog.match(host) is None:
+        if not self.catalog.intercepts(host):
             metrics.TUNNELS.inc()
             logger.debug("tunnelling %s:%s untouched", host, server.address[1])
             nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)

@@ -1,7 +1,9 @@
 """The catalog of Azure data-plane services keyless converts: data, not code.
 
-Each entry names the service, the host names it answers on in every cloud we know of, the
-token scope, and the conversion (a strip/attach pair) for the key schemes it accepts.
+Each entry names the service, the host names it answers on in every cloud we know of (a
+regular expression over the whole lowercased host; named groups feed the scope template), an
+optional path pattern, the token scope, and the conversion for the key schemes it accepts.
+User routes (see `proxy.routes`) come first and may add hosts, scopes and identities.
 """
 
 from __future__ import annotations
@@ -11,57 +13,194 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from proxy.conversions import Conversion, StorageConversion
+from proxy.conversions import Conversion, MinimumStorageVersion, SetHeaders, conversion
+from proxy.tokens import Identity
 
-STORAGE_SCOPE = "https://storage.azure.com/.default"
-# Public, China (21Vianet) and US Government clouds.
-STORAGE_SUFFIXES = ("core.windows.net", "core.chinacloudapi.cn", "core.usgovcloudapi.net")
+# Scope placeholder for services whose scope comes from the service's own 401 challenge.
+CHALLENGE_SCOPE = "challenge"
 
 
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
-    host_pattern: str  # a regular expression matched against the whole lowercased host name
+    host_pattern: str
+    scope: str  # may hold {group} placeholders filled from the host pattern's named groups
+    conversion: Conversion | None  # None: reported, never converted
+    path_pattern: str | None = None  # matched at the start of the path, when given
+    identity: Identity | None = None  # None: the default identity
+    not_configured: str | None = None  # a reason to refuse: keyless lacks a setting it needs
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What one request resolved to: the service and the scope for this host."""
+
+    service: Service
     scope: str
-    conversion: Conversion
+
+
+# Resource labels: any name under an Azure-owned zone is Microsoft's, so the zone is what makes
+# a host Azure; per-service naming rules (lengths) would add no safety, only drift.
+def _alternatives(*suffixes: str) -> str:
+    return "(?:" + "|".join(re.escape(s) for s in suffixes) + ")"
+
+
+# Storage ------------------------------------------------------------------------------------
+STORAGE_SCOPE = "https://storage.azure.com/.default"
+STORAGE_SUFFIXES = ("core.windows.net", "core.chinacloudapi.cn", "core.usgovcloudapi.net")
 
 
 def _storage_hosts(endpoint: str) -> str:
-    suffixes = "|".join(re.escape(s) for s in STORAGE_SUFFIXES)
     account = r"[a-z0-9]{3,24}"
     return (
         # {account}[-secondary][.privatelink].{endpoint}.{cloud suffix}
-        rf"{account}(?:-secondary)?(?:\.privatelink)?\.{endpoint}\.(?:{suffixes})"
+        rf"{account}(?:-secondary)?(?:\.privatelink)?\.{endpoint}\.{_alternatives(*STORAGE_SUFFIXES)}"
         # Azure DNS zone endpoints: {account}.z{NN}.{endpoint}.storage.azure.net
         rf"|{account}\.z\d{{2}}\.{endpoint}\.storage\.azure\.net"
     )
 
 
-_BLOB_LIKE = StorageConversion()
-_FILES = StorageConversion(
-    min_version="2022-11-02", extra_headers=(("x-ms-file-request-intent", "backup"),)
+_STORAGE = conversion("SharedKey", "SAS", fixes=(MinimumStorageVersion("2017-11-09"),))
+_FILES = conversion(
+    "SharedKey", "SAS",
+    fixes=(MinimumStorageVersion("2022-11-02"),
+           SetHeaders((("x-ms-file-request-intent", "backup"),))),
 )
 
-BUILTIN_SERVICES: tuple[Service, ...] = (
-    Service("storage-blob", _storage_hosts("blob"), STORAGE_SCOPE, _BLOB_LIKE),
-    Service("storage-dfs", _storage_hosts("dfs"), STORAGE_SCOPE, _BLOB_LIKE),
-    Service("storage-queue", _storage_hosts("queue"), STORAGE_SCOPE, _BLOB_LIKE),
-    Service("storage-table", _storage_hosts("table"), STORAGE_SCOPE, _BLOB_LIKE),
-    Service("storage-file", _storage_hosts("file"), STORAGE_SCOPE, _FILES),
+# Cosmos DB: regional endpoints are {account}-{region}; the token is for the account.
+_REGION_NAMES = (
+    "eastus eastus2 eastus3 westus westus2 westus3 centralus northcentralus southcentralus "
+    "westcentralus canadacentral canadaeast brazilsouth brazilsoutheast mexicocentral "
+    "northeurope westeurope uksouth ukwest francecentral francesouth germanywestcentral "
+    "germanynorth switzerlandnorth switzerlandwest norwayeast norwaywest swedencentral "
+    "swedensouth polandcentral italynorth spaincentral austriaeast belgiumcentral "
+    "denmarkeast finlandcentral greececentral eastasia southeastasia japaneast japanwest "
+    "koreacentral koreasouth australiaeast australiasoutheast australiacentral "
+    "australiacentral2 centralindia southindia westindia jioindiawest jioindiacentral "
+    "uaenorth uaecentral qatarcentral israelcentral southafricanorth southafricawest "
+    "newzealandnorth indonesiacentral malaysiawest taiwannorth chilecentral "
+    "usgovvirginia usgovarizona usgovtexas usgoviowa usdodeast usdodcentral "
+    "chinaeast chinaeast2 chinaeast3 chinanorth chinanorth2 chinanorth3"
 )
+AZURE_REGIONS = tuple(_REGION_NAMES.split())
+_COSMOS_HOSTS = (
+    rf"(?P<account>[a-z0-9][a-z0-9-]*?)(?:-(?:{'|'.join(AZURE_REGIONS)}))?"
+    rf"\.(?P<suffix>documents\.azure\.com|documents\.azure\.cn|documents\.azure\.us)"
+)
+EVENT_HUBS_PATHS = r"/[^/?]+/(?:partitions|publishers|consumergroups)(?:[/?]|$)"
+_SERVICE_BUS_HOSTS = r"[a-z0-9][a-z0-9-]*\.(?:servicebus\.windows\.net|" \
+    r"servicebus\.usgovcloudapi\.net|servicebus\.chinacloudapi\.cn)"
+_API_KEY = conversion("api-key", "api-key-query")
+_HMAC = conversion("HMAC-SHA256")
+_ACCESS_KEY_JWT = conversion("access-key-jwt")
+
+
+def builtin_services(
+    maps_client_id: str | None = None, keyvault_swap_bearer: bool = False
+) -> tuple[Service, ...]:
+    maps_fix = (SetHeaders((("x-ms-client-id", maps_client_id),)),) if maps_client_id else ()
+    services = [
+        Service("storage-blob", _storage_hosts("blob"), STORAGE_SCOPE, _STORAGE),
+        Service("storage-dfs", _storage_hosts("dfs"), STORAGE_SCOPE, _STORAGE),
+        Service("storage-queue", _storage_hosts("queue"), STORAGE_SCOPE, _STORAGE),
+        Service("storage-table", _storage_hosts("table"), STORAGE_SCOPE, _STORAGE),
+        Service("storage-file", _storage_hosts("file"), STORAGE_SCOPE, _FILES),
+        Service("cosmos", _COSMOS_HOSTS, "https://{account}.{suffix}/.default",
+                conversion("cosmos-key", token_format="cosmos")),
+        # Event Hubs and Service Bus share the namespace suffix: paths that only Event Hubs
+        # has decide; anything else is Service Bus unless a route says otherwise.
+        Service("eventhubs", _SERVICE_BUS_HOSTS, "https://eventhubs.azure.net/.default",
+                conversion("SharedAccessSignature"), path_pattern=EVENT_HUBS_PATHS),
+        Service("servicebus", _SERVICE_BUS_HOSTS, "https://servicebus.azure.net/.default",
+                conversion("SharedAccessSignature")),
+        Service("eventgrid",
+                r"[a-z0-9][a-z0-9-]*\.[a-z0-9]+-1\.eventgrid\.azure\.(?:net|us|cn)",
+                "https://eventgrid.azure.net/.default",
+                conversion("aeg-sas-key", "aeg-sas-key-query", "aeg-sas-token",
+                           "SharedAccessSignature")),
+        Service("appconfig",
+                r"[a-z0-9][a-z0-9-]*\.(?P<audience>azconfig\.io|appconfig\.azure\.com"
+                r"|azconfig\.azure\.us|appconfig\.azure\.us|azconfig\.azure\.cn"
+                r"|appconfig\.azure\.cn)",
+                "https://{audience}/.default", _HMAC),
+        Service("openai",
+                r"[a-z0-9][a-z0-9-]*\.(?:openai|cognitiveservices)"
+                r"\.azure\.(?P<tld>com|us|cn)"
+                r"|[a-z0-9][a-z0-9-]*\.services\.ai\.azure\.(?P<tld2>com)",
+                "https://cognitiveservices.azure.{tld}/.default",
+                conversion("api-key", "api-key-query", "Ocp-Apim-Subscription-Key")),
+        Service("ai-regional",
+                r"[a-z0-9]+\.api\.cognitive\.microsoft\.com|[a-z0-9]+\.api\.cognitive\.azure\.cn",
+                "", None, note="regional Cognitive Services endpoints do not accept Entra "
+                "tokens; use the resource's custom subdomain endpoint"),
+        Service("search",
+                r"[a-z0-9][a-z0-9-]*\.search\.(?:windows\.net|azure\.(?P<tld>us|cn))",
+                "https://search.azure.{tld}/.default", _API_KEY),
+        Service("communication",
+                r"[a-z0-9][a-z0-9-]*(?:\.[a-z]+)?\.communication\.azure\.(?:com|us)",
+                "https://communication.azure.com/.default", _HMAC),
+        Service("maps", r"(?:(?:us|eu)\.)?atlas\.microsoft\.com|atlas\.azure\.us",
+                "https://atlas.microsoft.com/.default",
+                conversion("subscription-key", "subscription-key-query", fixes=maps_fix),
+                not_configured=None if maps_client_id else
+                "Azure Maps needs the account's client id: set maps-client-id"),
+        Service("signalr",
+                r"[a-z0-9][a-z0-9-]*\.service\.signalr\.net"
+                r"|[a-z0-9][a-z0-9-]*\.signalr\.azure\.(?:us|cn)",
+                "https://signalr.azure.com/.default", _ACCESS_KEY_JWT),
+        Service("webpubsub", r"[a-z0-9][a-z0-9-]*\.webpubsub\.azure\.com",
+                "https://webpubsub.azure.com/.default", _ACCESS_KEY_JWT),
+    ]
+    if keyvault_swap_bearer:
+        services.append(Service(
+            "keyvault",
+            r"[a-z0-9][a-z0-9-]*\.(?:vault|managedhsm)\.(?:azure\.net|azure\.cn"
+            r"|usgovcloudapi\.net)",
+            CHALLENGE_SCOPE, conversion("bearer"),
+        ))
+    return tuple(services)
+
+
+def fill_scope(template: str, groups: dict[str, str | None]) -> str:
+    """Fill a scope template from a host match; unset cloud groups mean the public cloud."""
+    values = {k: v for k, v in groups.items() if v is not None}
+    if "tld" in template and "tld" not in values:
+        values["tld"] = values.get("tld2") or "com"
+    return template.format(**values)
 
 
 class Catalog:
-    """Finds the service a host name belongs to. Exact, case-insensitive, no trailing dot."""
+    """Finds the service a request belongs to. Exact, case-insensitive, no trailing dot."""
 
-    def __init__(self, services: Iterable[Service] = BUILTIN_SERVICES) -> None:
-        self.services = tuple(services)
-        self._patterns = [(re.compile(s.host_pattern), s) for s in self.services]
-        self.match = lru_cache(maxsize=4096)(self._match)
+    def __init__(self, services: Iterable[Service] | None = None) -> None:
+        self.services = tuple(builtin_services() if services is None else services)
+        self._compiled = [
+            (re.compile(s.host_pattern), re.compile(s.path_pattern) if s.path_pattern else None, s)
+            for s in self.services
+        ]
+        self.intercepts = lru_cache(maxsize=4096)(self._intercepts)
+        self._candidates = lru_cache(maxsize=4096)(self._candidates_for)
 
-    def _match(self, host: str) -> Service | None:
-        host = host.lower()
-        for pattern, service in self._patterns:
-            if pattern.fullmatch(host):
-                return service
+    def by_name(self, name: str) -> Service | None:
+        return next((s for s in self.services if s.name == name), None)
+
+    def _intercepts(self, host: str) -> bool:
+        return bool(self._candidates(host.lower()))
+
+    def _candidates_for(self, host: str) -> tuple[tuple[Service, re.Pattern[str] | None, str], ...]:
+        found = []
+        for host_re, path_re, service in self._compiled:
+            if match := host_re.fullmatch(host):
+                scope = service.scope and fill_scope(service.scope, match.groupdict())
+                found.append((service, path_re, scope))
+        return tuple(found)
+
+    def match(self, host: str, path: str = "/") -> Target | None:
+        for service, path_re, scope in self._candidates(host.lower()):
+            if path_re is None or path_re.match(path):
+                return Target(service, scope)
         return None
+
+    def with_routes(self, routes: Iterable[Service]) -> Catalog:
+        return Catalog((*routes, *self.services))

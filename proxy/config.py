@@ -15,11 +15,13 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from proxy.catalog import Catalog, Service, builtin_services
 from proxy.connect_to import ConnectTo
+from proxy.routes import parse_routes
 
 HostPort = tuple[str, int]
 
@@ -45,6 +47,22 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_client_id(text: str) -> str | None:
+    text = text.strip()
+    if text and not re.fullmatch(r"[0-9a-fA-F-]{36}", text):
+        raise ValueError(f"expected a GUID, got {text!r}")
+    return text or None
+
+
 def parse_log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -60,6 +78,7 @@ class Flag:
     parse: Callable[[str], Any]
     help: str
     repeatable: bool = False
+    switch: bool = False  # a boolean: `--flag` alone means true
 
     @property
     def env(self) -> str:
@@ -89,9 +108,16 @@ FLAGS: tuple[Flag, ...] = (
          "Never attach a token that expires within this many seconds."),
     Flag("token-timeout", "SECONDS", "10", parse_seconds,
          "How long a request waits for a token before keyless answers 503."),
+    Flag("maps-client-id", "GUID", "", parse_client_id,
+         "The Azure Maps account's client id, sent as x-ms-client-id with Maps tokens."),
+    Flag("keyvault-swap-bearer", "BOOL", "false", parse_bool,
+         "Intercept Key Vault and replace the app's own Bearer token with the identity's "
+         "(scope from the vault's 401 challenge).", switch=True),
     Flag("log-level", "LEVEL", "info", parse_log_level,
          "debug, info, warning or error."),
 )
+# Keys only the TOML file can hold: [[route]] tables (see proxy/routes.py).
+FILE_ONLY_KEYS = {"route"}
 
 
 @dataclass(frozen=True)
@@ -103,7 +129,14 @@ class Settings:
     set: tuple[tuple[str, str], ...]
     token_margin: float
     token_timeout: float
+    maps_client_id: str | None
+    keyvault_swap_bearer: bool
     log_level: str
+    routes: tuple[Service, ...] = ()
+
+    def catalog(self) -> Catalog:
+        services = builtin_services(self.maps_client_id, self.keyvault_swap_bearer)
+        return Catalog(services).with_routes(self.routes)
 
 
 class ConfigError(ValueError):
@@ -115,6 +148,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="A TOML file whose keys are the flag names (env: KEYLESS_CONFIG).")
     for flag in FLAGS:
         env_note = f" (env: {flag.env}; default: {flag.default or 'none'})"
+        if flag.switch:
+            parser.add_argument(f"--{flag.name}", metavar=flag.metavar, dest=flag.attr,
+                                nargs="?", const="true", default=None, help=flag.help + env_note)
+            continue
         parser.add_argument(
             f"--{flag.name}", metavar=flag.metavar, dest=flag.attr,
             action="append" if flag.repeatable else "store", default=None,
@@ -142,7 +179,7 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {flag.name for flag in FLAGS}
+    known = {flag.name for flag in FLAGS} | FILE_ONLY_KEYS
     if unknown := sorted(set(data) - known):
         raise ConfigError(
             f"config file {path}: unknown key(s) {', '.join(unknown)}; "
@@ -170,12 +207,21 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
                 raw = [item for item in re.split(r"[,\n]", from_env) if item.strip()]
             values[flag.attr] = _parse_one(flag, raw, flag.env)
         elif flag.name in file_values:
-            values[flag.attr] = _parse_one(flag, file_values[flag.name],
-                                           f"{config_path}: {flag.name}")
+            raw_file = file_values[flag.name]
+            if isinstance(raw_file, bool):
+                raw_file = str(raw_file).lower()
+            values[flag.attr] = _parse_one(flag, raw_file, f"{config_path}: {flag.name}")
         else:
             values[flag.attr] = _parse_one(flag, list(flag.default) if flag.repeatable
                                            else flag.default, "default")
-    return Settings(**values)
+    settings = Settings(**values)
+    routes = file_values.get("route", [])
+    if not isinstance(routes, list):
+        raise ConfigError(f"{config_path}: route must be an array of tables ([[route]])")
+    try:
+        return replace(settings, routes=parse_routes(routes, settings.catalog()))
+    except ValueError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
 
 
 def flag_reference() -> str:
@@ -185,7 +231,8 @@ def flag_reference() -> str:
             "flag names. |"]
     for flag in FLAGS:
         default = f"`{flag.default}`" if flag.default else "none"
-        rows.append(f"| `--{flag.name} {flag.metavar}` | `{flag.env}` | {default} | {flag.help} |")
+        metavar = f"[{flag.metavar}]" if flag.switch else flag.metavar
+        rows.append(f"| `--{flag.name} {metavar}` | `{flag.env}` | {default} | {flag.help} |")
     return "\n".join(rows)
 
 

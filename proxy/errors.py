@@ -19,3 +19,4 @@ def error_response(code: str, message: str) -> tuple[dict[str, str], bytes]:
 
 
 TOKEN_UNAVAILABLE = "KeylessTokenUnavailable"
+NOT_CONFIGURED = "KeylessNotConfigured"

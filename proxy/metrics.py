@@ -13,8 +13,8 @@ BUILD_INFO.labels(version=__version__).set(1)
 
 REQUESTS = Counter(
     "keyless_requests",
-    "HTTP requests seen by keyless, by catalog service and outcome "
-    "(converted, passed_through, refused).",
+    "HTTP requests to catalog hosts, by service and outcome (converted, passed_through, "
+    "refused, unsupported).",
     ["service", "outcome"],
     registry=REGISTRY,
 )

@@ -16,7 +16,6 @@ from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
 from addons.stream import StreamBodies
 from proxy.admin import AdminServer, Health
-from proxy.catalog import Catalog
 from proxy.config import Settings
 from proxy.identity import CredentialSource
 from proxy.tokens import Identity, TokenCache
@@ -44,7 +43,7 @@ def keyless_options(settings: Settings) -> dict[str, object]:
 def build_master(settings: Settings, tokens: TokenCache, health: Health) -> master.Master:
     opts = options.Options()
     m = master.Master(opts)
-    catalog = Catalog()
+    catalog = settings.catalog()
     # Our interception decision must come before mitmproxy's own NextLayer addon.
     m.addons.add(InterceptOnlyAzure(catalog))
     m.addons.add(*mitm_addons.default_addons())

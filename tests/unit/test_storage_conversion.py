@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from mitmproxy.http import Headers, Request
 
 from proxy.catalog import Catalog
-from proxy.conversions import STORAGE_SAS_PARAMS, StorageConversion
+from proxy.conversions import STORAGE_SAS_PARAMS
 from proxy.wire import remove_query_params
 
-BLOB = StorageConversion()
-FILES = Catalog().match("acct.file.core.windows.net").conversion  # type: ignore[union-attr]
+BLOB = Catalog().match("acct.blob.core.windows.net").service.conversion  # type: ignore
+FILES = Catalog().match("acct.file.core.windows.net").service.conversion  # type: ignore
 TOKEN = "the-token"
 
 
@@ -127,7 +127,7 @@ def test_files_get_backup_intent_and_a_recent_version():
 )
 def test_catalog_knows_storage_hosts_in_every_cloud(host, service):
     match = Catalog().match(host)
-    assert match is not None and match.name == service
+    assert match is not None and match.service.name == service
     assert match.scope == "https://storage.azure.com/.default"
 
 
@@ -147,7 +147,7 @@ def test_catalog_knows_storage_hosts_in_every_cloud(host, service):
     ],
 )
 def test_catalog_rejects_lookalike_hosts(host):
-    assert Catalog().match(host) is None
+    assert Catalog().match(host) is None and not Catalog().intercepts(host)
 
 
 # --- property-based: arbitrary queries mixing SAS and unrelated parameters -----------------
