@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from proxy.catalog import CHALLENGE_SCOPE, Catalog, Service
+from proxy.catalog import CHALLENGE_SCOPE, Catalog, Service, fill_scope
 from proxy.conversions import STRIPPERS, TOKEN_FORMATS, Conversion
 from proxy.tokens import Identity
 
@@ -69,8 +69,12 @@ def parse_route(raw: Any, index: int, catalog: Catalog) -> Service:
     if scope is None and base is not None:
         scope = base.scope
         if scope != CHALLENGE_SCOPE and _placeholders(scope):
-            raise ValueError(f"{where}: service {base.name} derives its scope from the Azure "
-                             "host name; give an explicit scope for a custom host")
+            try:  # cloud-only templates default to the public cloud
+                scope = fill_scope(scope, {})
+            except KeyError:
+                raise ValueError(
+                    f"{where}: service {base.name} derives its scope from the Azure host "
+                    "name; give an explicit scope for a custom host") from None
 
     conversion = base.conversion if base is not None else None
     if "strip" in raw or "token-format" in raw or conversion is None:
