@@ -82,11 +82,12 @@ def token_of(request: FakeRequest, auth_format: str) -> tuple[str | None, list[s
     if value is None:
         return None, ["no Authorization header"]
     if auth_format == "cosmos":
-        match = re.fullmatch(r"type%3Daad%26ver%3D1\.0%26sig%3D(.+)", value)
+        # The gateway URL-decodes the header: the SDK's own Entra form is not encoded.
+        match = re.fullmatch(r"type=aad&ver=1\.0&sig=(.+)", unquote(value))
         if not match:
             return None, [f"authorization is not type=aad&ver=1.0&sig=… (URL-encoded): "
                           f"{value[:30]!r}"]
-        return unquote(match.group(1)), []
+        return match.group(1), []
     if not value.startswith("Bearer "):
         return None, [f"authorization is not Bearer: {value[:20]!r}"]
     return value[len("Bearer "):], []
