@@ -11,6 +11,7 @@ README's flag reference are all derived from it.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import tomllib
@@ -63,6 +64,13 @@ def parse_client_id(text: str) -> str | None:
     return text or None
 
 
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"expected an address or CIDR network, got {text!r}") from None
+
+
 def parse_log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -89,6 +97,9 @@ class Flag:
         return self.name.replace("-", "_")
 
 
+DEFAULT_DENY_NETWORKS = ("169.254.0.0/16", "168.63.129.16/32", "fe80::/10",
+                         "fd00:ec2::254/128")
+
 FLAGS: tuple[Flag, ...] = (
     Flag("listen", "HOST:PORT", "127.0.0.1:8080", parse_host_port,
          "Where the proxy listens; apps set HTTPS_PROXY=http://HOST:PORT."),
@@ -104,6 +115,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("set", "NAME=VALUE", (), parse_set,
          "Set any mitmproxy option, e.g. ssl_verify_upstream_trusted_ca=/ca.pem. Repeatable.",
          repeatable=True),
+    Flag("allow-clients", "CIDR", (), parse_network,
+         "Client networks allowed to use the proxy besides loopback. Required (or "
+         "--proxy-auth) when listening off loopback. Repeatable.", repeatable=True),
+    Flag("proxy-auth", "SPEC", "", str,
+         "Require proxy authentication: USER:PASS, or @FILE for an htpasswd file "
+         "(mitmproxy's proxyauth)."),
+    Flag("deny-networks", "CIDR", DEFAULT_DENY_NETWORKS, parse_network,
+         "Destinations keyless never connects to (cloud metadata, host agents, link-local). "
+         "Repeatable; replaces the default list.", repeatable=True),
     Flag("token-margin", "SECONDS", "300", parse_seconds,
          "Never attach a token that expires within this many seconds."),
     Flag("token-timeout", "SECONDS", "10", parse_seconds,
@@ -127,6 +147,9 @@ class Settings:
     confdir: Path
     connect_to: tuple[ConnectTo, ...]
     set: tuple[tuple[str, str], ...]
+    allow_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    proxy_auth: str
+    deny_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     token_margin: float
     token_timeout: float
     maps_client_id: str | None
@@ -215,6 +238,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
             values[flag.attr] = _parse_one(flag, list(flag.default) if flag.repeatable
                                            else flag.default, "default")
     settings = Settings(**values)
+    check_not_open_proxy(settings)
     routes = file_values.get("route", [])
     if not isinstance(routes, list):
         raise ConfigError(f"{config_path}: route must be an array of tables ([[route]])")
@@ -224,13 +248,29 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
         raise ConfigError(f"{config_path}: {exc}") from None
 
 
+def check_not_open_proxy(settings: Settings) -> None:
+    """Listening beyond loopback needs proxy authentication or an allowlist of clients."""
+    host = settings.listen[0]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not settings.allow_clients and not settings.proxy_auth:
+        raise ConfigError(
+            f"refusing to listen on {host}:{settings.listen[1]} as an open proxy: anyone who "
+            "reaches it could use this identity's tokens. Set --allow-clients CIDR or "
+            "--proxy-auth, or listen on 127.0.0.1"
+        )
+
+
 def flag_reference() -> str:
     """The Markdown flag table for the README (a test keeps the README in step with it)."""
     rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |",
             "| `--config FILE` | `KEYLESS_CONFIG` | none | A TOML file whose keys are the "
             "flag names. |"]
     for flag in FLAGS:
-        default = f"`{flag.default}`" if flag.default else "none"
+        shown = ",".join(flag.default) if isinstance(flag.default, tuple) else flag.default
+        default = f"`{shown}`" if shown else "none"
         metavar = f"[{flag.metavar}]" if flag.switch else flag.metavar
         rows.append(f"| `--{flag.name} {metavar}` | `{flag.env}` | {default} | {flag.help} |")
     return "\n".join(rows)

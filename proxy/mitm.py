@@ -12,6 +12,7 @@ from mitmproxy import exceptions, master, options
 from mitmproxy.addons import errorcheck
 
 from addons.azure_auth import AzureAuth
+from addons.guard import ClientAllowlist, DenyDestinations
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
 from addons.stream import StreamBodies
@@ -37,6 +38,9 @@ def keyless_options(settings: Settings) -> dict[str, object]:
         # opens a connection to the service.
         "connection_strategy": "lazy",
         "onboarding": False,
+        "proxyauth": settings.proxy_auth or None,
+        # --allow-clients is the authority on who may connect
+        "block_global": not settings.allow_clients,
     }
 
 
@@ -44,7 +48,8 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health) -> mast
     opts = options.Options()
     m = master.Master(opts)
     catalog = settings.catalog()
-    # Our interception decision must come before mitmproxy's own NextLayer addon.
+    # Our guards and interception decision come before mitmproxy's own addons.
+    m.addons.add(ClientAllowlist(settings.allow_clients), DenyDestinations(settings.deny_networks))
     m.addons.add(InterceptOnlyAzure(catalog))
     m.addons.add(*mitm_addons.default_addons())
     m.addons.add(
