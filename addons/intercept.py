@@ -7,13 +7,15 @@ import logging
 from mitmproxy.proxy import layer, layers
 
 from proxy import metrics
+from proxy.authority import HTTPS_PORT
 from proxy.catalog import Catalog
 
 logger = logging.getLogger(__name__)
 
 
 class InterceptOnlyAzure:
-    """Decides, per CONNECT target, whether keyless looks inside the connection at all.
+    """Decides, per CONNECT target, whether keyless looks inside the connection at all:
+    only catalog hosts on port 443 are intercepted.
 
     Must run before mitmproxy's own NextLayer addon. A tunnelled connection is never decrypted:
     the app sees the upstream's own certificate and keyless adds nothing.
@@ -29,8 +31,8 @@ class InterceptOnlyAzure:
         # No address yet: this is the proxy's own HTTP layer reading the app's request.
         if server.address is None:
             return
-        host = server.address[0]
-        if not self.catalog.intercepts(host):
+        host, port = server.address[:2]
+        if port != HTTPS_PORT or not self.catalog.intercepts(host):
             metrics.TUNNELS.inc()
             logger.debug("tunnelling %s:%s untouched", host, server.address[1])
             nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)

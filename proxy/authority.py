@@ -3,7 +3,7 @@
 The confused-deputy rule: an app (or an attacker steering it) must not be able to make keyless
 send a token anywhere but the Azure host it was fetched for. So a token goes only over TLS
 from the app, and only when the CONNECT target, the TLS server name (SNI) and the Host header
-(or HTTP/2 :authority) all name the same host and port.
+(or HTTP/2 :authority) all name the same host, on port 443 (every Azure data plane's HTTPS port).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.wire import split_authority
+
+HTTPS_PORT = 443
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +25,7 @@ class Destination:
 
     def agreed_host(self) -> str | None:
         """The one host name all parties agree on, or None when anything disagrees."""
-        if not self.app_used_tls or not self.connect_host or not self.connect_port:
+        if not self.app_used_tls or not self.connect_host or self.connect_port != HTTPS_PORT:
             return None
         if not self.sni or not self.host_header:
             return None

@@ -21,11 +21,15 @@ class _Recorder(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
-        self.server.owner.requests.append(
+        owner = self.server.owner
+        owner.requests.append(
             {"method": self.command, "path": self.path, "headers": dict(self.headers.items())}
         )
         body = b'{"ok": true}'
-        self.send_response(200)
+        status, extra = owner.responses.get(self.path.partition("?")[0], (200, {}))
+        self.send_response(status)
+        for name, value in extra.items():
+            self.send_header(name, value)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -44,6 +48,8 @@ class RecordingServer:
     def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self.tls = tls
         self.requests: list[dict[str, Any]] = []
+        # path -> (status, extra headers), e.g. a redirect; everything else answers 200
+        self.responses: dict[str, tuple[int, dict[str, str]]] = {}
         self._server = self._Server(("127.0.0.1", 0), _Recorder)
         self._server.owner = self
         if tls:

@@ -73,6 +73,7 @@ HOST = "acct.blob.core.windows.net"
         (Destination(HOST, 443, HOST, "evil.test", True), None),  # Host differs
         (Destination(HOST, 443, HOST, f"{HOST}:8443", True), None),  # port differs
         (Destination(HOST, 8443, HOST, HOST, True), None),  # Host implies 443
+        (Destination(HOST, 8443, HOST, f"{HOST}:8443", True), None),  # tokens only on 443
         (Destination(HOST, 443, None, HOST, True), None),  # no SNI
         (Destination(HOST, 443, HOST, None, True), None),  # no Host
         (Destination(None, None, HOST, HOST, True), None),  # no CONNECT target
