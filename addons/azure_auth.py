@@ -115,5 +115,6 @@ class AzureAuth:
         headers, body = error_response(code, reason)
         flow.request.stream = False  # mitmproxy cannot stream a request it answers itself
         flow.response = http.Response.make(503, body, headers)
+        flow.metadata["keyless_refused"] = True
         self._count(service, "refused")
         logger.error("%s %s refused: %s", service, flow.request.method, reason)

@@ -33,6 +33,8 @@ def setup_logging(level: str) -> None:
     if level != "debug":
         # mitmproxy narrates every connection at info level; keep keyless' own lines readable.
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+        # azure-identity logs every successful token call at info level.
+        logging.getLogger("azure").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:

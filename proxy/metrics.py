@@ -31,7 +31,7 @@ KEY_MATERIAL_STRIPPED = Counter(
 )
 TOKEN_FETCHES = Counter(
     "keyless_token_fetches",
-    "Token fetches from the identity endpoint, by result (ok, error, expired).",
+    "Token fetches from the identity endpoint, by result (ok, unchanged, error, expired).",
     ["result"],
     registry=REGISTRY,
 )
@@ -45,5 +45,19 @@ TOKEN_CACHE = Counter(
     "keyless_token_cache_lookups",
     "Token cache lookups by result (hit, miss).",
     ["result"],
+    registry=REGISTRY,
+)
+UPSTREAM_RESPONSES = Counter(
+    "keyless_upstream_responses",
+    "Responses from Azure services to converted or passed-through requests, by service and "
+    "status class (2xx, 3xx, 4xx, 5xx).",
+    ["service", "status_class"],
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    "keyless_upstream_errors",
+    "Requests to Azure services that got no response (connection refused or reset, TLS "
+    "failure, timeout), by service.",
+    ["service"],
     registry=REGISTRY,
 )

@@ -15,6 +15,7 @@ from addons.azure_auth import AzureAuth
 from addons.guard import ClientAllowlist, DenyDestinations
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
+from addons.observe import ObserveUpstream
 from addons.stream import StreamBodies
 from proxy.admin import AdminServer, Health
 from proxy.config import Settings
@@ -56,6 +57,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health) -> mast
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         StreamBodies(),
         AzureAuth(catalog, tokens, Identity(os.environ.get("AZURE_CLIENT_ID") or None)),
+        ObserveUpstream(),
         ReportHealth(health),
     )
     try:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from cachetools import TLRUCache
@@ -133,9 +133,7 @@ class TokenCache:
         if not task.cancelled() and task.exception() is not None:
             self._refresh_failed_at[key] = self._clock()
             if key in self._cache:  # a refresh failed: retry later while the token still serves
-                self._timers[key] = asyncio.get_running_loop().call_later(
-                    self._refresh_retry, self._refresh, key
-                )
+                self._refresh_in(key, self._refresh_retry)
 
     async def _fetch(self, key: Key) -> Token:
         identity, scope = key
@@ -162,6 +160,16 @@ class TokenCache:
                 f"the token for scope {scope} (identity {identity.label}) expires within "
                 f"{self._margin:g}s of issue"
             )
+        current = self._cache.get(key)
+        if current is not None and expires_on <= current.expires_on:
+            # The source handed back the token we have (azure-identity serves its own cached
+            # token while its refresh is failing or paused): keep it, and ask again only after
+            # the retry pause, so an unchanged token never turns into a tight refresh loop.
+            metrics.TOKEN_FETCHES.labels(result="unchanged").inc()
+            postponed = replace(current, refresh_on=now + self._refresh_retry)
+            self._cache[key] = postponed
+            self._refresh_in(key, self._refresh_retry)
+            return postponed
         refresh_on = float(info.refresh_on) if info.refresh_on else now + (expires_on - now) / 2
         # Refresh no later than half-way into the margin-free lifetime left, so a slow or
         # failing refresh still has time before the token stops being served.
@@ -170,17 +178,16 @@ class TokenCache:
         token = Token(info.token, expires_on, refresh_on)
         self._cache[key] = token
         self._refresh_failed_at.pop(key, None)
-        self._schedule_refresh(key, token)
+        # Idle sidecars refresh too: a timer fires at refresh_on even without traffic.
+        self._refresh_in(key, max(0.0, refresh_on - now))
         metrics.TOKEN_FETCHES.labels(result="ok").inc()
         logger.info("token cached for scope %s (identity %s), expires in %ds",
                     scope, identity.label, int(expires_on - now))
         return token
 
-    def _schedule_refresh(self, key: Key, token: Token) -> None:
-        # Idle sidecars refresh too: a timer fires at refresh_on even without traffic.
+    def _refresh_in(self, key: Key, delay: float) -> None:
         if old := self._timers.pop(key, None):
             old.cancel()
-        delay = max(0.0, token.refresh_on - self._clock())
         self._timers[key] = asyncio.get_running_loop().call_later(delay, self._refresh, key)
 
     def _refresh(self, key: Key) -> None:

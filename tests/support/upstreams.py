@@ -110,3 +110,75 @@ class CountingRelay:
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+class FaultyServer:
+    """A TLS server whose behaviour is chosen by the request path.
+
+    /reset: close the connection with a TCP reset after reading the request;
+    /stall: read the request, then say nothing for `stall_seconds`;
+    /status/NNN: answer NNN; anything else: 200.
+    Requests are recorded like RecordingServer's.
+    """
+
+    def __init__(self, tls: tuple[str, str], stall_seconds: float = 30.0) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.stall_seconds = stall_seconds
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(*tls)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = threading.Event()
+
+    def __enter__(self) -> Self:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            conn = self._context.wrap_socket(raw, server_side=True)
+            conn.settimeout(self.stall_seconds + 5)
+            while True:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                lines = head.split(b"\r\n")
+                method, path = lines[0].split(b" ")[:2]
+                headers = dict(
+                    (k.decode().lower(), v.decode().strip())
+                    for k, _, v in (line.partition(b":") for line in lines[1:] if b":" in line)
+                )
+                self.requests.append({"method": method.decode(), "path": path.decode(),
+                                      "headers": headers})
+                route = path.decode().partition("?")[0]
+                if route == "/reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    conn.close()
+                    return
+                if route == "/stall":
+                    self._closed.wait(self.stall_seconds)
+                    conn.close()
+                    return
+                status = int(route.split("/")[2]) if route.startswith("/status/") else 200
+                body = b'{"error": {"code": "Fault"}}' if status >= 400 else b'{"ok": true}'
+                conn.sendall(
+                    f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        except (OSError, ssl.SSLError, ValueError, IndexError):
+            return

@@ -230,3 +230,34 @@ def test_an_idle_cache_refreshes_on_its_own_timer():
         return calls
 
     assert asyncio.run(scenario()) >= 2
+
+
+def test_an_unchanged_token_from_the_source_does_not_cause_a_refresh_loop():
+    # azure-identity answers a refresh with its own cached token while its refresh fails;
+    # keyless must keep serving it and wait the retry pause, not ask again and again.
+    async def scenario():
+        clock, credential, cache = make(refresh_retry=30)
+        first = await cache.get(ME, SCOPE)
+        same = Info("token-1", int(clock.now) + 3600, None)
+
+        async def unchanged(identity, scope):
+            credential.calls.append((identity, scope))
+            return same
+
+        cache._source = unchanged  # the source now only ever returns the old token
+        clock.now += 1801
+        served = []
+        for _ in range(50):
+            served.append(await cache.get(ME, SCOPE))
+            await settle()
+        calls_in_pause = len(credential.calls)
+        clock.now += 31
+        await cache.get(ME, SCOPE)
+        await settle()
+        await cache.close()
+        return first, set(served), calls_in_pause, len(credential.calls)
+
+    first, served, calls_in_pause, calls = asyncio.run(scenario())
+    assert served == {first}
+    assert calls_in_pause == 2  # the first fetch and one refresh, not fifty
+    assert calls == 3
