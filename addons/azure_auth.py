@@ -8,9 +8,15 @@ from mitmproxy import http
 
 from proxy import metrics
 from proxy.authority import Destination
-from proxy.catalog import CHALLENGE_SCOPE, Catalog, Target
+from proxy.catalog import CHALLENGE_SCOPE, Catalog, Service, Target
 from proxy.challenge import ChallengeScopes
-from proxy.errors import NOT_CONFIGURED, TOKEN_UNAVAILABLE, error_response
+from proxy.errors import (
+    MISDIRECTED,
+    NOT_CONFIGURED,
+    PLAIN_HTTP,
+    TOKEN_UNAVAILABLE,
+    error_response,
+)
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
 
 logger = logging.getLogger(__name__)
@@ -45,16 +51,14 @@ class AzureAuth:
             return
         service = target.service
         flow.metadata["keyless_service"] = service.name
+        if service.conversion is None:
+            self._report_unsupported(flow.request.host.lower(), target)
+            return
         host = destination(flow).agreed_host()
         if host is None or host != flow.request.host.lower():
-            # Plain HTTP, or names that disagree: never a token. The request goes on as the
-            # app sent it, to the destination the app chose.
-            self._count(service.name, "passed_through")
-            logger.info("%s %s: no token (not TLS, or CONNECT/SNI/Host disagree)",
-                        service.name, flow.request.method)
-            return
-        if service.conversion is None:
-            self._report_unsupported(host, target)
+            # Plain HTTP, or names that disagree: never a token. A key is never forwarded
+            # either: such a request is refused when it carries key material.
+            self._refuse_if_keyed(flow, service)
             return
         scope = self._scope(host, target)
         if scope is None:
@@ -94,6 +98,20 @@ class AzureAuth:
                             target.service.name, scope)
                 return
 
+    def _refuse_if_keyed(self, flow: http.HTTPFlow, service: Service) -> None:
+        assert service.conversion is not None
+        if service.conversion.strip(flow.request) is None:
+            self._count(service.name, "passed_through")  # no key: on as the app sent it
+            return
+        if flow.request.scheme != "https" or not flow.client_conn.tls_established:
+            self._refuse(flow, service.name, PLAIN_HTTP,
+                         "keyless converts keys only over HTTPS; use https:// for "
+                         f"{flow.request.host}", status=403)
+        else:
+            self._refuse(flow, service.name, MISDIRECTED,
+                         "the CONNECT target, TLS server name and Host header must name the "
+                         "same Azure host on port 443", status=421)
+
     def _scope(self, host: str, target: Target) -> str | None:
         if target.service.scope == CHALLENGE_SCOPE:
             return self.challenges.get(host)
@@ -110,11 +128,12 @@ class AzureAuth:
     def _count(service: str, outcome: str) -> None:
         metrics.REQUESTS.labels(service=service, outcome=outcome).inc()
 
-    def _refuse(self, flow: http.HTTPFlow, service: str, code: str, reason: str) -> None:
+    def _refuse(self, flow: http.HTTPFlow, service: str, code: str, reason: str,
+                status: int = 503) -> None:
         # Fail closed: answer the app ourselves; the request (and its key) goes nowhere.
         headers, body = error_response(code, reason)
         flow.request.stream = False  # mitmproxy cannot stream a request it answers itself
-        flow.response = http.Response.make(503, body, headers)
+        flow.response = http.Response.make(status, body, headers)
         flow.metadata["keyless_refused"] = True
         self._count(service, "refused")
         logger.error("%s %s refused: %s", service, flow.request.method, reason)

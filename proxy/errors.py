@@ -20,3 +20,5 @@ def error_response(code: str, message: str) -> tuple[dict[str, str], bytes]:
 
 TOKEN_UNAVAILABLE = "KeylessTokenUnavailable"
 NOT_CONFIGURED = "KeylessNotConfigured"
+MISDIRECTED = "KeylessMisdirectedRequest"
+PLAIN_HTTP = "KeylessPlainHttpRefused"

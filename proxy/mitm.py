@@ -39,6 +39,8 @@ def keyless_options(settings: Settings) -> dict[str, object]:
         # opens a connection to the service.
         "connection_strategy": "lazy",
         "onboarding": False,
+        # Inside an intercepted (catalog) connection only HTTP makes sense: no raw passthrough.
+        "rawtcp": False,
         "proxyauth": settings.proxy_auth or None,
         # --allow-clients is the authority on who may connect
         "block_global": not settings.allow_clients,

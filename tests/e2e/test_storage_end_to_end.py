@@ -146,16 +146,23 @@ def test_plain_http_to_a_catalog_host_gets_no_token(
     through_keyless, plain_http_recorder, identity
 ):
     calls_before = len(identity.calls)
-    response = requests.get(
+    seen_before = len(plain_http_recorder.requests)
+    keyed = requests.get(
         f"http://{BLOB_HOST}/c/b?comp=list",
         headers={"Authorization": f"SharedKey {ACCOUNT}:c2lnbmF0dXJl",
                  "x-ms-version": "2021-08-06"},
         proxies={"http": through_keyless.proxy_url}, timeout=10,
     )
-    assert response.status_code == 200
-    seen = plain_http_recorder.requests[-1]
-    headers = {k.lower(): v for k, v in seen["headers"].items()}
-    assert not headers.get("authorization", "").lower().startswith("bearer")
+    # A key over plain HTTP is neither converted nor forwarded: a clear refusal.
+    assert keyed.status_code == 403
+    assert keyed.json()["error"]["code"] == "KeylessPlainHttpRefused"
+    assert len(plain_http_recorder.requests) == seen_before
+    # Without key material the request goes on as sent, and never with a token.
+    anonymous = requests.get(f"http://{BLOB_HOST}/public/blob",
+                             proxies={"http": through_keyless.proxy_url}, timeout=10)
+    assert anonymous.status_code == 200
+    headers = {k.lower(): v for k, v in plain_http_recorder.requests[-1]["headers"].items()}
+    assert "authorization" not in headers
     assert len(identity.calls) == calls_before
 
 

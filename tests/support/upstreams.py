@@ -19,11 +19,11 @@ class _Recorder(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         length = int(self.headers.get("content-length") or 0)
-        if length:
-            self.rfile.read(length)
+        body = self.rfile.read(length) if length else b""
         owner = self.server.owner
         owner.requests.append(
-            {"method": self.command, "path": self.path, "headers": dict(self.headers.items())}
+            {"method": self.command, "path": self.path, "headers": dict(self.headers.items()),
+             "body": body}
         )
         body = b'{"ok": true}'
         status, extra = owner.responses.get(self.path.partition("?")[0], (200, {}))
