@@ -25,8 +25,10 @@ def keyless_command() -> list[str]:
 
 
 class KeylessProcess:
-    def __init__(self, workdir: Path, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str],
+                 listen_host: str = "127.0.0.1") -> None:
         self.workdir = workdir
+        self.listen_host = listen_host
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.admin_port = free_port()
@@ -51,7 +53,7 @@ class KeylessProcess:
     def start(self, timeout: float = 30.0) -> Self:
         command = [
             *keyless_command(), "run",
-            "--listen", f"127.0.0.1:{self.port}",
+            "--listen", f"{self.listen_host}:{self.port}",
             "--admin", f"127.0.0.1:{self.admin_port}",
             "--confdir", str(self.confdir),
             *self.args,
