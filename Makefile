@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 PYTHON ?= $(shell python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 \
             || echo "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3")
 
-.PHONY: run test lint unit e2e clean
+.PHONY: run test lint unit e2e fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,6 @@ test: $(VENV)/.test node_modules/.installed lint
 
 clean:
 	rm -rf $(VENV) node_modules
+
+fuzz: $(VENV)/.test
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/unit/test_fuzz_parsers.py tests/unit/test_strippers.py tests/unit/test_storage_conversion.py -q

@@ -91,7 +91,7 @@ def test_every_stripper_has_a_property_test():
 
 @pytest.mark.parametrize("name", sorted(STRIPPERS))
 def test_property_stripper_removes_its_key_material_and_nothing_else(name):
-    @settings(max_examples=60, deadline=None)
+    @settings(deadline=None)
     @given(
         material=MATERIAL[name],
         other_headers=st.lists(st.tuples(unrelated_header_names, text), max_size=5),
