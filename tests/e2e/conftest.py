@@ -83,6 +83,14 @@ def identity() -> Iterator[FakeIdentityEndpoint]:
         yield endpoint
 
 
+@pytest.fixture(scope="module")
+def module_identity() -> Iterator[FakeIdentityEndpoint]:
+    """An identity endpoint of the module's own, for keyless instances other than the
+    session's: their token calls must not mix with the session keyless' records."""
+    with FakeIdentityEndpoint() as endpoint:
+        yield endpoint
+
+
 @pytest.fixture(scope="session")
 def plain_http_recorder() -> Iterator[RecordingServer]:
     """Stands in for a catalog host reached over plain HTTP (port 80)."""

@@ -37,13 +37,13 @@ def upstream(pki) -> Iterator[int]:
         process.wait(10)
 
 
-def test_100k_requests_at_concurrency_50_without_proxy_errors(tmp_path, pki, identity,
+def test_100k_requests_at_concurrency_50_without_proxy_errors(tmp_path, pki, module_identity,
                                                                upstream):
     process = KeylessProcess(tmp_path, [
         "--connect-to", f"{HOST}:443:127.0.0.1:{upstream}",
         "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
         "--log-level", "warning",
-    ], {**identity.env(), **DEAD_PROXY_ENV}).start()
+    ], {**module_identity.env(), **DEAD_PROXY_ENV}).start()
     rss: dict[str, int] = {"start": process.rss_bytes()}
     try:
         result = asyncio.run(run_load(

@@ -31,13 +31,13 @@ def test_listening_off_loopback_without_auth_or_allowlist_is_refused(tmp_path, l
 
 
 def test_listening_off_loopback_with_an_allowlist_starts_and_serves_loopback(
-    tmp_path, identity, pki, catalog_recorder
+    tmp_path, module_identity, pki, catalog_recorder
 ):
     process = KeylessProcess(tmp_path, [
         "--connect-to", f"{RECORDER_HOST}:443:127.0.0.1:{catalog_recorder.port}",
         "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
         "--allow-clients", "10.0.0.0/8",
-    ], {**identity.env(), **DEAD_PROXY_ENV}, listen_host="0.0.0.0")
+    ], {**module_identity.env(), **DEAD_PROXY_ENV}, listen_host="0.0.0.0")
     try:
         process.start()
         _, response, _ = tunnel(process.port, f"{RECORDER_HOST}:443", RECORDER_HOST,
@@ -48,12 +48,12 @@ def test_listening_off_loopback_with_an_allowlist_starts_and_serves_loopback(
         assert process.stop() == 0
 
 
-def test_proxy_auth_is_required_when_configured(tmp_path, identity, pki, catalog_recorder):
+def test_proxy_auth_is_required_when_configured(tmp_path, module_identity, pki, catalog_recorder):
     process = KeylessProcess(tmp_path, [
         "--connect-to", f"{RECORDER_HOST}:443:127.0.0.1:{catalog_recorder.port}",
         "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
         "--proxy-auth", "app:s3cret-proxy-password",
-    ], {**identity.env(), **DEAD_PROXY_ENV}).start()
+    ], {**module_identity.env(), **DEAD_PROXY_ENV}).start()
     try:
         status, _, _ = tunnel(process.port, f"{RECORDER_HOST}:443", RECORDER_HOST, b"")
         assert status == 407

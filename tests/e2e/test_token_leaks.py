@@ -58,7 +58,7 @@ class Leaky:
 
 
 @pytest.fixture(scope="module")
-def leaky(tmp_path_factory, pki, identity, catalog_recorder) -> Iterator[Leaky]:
+def leaky(tmp_path_factory, pki, module_identity, catalog_recorder) -> Iterator[Leaky]:
     with RecordingServer(tls=pki.issue_server_cert(*EVIL_NAMES)) as evil_tls, \
             RecordingServer() as evil_plain:
         process = KeylessProcess(
@@ -69,7 +69,7 @@ def leaky(tmp_path_factory, pki, identity, catalog_recorder) -> Iterator[Leaky]:
                 "--connect-to", f"::127.0.0.1:{evil_tls.port}",  # everything else: attacker
                 "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
             ],
-            {**identity.env(), **DEAD_PROXY_ENV},
+            {**module_identity.env(), **DEAD_PROXY_ENV},
         ).start()
         try:
             yield Leaky(process, evil_tls, evil_plain, catalog_recorder)

@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tests.support.identity_endpoint import decode
+from tests.support.upstreams import ThreadedHTTPServer
 
 # Every name or parameter that carries key material in some Azure scheme. None may survive.
 KEY_HEADERS = ("api-key", "ocp-apim-subscription-key", "aeg-sas-key", "aeg-sas-token",
@@ -140,7 +141,7 @@ class Service:
     handler: Handler
 
 
-class FakeAzure:
+class FakeAzure(ThreadedHTTPServer):
     def __init__(self, cert_and_key: tuple[str, str]) -> None:
         self.services: list[Service] = []
         self.requests: list[FakeRequest] = []
@@ -160,15 +161,6 @@ class FakeAzure:
     def requests_for(self, host: str) -> list[FakeRequest]:
         with self._lock:
             return [r for r in self.requests if r.host == host]
-
-    def __enter__(self) -> Self:
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def handle(self, request: FakeRequest) -> FakeResponse:
         with self._lock:

@@ -38,7 +38,22 @@ class _Recorder(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = _handle
 
 
-class RecordingServer:
+class ThreadedHTTPServer:
+    """Runs a ThreadingHTTPServer (`self._server`) in a daemon thread while in a `with`."""
+
+    _server: ThreadingHTTPServer
+
+    def __enter__(self) -> Self:
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class RecordingServer(ThreadedHTTPServer):
     """Answers 200 to everything and records method, path and headers of each request."""
 
     class _Server(ThreadingHTTPServer):
@@ -58,23 +73,11 @@ class RecordingServer:
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
 
-    def __enter__(self) -> Self:
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+class SocketServer:
+    """A loopback TCP listener that hands each accepted connection to `serve` in a thread."""
 
-
-class CountingRelay:
-    """A TCP relay to `target` that counts connections and bytes sent towards the target."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.connections = 0
-        self.bytes_to_target = 0
+    def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._closed = threading.Event()
@@ -90,13 +93,29 @@ class CountingRelay:
     def _accept(self) -> None:
         while not self._closed.is_set():
             try:
-                client, _ = self._listener.accept()
+                conn, _ = self._listener.accept()
             except OSError:
                 return
-            self.connections += 1
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class CountingRelay(SocketServer):
+    """A TCP relay to `target` that counts connections and bytes sent towards the target."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__()
+        self.target = target
+        self.connections = 0
+        self.bytes_to_target = 0
+
+    def serve(self, conn: socket.socket) -> None:
+        self.connections += 1
+        upstream = socket.create_connection(self.target)
+        threading.Thread(target=self._pipe, args=(upstream, conn, False), daemon=True).start()
+        self._pipe(conn, upstream, True)
 
     def _pipe(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
         try:
@@ -112,7 +131,7 @@ class CountingRelay:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
-class FaultyServer:
+class FaultyServer(SocketServer):
     """A TLS server whose behaviour is chosen by the request path.
 
     /reset: close the connection with a TCP reset after reading the request;
@@ -122,31 +141,13 @@ class FaultyServer:
     """
 
     def __init__(self, tls: tuple[str, str], stall_seconds: float = 30.0) -> None:
+        super().__init__()
         self.requests: list[dict[str, Any]] = []
         self.stall_seconds = stall_seconds
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(*tls)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._closed = threading.Event()
 
-    def __enter__(self) -> Self:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._closed.set()
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                raw, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
-
-    def _serve(self, raw: socket.socket) -> None:
+    def serve(self, raw: socket.socket) -> None:  # type: ignore[override]
         try:
             conn = self._context.wrap_socket(raw, server_side=True)
             conn.settimeout(self.stall_seconds + 5)
