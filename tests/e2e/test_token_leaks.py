@@ -104,6 +104,14 @@ TUNNEL_ATTEMPTS = [
     ("catalog host on another port", f"{RECORDER_HOST}:8443", RECORDER_HOST,
      f"{RECORDER_HOST}:8443"),
     ("IP literal", "127.0.0.1:443", "127.0.0.1", "127.0.0.1"),
+    ("Cosmos suffix trick", "acct.documents.azure.com.evil.test:443",
+     "acct.documents.azure.com.evil.test", "acct.documents.azure.com.evil.test"),
+    ("OpenAI suffix trick", "res.openai.azure.com.evil.test:443", "res.openai.azure.com.evil.test",
+     "res.openai.azure.com.evil.test"),
+    ("Service Bus prefix trick", "evilservicebus.windows.net:443", "evilservicebus.windows.net",
+     "evilservicebus.windows.net"),
+    ("Maps lookalike", "atlas.microsoft.com.evil.test:443", "atlas.microsoft.com.evil.test",
+     "atlas.microsoft.com.evil.test"),
     ("loopback name", "localhost:443", "localhost", RECORDER_HOST),
 ]
 
