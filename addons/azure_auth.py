@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from mitmproxy import http
 
 from proxy import metrics
+from proxy.audit import CallKey, CallLog
 from proxy.authority import Destination
 from proxy.catalog import CHALLENGE_SCOPE, Catalog, Service, Target
 from proxy.challenge import ChallengeScopes
@@ -17,6 +19,7 @@ from proxy.errors import (
     TOKEN_UNAVAILABLE,
     error_response,
 )
+from proxy.roles import operation_kind
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
 
 logger = logging.getLogger(__name__)
@@ -36,10 +39,13 @@ def destination(flow: http.HTTPFlow) -> Destination:
 class AzureAuth:
     """requestheaders: match the catalog, strip key material, attach a token, or refuse."""
 
-    def __init__(self, catalog: Catalog, tokens: TokenCache, identity: Identity) -> None:
+    def __init__(self, catalog: Catalog, tokens: TokenCache, identity: Identity,
+                 calls: CallLog | None = None, audit: bool = False) -> None:
         self.catalog = catalog
         self.tokens = tokens
         self.identity = identity
+        self.calls = calls or CallLog(None)
+        self.audit = audit
         self.challenges = ChallengeScopes()
         self._reported: set[str] = set()
 
@@ -49,10 +55,20 @@ class AzureAuth:
         target = self.catalog.match(flow.request.host, flow.request.path)
         if target is None:
             return
+        started = time.perf_counter()
+        try:
+            await self._handle(flow, target)
+        finally:
+            metrics.ADDED_SECONDS.observe(time.perf_counter() - started)
+
+    async def _handle(self, flow: http.HTTPFlow, target: Target) -> None:
         service = target.service
         flow.metadata["keyless_service"] = service.name
         if service.conversion is None:
             self._report_unsupported(flow.request.host.lower(), target)
+            return
+        if self.audit:
+            self._audit(flow, target)
             return
         host = destination(flow).agreed_host()
         if host is None or host != flow.request.host.lower():
@@ -82,6 +98,27 @@ class AzureAuth:
             return
         service.conversion.attach(flow.request, token, stripped)
         self._count(service.name, "converted")
+        self._record(flow, target, stripped.schemes, "converted")
+
+    def _audit(self, flow: http.HTTPFlow, target: Target) -> None:
+        """Change nothing; note the key-based call (found on a copy of the request)."""
+        assert target.service.conversion is not None
+        stripped = target.service.conversion.strip(flow.request.copy())
+        if stripped is None:
+            self._count(target.service.name, "passed_through")
+            return
+        self._count(target.service.name, "audited")
+        self._record(flow, target, stripped.schemes, "audited")
+
+    def _record(self, flow: http.HTTPFlow, target: Target, schemes: tuple[str, ...],
+                handled: str) -> None:
+        identity = (target.service.identity or self.identity).label
+        operation = operation_kind(target.service.name, flow.request.method, flow.request.path,
+                                   flow.request.headers.get)
+        for scheme in schemes:
+            self.calls.record(CallKey(target.service.name, target.resource,
+                                      flow.request.host.lower(), scheme, operation, identity,
+                                      handled))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response

@@ -33,6 +33,6 @@ class InterceptOnlyAzure:
             return
         host, port = server.address[:2]
         if port != HTTPS_PORT or not self.catalog.intercepts(host):
-            metrics.TUNNELS.inc()
+            metrics.REQUESTS.labels(service="none", outcome="tunnelled").inc()
             logger.debug("tunnelling %s:%s untouched", host, server.address[1])
             nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)

@@ -38,6 +38,7 @@ class Target:
 
     service: Service
     scope: str
+    resource: str = ""  # the Azure resource's name: account, namespace, vault, ...
 
 
 # Resource labels: any name under an Azure-owned zone is Microsoft's, so the zone is what makes
@@ -188,18 +189,20 @@ class Catalog:
     def _intercepts(self, host: str) -> bool:
         return bool(self._candidates(host.lower()))
 
-    def _candidates_for(self, host: str) -> tuple[tuple[Service, re.Pattern[str] | None, str], ...]:
+    def _candidates_for(self, host: str) -> tuple[tuple[re.Pattern[str] | None, Target], ...]:
         found = []
         for host_re, path_re, service in self._compiled:
             if match := host_re.fullmatch(host):
-                scope = service.scope and fill_scope(service.scope, match.groupdict())
-                found.append((service, path_re, scope))
+                groups = match.groupdict()
+                scope = service.scope and fill_scope(service.scope, groups)
+                resource = groups.get("account") or host.split(".")[0].removesuffix("-secondary")
+                found.append((path_re, Target(service, scope, resource)))
         return tuple(found)
 
     def match(self, host: str, path: str = "/") -> Target | None:
-        for service, path_re, scope in self._candidates(host.lower()):
+        for path_re, target in self._candidates(host.lower()):
             if path_re is None or path_re.match(path):
-                return Target(service, scope)
+                return target
         return None
 
     def with_routes(self, routes: Iterable[Service]) -> Catalog:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +12,7 @@ from pathlib import Path
 from proxy import __version__
 from proxy.config import ConfigError, Settings, add_flags, resolve
 from proxy.connect_to import ConnectToEventLoop, ConnectToTable
+from proxy.logs import setup_logging
 
 CA_BASENAME = "mitmproxy"
 
@@ -22,19 +23,6 @@ def ca_certificate(confdir: Path) -> bytes:
 
     certs.CertStore.from_store(confdir, CA_BASENAME, 2048)
     return (confdir / f"{CA_BASENAME}-ca-cert.pem").read_bytes()
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if level != "debug":
-        # mitmproxy narrates every connection at info level; keep keyless' own lines readable.
-        logging.getLogger("mitmproxy").setLevel(logging.WARNING)
-        # azure-identity logs every successful token call at info level.
-        logging.getLogger("azure").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(run)
     ca = commands.add_parser("ca", help="print the CA certificate (PEM) apps must trust")
     add_flags(ca)
+    report = commands.add_parser(
+        "report", help="print the migration report from what keyless recorded in CONFDIR")
+    add_flags(report)
+    report.add_argument("--json", action="store_true", help="the report as JSON")
     return parser
 
 
@@ -61,13 +53,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "ca":
         sys.stdout.buffer.write(ca_certificate(settings.confdir))
         return 0
+    if args.command == "report":
+        return print_report(settings.confdir, as_json=args.json)
     return run(settings)
+
+
+def print_report(confdir: Path, as_json: bool) -> int:
+    from proxy.audit import STATE_FILE, CallLog, build_report, render_text
+
+    report = build_report(CallLog(confdir / STATE_FILE).entries())
+    print(json.dumps(report, indent=2) if as_json else render_text(report))
+    return 0
 
 
 def run(settings: Settings) -> int:
     from proxy.mitm import StartupError, serve
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     table = ConnectToTable(settings.connect_to)
 
     def loop_factory() -> asyncio.AbstractEventLoop:

@@ -71,6 +71,13 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"expected an address or CIDR network, got {text!r}") from None
 
 
+def parse_log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("json", "text"):
+        raise ValueError(f"expected json or text, got {text!r}")
+    return value
+
+
 def parse_log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -133,8 +140,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("keyvault-swap-bearer", "BOOL", "false", parse_bool,
          "Intercept Key Vault and replace the app's own Bearer token with the identity's "
          "(scope from the vault's 401 challenge).", switch=True),
+    Flag("ready-scopes", "SCOPE", (), str,
+         "Scopes whose tokens (default identity) are fetched at start; /readyz stays 503 "
+         "until all are cached. Repeatable.", repeatable=True),
+    Flag("audit", "BOOL", "false", parse_bool,
+         "Audit mode: change nothing, forward every request as the app sent it, and record "
+         "each key-based call for `keyless report`.", switch=True),
     Flag("log-level", "LEVEL", "info", parse_log_level,
          "debug, info, warning or error."),
+    Flag("log-format", "FORMAT", "json", parse_log_format,
+         "json (one object per line) or text (for humans)."),
 )
 # Keys only the TOML file can hold: [[route]] tables (see proxy/routes.py).
 FILE_ONLY_KEYS = {"route"}
@@ -154,7 +169,10 @@ class Settings:
     token_timeout: float
     maps_client_id: str | None
     keyvault_swap_bearer: bool
+    ready_scopes: tuple[str, ...]
+    audit: bool
     log_level: str
+    log_format: str
     routes: tuple[Service, ...] = ()
 
     def catalog(self) -> Catalog:

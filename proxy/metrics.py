@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from proxy import __version__
 
@@ -13,14 +16,10 @@ BUILD_INFO.labels(version=__version__).set(1)
 
 REQUESTS = Counter(
     "keyless_requests",
-    "HTTP requests to catalog hosts, by service and outcome (converted, passed_through, "
-    "refused, unsupported).",
+    "Requests by catalog service and outcome: converted, passed_through, refused, audited, "
+    "unsupported; and (service \"none\") tunnelled connections, client_denied, "
+    "destination_denied.",
     ["service", "outcome"],
-    registry=REGISTRY,
-)
-TUNNELS = Counter(
-    "keyless_tunnels",
-    "Connections tunnelled without interception (not an Azure catalog host).",
     registry=REGISTRY,
 )
 KEY_MATERIAL_STRIPPED = Counter(
@@ -61,3 +60,41 @@ UPSTREAM_ERRORS = Counter(
     ["service"],
     registry=REGISTRY,
 )
+AUTHORIZATION_DENIALS = Counter(
+    "keyless_authorization_denials",
+    "403 answers that mean the identity lacks a role (RBAC), by service.",
+    ["service"],
+    registry=REGISTRY,
+)
+TOKEN_RETRIES = Counter(
+    "keyless_token_retries",
+    "401 answers to a converted request, by what keyless did: replayed (with a fresh token) "
+    "or passed_on (body too large to replay, or the replay was refused too).",
+    ["service", "action"],
+    registry=REGISTRY,
+)
+ADDED_SECONDS = Histogram(
+    "keyless_added_seconds",
+    "Time keyless spends on a request before it goes upstream (matching, stripping, "
+    "waiting for a token, attaching).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5, 30),
+    registry=REGISTRY,
+)
+
+
+class TokenExpiryCollector:
+    """keyless_token_expiry_seconds{identity, scope}: read from the token cache at scrape."""
+
+    def __init__(self, peek: Callable[[], dict], clock: Callable[[], float]) -> None:
+        self.peek, self.clock = peek, clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "keyless_token_expiry_seconds",
+            "Seconds until the cached token for (identity, scope) expires.",
+            labels=["identity", "scope"],
+        )
+        now = self.clock()
+        for (identity, scope), token in self.peek().items():
+            family.add_metric([identity.label, scope], token.expires_on - now)
+        yield family

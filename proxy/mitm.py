@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 
 from mitmproxy import addons as mitm_addons
 from mitmproxy import exceptions, master, options
@@ -17,10 +18,12 @@ from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
 from addons.observe import ObserveUpstream
 from addons.stream import StreamBodies
+from proxy import metrics
 from proxy.admin import AdminServer, Health
+from proxy.audit import STATE_FILE, CallLog, build_report
 from proxy.config import Settings
 from proxy.identity import CredentialSource
-from proxy.tokens import Identity, TokenCache
+from proxy.tokens import Identity, TokenCache, TokenUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ def keyless_options(settings: Settings) -> dict[str, object]:
     }
 
 
-def build_master(settings: Settings, tokens: TokenCache, health: Health) -> master.Master:
+def build_master(settings: Settings, tokens: TokenCache, health: Health,
+                 calls: CallLog) -> master.Master:
     opts = options.Options()
     m = master.Master(opts)
     catalog = settings.catalog()
@@ -58,7 +62,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health) -> mast
     m.addons.add(
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         StreamBodies(),
-        AzureAuth(catalog, tokens, Identity(os.environ.get("AZURE_CLIENT_ID") or None)),
+        AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
         ObserveUpstream(),
         ReportHealth(health),
     )
@@ -72,15 +76,43 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health) -> mast
     return m
 
 
+def default_identity() -> Identity:
+    return Identity(os.environ.get("AZURE_CLIENT_ID") or None)
+
+
+async def warm_up(tokens: TokenCache, scopes: tuple[str, ...]) -> None:
+    """Fetch the --ready-scopes tokens at start (retrying), so /readyz can wait for them."""
+    pending = list(scopes)
+    while pending:
+        for scope in list(pending):
+            try:
+                await tokens.get(default_identity(), scope)
+                pending.remove(scope)
+            except TokenUnavailable as exc:
+                logger.warning("not ready yet: %s", exc)
+        if pending:
+            await asyncio.sleep(2)
+
+
+async def save_periodically(calls: CallLog, every: float = 5.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        calls.save()
+
+
 async def serve(settings: Settings) -> int:
     """Run the proxy and the admin server until SIGTERM/SIGINT."""
-    health = Health()
     source = CredentialSource()
     tokens = TokenCache(
         source, expiry_margin=settings.token_margin, wait_timeout=settings.token_timeout
     )
-    proxy_master = build_master(settings, tokens, health)
-    admin = AdminServer(health, *settings.admin)
+    cached = {(default_identity(), scope) for scope in settings.ready_scopes}
+    health = Health(tokens_ready=lambda: cached <= set(tokens.peek()))
+    calls = CallLog(settings.confdir / STATE_FILE)
+    collector = metrics.TokenExpiryCollector(tokens.peek, time.time)
+    metrics.REGISTRY.register(collector)
+    proxy_master = build_master(settings, tokens, health, calls)
+    admin = AdminServer(health, *settings.admin, report=lambda: build_report(calls.entries()))
     try:
         await admin.start()
     except OSError as exc:
@@ -95,10 +127,16 @@ async def serve(settings: Settings) -> int:
         "keyless listening on %s:%s, admin on %s:%s, CA certificate %s",
         *settings.listen, *settings.admin, settings.confdir / "mitmproxy-ca-cert.pem",
     )
+    background = [asyncio.create_task(save_periodically(calls)),
+                  asyncio.create_task(warm_up(tokens, settings.ready_scopes))]
     try:
         await proxy_master.run()
     finally:
         health.listening = False
+        for task in background:
+            task.cancel()
+        calls.save()
+        metrics.REGISTRY.unregister(collector)
         await admin.stop()
         await tokens.close()
         await source.close()
