@@ -50,7 +50,7 @@ class KeylessProcess:
     def ca_path(self) -> str:
         return str(self.confdir / "mitmproxy-ca-cert.pem")
 
-    def start(self, timeout: float = 30.0) -> Self:
+    def start(self, timeout: float = 30.0, wait_ready: bool = True) -> Self:
         command = [
             *keyless_command(), "run",
             "--listen", f"{self.listen_host}:{self.port}",
@@ -68,7 +68,7 @@ class KeylessProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"keyless exited with {self.process.returncode}:\n{self.log()}")
-            if self.get("/readyz")[0] == 200:
+            if self.get("/readyz" if wait_ready else "/healthz")[0] == 200:
                 return self
             time.sleep(0.1)
         self.stop()
