@@ -97,6 +97,8 @@ class AzureAuth:
             self._refuse(flow, service.name, TOKEN_UNAVAILABLE, str(exc))
             return
         service.conversion.attach(flow.request, token, stripped)
+        flow.metadata.update(keyless_converted=True, keyless_resource=target.resource,
+                             keyless_identity=(service.identity or self.identity).label)
         self._count(service.name, "converted")
         self._record(flow, target, stripped.schemes, "converted")
 

@@ -13,6 +13,7 @@ from mitmproxy import exceptions, master, options
 from mitmproxy.addons import errorcheck
 
 from addons.azure_auth import AzureAuth
+from addons.diagnose import DiagnoseDenials
 from addons.guard import ClientAllowlist, DenyDestinations
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
@@ -64,6 +65,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
         StreamBodies(),
         AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
         ObserveUpstream(),
+        DiagnoseDenials(),
         ReportHealth(health),
     )
     try:

@@ -33,6 +33,12 @@ FAKE_HOSTS = {
     "keyvault": "keylessvault.vault.azure.net",
     "route-a": "storage-a.contoso.internal",  # custom route: storage-blob, identity A
     "route-b": "api-b.contoso.internal",  # custom route: explicit scope, api-key, identity B
+    # services that answer every request with their "identity lacks a role" refusal
+    "denied-storage": "denied.blob.core.windows.net",
+    "denied-cosmos": "deniedcosmos.documents.azure.com",
+    "denied-openai": "deniedai.openai.azure.com",
+    "denied-servicebus": "deniedbus.servicebus.windows.net",
+    "denied-search": "deniedsearch.search.windows.net",
 }
 MAPS_CLIENT_ID = "3a3a3a3a-0000-4000-8000-00000000a71a"
 ROUTE_A_CLIENT_ID = "aaaaaaaa-0000-4000-8000-00000000000a"
