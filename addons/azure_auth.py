@@ -97,8 +97,14 @@ class AzureAuth:
             self._refuse(flow, service.name, TOKEN_UNAVAILABLE, str(exc))
             return
         service.conversion.attach(flow.request, token, stripped)
-        flow.metadata.update(keyless_converted=True, keyless_resource=target.resource,
-                             keyless_identity=(service.identity or self.identity).label)
+        identity = service.identity or self.identity
+        conversion = service.conversion
+        flow.metadata.update(
+            keyless_converted=True, keyless_resource=target.resource,
+            keyless_identity=identity.label, keyless_identity_key=identity,
+            keyless_scope=scope,
+            keyless_attach=lambda request, fresh: conversion.attach(request, fresh, stripped),
+        )
         self._count(service.name, "converted")
         self._record(flow, target, stripped.schemes, "converted")
 

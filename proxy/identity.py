@@ -7,6 +7,8 @@ principal), workload identity, managed identity, and the Azure CLI for local dev
 
 from __future__ import annotations
 
+import asyncio
+
 from azure.core.credentials import AccessTokenInfo
 from azure.identity.aio import DefaultAzureCredential
 
@@ -18,6 +20,7 @@ class CredentialSource:
 
     def __init__(self) -> None:
         self._credentials: dict[Identity, DefaultAzureCredential] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def __call__(self, identity: Identity, scope: str) -> AccessTokenInfo:
         credential = self._credentials.get(identity)
@@ -42,6 +45,14 @@ class CredentialSource:
             use_env_settings=False,
             **extra,
         )
+
+    def forget(self, identity: Identity) -> None:
+        """Drop the identity's credential (and its token cache): the next call fetches anew."""
+        credential = self._credentials.pop(identity, None)
+        if credential is not None:
+            task = asyncio.get_running_loop().create_task(credential.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for credential in self._credentials.values():

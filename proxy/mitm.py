@@ -18,6 +18,7 @@ from addons.guard import ClientAllowlist, DenyDestinations
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
 from addons.observe import ObserveUpstream
+from addons.replay import ReplayUnauthorized
 from addons.stream import StreamBodies
 from proxy import metrics
 from proxy.admin import AdminServer, Health
@@ -64,6 +65,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         StreamBodies(),
         AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
+        ReplayUnauthorized(tokens),
         ObserveUpstream(),
         DiagnoseDenials(),
         ReportHealth(health),
@@ -106,7 +108,8 @@ async def serve(settings: Settings) -> int:
     """Run the proxy and the admin server until SIGTERM/SIGINT."""
     source = CredentialSource()
     tokens = TokenCache(
-        source, expiry_margin=settings.token_margin, wait_timeout=settings.token_timeout
+        source, expiry_margin=settings.token_margin, wait_timeout=settings.token_timeout,
+        forget=source.forget,
     )
     cached = {(default_identity(), scope) for scope in settings.ready_scopes}
     health = Health(tokens_ready=lambda: cached <= set(tokens.peek()))

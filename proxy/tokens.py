@@ -72,8 +72,11 @@ class TokenCache:
         wait_timeout: float = 10.0,
         refresh_retry: float = 30.0,
         maxsize: int = 1024,
+        forget: Callable[[Identity], None] | None = None,
     ) -> None:
         self._source = source
+        self._forget = forget
+        self._invalidated_at: dict[Key, float] = {}
         self._clock = clock
         self._margin = expiry_margin
         self._wait_timeout = wait_timeout
@@ -105,9 +108,21 @@ class TokenCache:
             ) from None
         return token.value
 
-    def invalidate(self, identity: Identity, scope: str) -> None:
-        """Forget a token (e.g. the service rejected it): the next request fetches afresh."""
-        self._cache.pop((identity, scope), None)
+    def invalidate(self, identity: Identity, scope: str, min_interval: float = 30.0) -> bool:
+        """Forget a token the service rejected, so the next request fetches afresh.
+
+        At most once per `min_interval` per key: a service that rejects every token must not
+        turn each request into a token fetch. Returns whether the token was forgotten.
+        """
+        key = (identity, scope)
+        now = self._clock()
+        if now - self._invalidated_at.get(key, float("-inf")) < min_interval:
+            return False
+        self._invalidated_at[key] = now
+        self._cache.pop(key, None)
+        if self._forget is not None:
+            self._forget(identity)  # the credential's own cache would hand the token back
+        return True
 
     def peek(self) -> dict[Key, Token]:
         """The usable tokens now cached (for metrics and readiness; values stay inside)."""

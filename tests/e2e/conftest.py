@@ -39,6 +39,8 @@ FAKE_HOSTS = {
     "denied-openai": "deniedai.openai.azure.com",
     "denied-servicebus": "deniedbus.servicebus.windows.net",
     "denied-search": "deniedsearch.search.windows.net",
+    # a service that revokes tokens on demand (401 to a token it has seen before)
+    "revoking": "revokingsearch.search.windows.net",
 }
 MAPS_CLIENT_ID = "3a3a3a3a-0000-4000-8000-00000000a71a"
 ROUTE_A_CLIENT_ID = "aaaaaaaa-0000-4000-8000-00000000000a"

@@ -98,7 +98,7 @@ def test_audit_mode_changes_nothing_and_the_report_plans_the_migration(
             "--connect-to", f"{SB_HOST}:443:127.0.0.1:{fake_azure.port}",
             "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}"]
     container = f"audit{uuid.uuid4().hex[:8]}"
-    sas = servicebus_sas(f"https://{SB_HOST}/myqueue")
+    sas = servicebus_sas(f"https://{SB_HOST}/auditqueue")
     with FakeIdentityEndpoint() as endpoint:
         env = {**endpoint.env(), **DEAD_PROXY_ENV}
         audit = KeylessProcess(tmp_path / "audit", [*args, "--audit"], env)
@@ -114,7 +114,7 @@ def test_audit_mode_changes_nothing_and_the_report_plans_the_migration(
                 f"AccountKey={ACCOUNT_KEY};BlobEndpoint=https://{BLOB_HOST}")
             legacy.create_container(container).upload_blob("a.txt", b"audited")
             seen_before = len(fake_azure.requests_for(SB_HOST))
-            sent = requests.post(f"https://{SB_HOST}/myqueue/messages", data=b"hi",
+            sent = requests.post(f"https://{SB_HOST}/auditqueue/messages", data=b"hi",
                                  headers={"Authorization": sas}, timeout=10)
             assert sent.status_code == 401  # the fake refuses the unconverted SAS: untouched
             upstream = fake_azure.requests_for(SB_HOST)[seen_before]
@@ -143,7 +143,7 @@ def test_audit_mode_changes_nothing_and_the_report_plans_the_migration(
                 f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};"
                 f"AccountKey={WRONG_KEY};BlobEndpoint=https://{BLOB_HOST}")
             wrong.get_container_client(container).upload_blob("b.txt", b"converted")
-            assert requests.post(f"https://{SB_HOST}/myqueue/messages", data=b"hi",
+            assert requests.post(f"https://{SB_HOST}/auditqueue/messages", data=b"hi",
                                  headers={"Authorization": sas}, timeout=10).status_code == 201
         finally:
             assert normal.stop() == 0
