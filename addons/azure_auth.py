@@ -6,6 +6,7 @@ import logging
 import time
 
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
 from proxy import metrics
 from proxy.audit import CallKey, CallLog
@@ -26,7 +27,19 @@ logger = logging.getLogger(__name__)
 
 
 def destination(flow: http.HTTPFlow) -> Destination:
+    mode = flow.client_conn.proxy_mode
     address = flow.server_conn.address
+    if isinstance(mode, ReverseMode):
+        # keyless' own --reverse setting names the destination: the app cannot choose it.
+        host, port = mode.address[:2]
+        return Destination(host, port, host, flow.request.host_header, app_used_tls=True)
+    if isinstance(mode, TransparentMode):
+        # No CONNECT: the name is the TLS server name, and the upstream certificate must
+        # prove it (keyless verifies upstream TLS against that name).
+        sni = flow.client_conn.sni
+        return Destination(sni, address[1] if address else None, sni,
+                           flow.request.host_header,
+                           app_used_tls=flow.client_conn.tls_established)
     return Destination(
         connect_host=address[0] if address else None,
         connect_port=address[1] if address else None,

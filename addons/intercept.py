@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from mitmproxy import tls
 from mitmproxy.proxy import layer, layers
+from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
 from proxy import metrics
 from proxy.authority import HTTPS_PORT
@@ -27,6 +29,8 @@ class InterceptOnlyAzure:
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer:
             return
+        if isinstance(nextlayer.context.client.proxy_mode, ReverseMode | TransparentMode):
+            return  # reverse: fixed by configuration; transparent: decided on the SNI below
         server = nextlayer.context.server
         # No address yet: this is the proxy's own HTTP layer reading the app's request.
         if server.address is None:
@@ -36,3 +40,14 @@ class InterceptOnlyAzure:
             metrics.REQUESTS.labels(service="none", outcome="tunnelled").inc()
             logger.debug("tunnelling %s:%s untouched", host, server.address[1])
             nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Transparent mode has no CONNECT: intercept only catalog server names on 443."""
+        context = data.context
+        if not isinstance(context.client.proxy_mode, TransparentMode):
+            return
+        port = context.server.address[1] if context.server.address else None
+        sni = data.client_hello.sni
+        if port != HTTPS_PORT or not sni or not self.catalog.intercepts(sni):
+            metrics.REQUESTS.labels(service="none", outcome="tunnelled").inc()
+            data.ignore_connection = True

@@ -10,19 +10,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
+from proxy.ca import CAError, prepare_ca
 from proxy.config import ConfigError, Settings, add_flags, resolve
 from proxy.connect_to import ConnectToEventLoop, ConnectToTable
 from proxy.logs import setup_logging
+from proxy.transparent import transparent_rules
 
-CA_BASENAME = "mitmproxy"
 
-
-def ca_certificate(confdir: Path) -> bytes:
-    """The public CA certificate in PEM, generating the CA on first use."""
-    from mitmproxy import certs  # imported late: `keyless --help` stays fast
-
-    certs.CertStore.from_store(confdir, CA_BASENAME, 2048)
-    return (confdir / f"{CA_BASENAME}-ca-cert.pem").read_bytes()
+def ca_certificate(settings: Settings) -> bytes:
+    """The public CA certificate in PEM, generating (or installing a supplied) CA first."""
+    return prepare_ca(settings.confdir, settings.ca_cert, settings.ca_key).read_bytes()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(run)
     ca = commands.add_parser("ca", help="print the CA certificate (PEM) apps must trust")
     add_flags(ca)
+    init = commands.add_parser(
+        "init", help="prepare the CA and write its public certificate for the app, then exit "
+        "(for an init container)")
+    add_flags(init)
+    init.add_argument("--ca-out", metavar="FILE", required=True,
+                      help="where the app reads the CA certificate (e.g. a shared volume)")
+    iptables = commands.add_parser(
+        "iptables", help="print the iptables rules that send the pod's HTTPS to keyless in "
+        "transparent mode (for a privileged init container)")
+    add_flags(iptables)
+    iptables.add_argument("--uid", type=int, default=10001,
+                          help="keyless' own UID, whose traffic is exempted (default 10001)")
     report = commands.add_parser(
         "report", help="print the migration report from what keyless recorded in CONFDIR")
     add_flags(report)
@@ -50,8 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    if args.command == "ca":
-        sys.stdout.buffer.write(ca_certificate(settings.confdir))
+    try:
+        if args.command == "ca":
+            sys.stdout.buffer.write(ca_certificate(settings))
+            return 0
+        if args.command == "init":
+            out = Path(args.ca_out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(ca_certificate(settings))
+            out.chmod(0o644)
+            print(f"keyless: wrote the CA certificate to {out}", file=sys.stderr)
+            return 0
+    except CAError as exc:
+        print(f"keyless: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "iptables":
+        print("\n".join(transparent_rules(settings.listen[1], args.uid)))
         return 0
     if args.command == "report":
         return print_report(settings.confdir, as_json=args.json)

@@ -48,6 +48,14 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_reverse(text: str) -> tuple[int, str]:
+    port, sep, url = text.partition("=")
+    match = re.fullmatch(r"https://([a-z0-9.-]+)(?::443)?/?", url.strip().lower())
+    if not sep or not port.strip().isdigit() or not 0 < int(port) < 65536 or not match:
+        raise ValueError(f"expected PORT=https://AZURE-HOST, got {text!r}")
+    return int(port), match.group(1)
+
+
 def parse_bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("true", "1", "yes", "on"):
@@ -115,6 +123,20 @@ FLAGS: tuple[Flag, ...] = (
     Flag("confdir", "DIR", "~/.keyless", lambda s: Path(s).expanduser(),
          "The CA key and certificate, generated on first start. "
          "Apps trust DIR/mitmproxy-ca-cert.pem."),
+    Flag("ca-cert", "FILE", "", lambda s: Path(s).expanduser() if s else None,
+         "Use this CA certificate (PEM) instead of generating one; needs --ca-key."),
+    Flag("ca-key", "FILE", "", lambda s: Path(s).expanduser() if s else None,
+         "The supplied CA's private key (PEM); must not be readable by group or others."),
+    Flag("drain-timeout", "SECONDS", "30", parse_seconds,
+         "On SIGTERM: readiness fails, new connections are refused, and in-flight requests "
+         "get this long to finish before keyless exits."),
+    Flag("reverse", "PORT=URL", (), parse_reverse,
+         "Reverse mode: serve plain HTTP on 127.0.0.1:PORT and forward to the Azure endpoint "
+         "URL (https://HOST), converting as in forward mode; the app needs no proxy setting "
+         "and no CA. Repeatable.", repeatable=True),
+    Flag("transparent", "BOOL", "false", parse_bool,
+         "Transparent mode: --listen receives connections redirected by iptables (see "
+         "`keyless iptables`) instead of proxy requests.", switch=True),
     Flag("connect-to", "HOST:PORT:ADDR:PORT", (), ConnectTo.parse,
          "When the target is HOST:PORT, dial ADDR:PORT instead, keeping HOST as TLS server "
          "name and Host header (curl's meaning; also for tunnelled connections). Repeatable.",
@@ -160,6 +182,11 @@ class Settings:
     listen: HostPort
     admin: HostPort
     confdir: Path
+    ca_cert: Path | None
+    ca_key: Path | None
+    drain_timeout: float
+    reverse: tuple[tuple[int, str], ...]
+    transparent: bool
     connect_to: tuple[ConnectTo, ...]
     set: tuple[tuple[str, str], ...]
     allow_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -261,9 +288,15 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
     if not isinstance(routes, list):
         raise ConfigError(f"{config_path}: route must be an array of tables ([[route]])")
     try:
-        return replace(settings, routes=parse_routes(routes, settings.catalog()))
+        settings = replace(settings, routes=parse_routes(routes, settings.catalog()))
     except ValueError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
+    catalog = settings.catalog()
+    for port, host in settings.reverse:
+        if not catalog.intercepts(host):
+            raise ConfigError(f"--reverse {port}={host}: not an Azure host keyless knows "
+                              "(add a [[route]] for it)")
+    return settings
 
 
 def check_not_open_proxy(settings: Settings) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from mitmproxy import addons as mitm_addons
 from mitmproxy import exceptions, master, options
@@ -23,6 +24,7 @@ from addons.stream import StreamBodies
 from proxy import metrics
 from proxy.admin import AdminServer, Health
 from proxy.audit import STATE_FILE, CallLog, build_report
+from proxy.ca import CAError, prepare_ca
 from proxy.config import Settings
 from proxy.identity import CredentialSource
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
@@ -34,9 +36,23 @@ class StartupError(Exception):
     pass
 
 
+def listen_spec(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def proxy_modes(settings: Settings) -> list[str]:
+    """mitmproxy mode specs: the main listener, and one reverse listener per --reverse."""
+    main = "transparent" if settings.transparent else "regular"
+    modes = [f"{main}@{listen_spec(*settings.listen)}"]
+    modes += [f"reverse:https://{host}@{listen_spec('127.0.0.1', port)}"
+              for port, host in settings.reverse]
+    return modes
+
+
 def keyless_options(settings: Settings) -> dict[str, object]:
     host, port = settings.listen
     return {
+        "mode": proxy_modes(settings),
         "listen_host": host,
         "listen_port": port,
         "confdir": str(settings.confdir),
@@ -61,6 +77,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
     m.addons.add(ClientAllowlist(settings.allow_clients), DenyDestinations(settings.deny_networks))
     m.addons.add(InterceptOnlyAzure(catalog))
     m.addons.add(*mitm_addons.default_addons())
+    reporter = ReportHealth(health)
     m.addons.add(
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         StreamBodies(),
@@ -68,7 +85,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
         ReplayUnauthorized(tokens),
         ObserveUpstream(),
         DiagnoseDenials(),
-        ReportHealth(health),
+        reporter,
     )
     try:
         # Options exist once the addons that declare them are loaded.
@@ -106,6 +123,10 @@ async def save_periodically(calls: CallLog, every: float = 5.0) -> None:
 
 async def serve(settings: Settings) -> int:
     """Run the proxy and the admin server until SIGTERM/SIGINT."""
+    try:
+        prepare_ca(settings.confdir, settings.ca_cert, settings.ca_key)
+    except CAError as exc:
+        raise StartupError(str(exc)) from None
     source = CredentialSource()
     tokens = TokenCache(
         source, expiry_margin=settings.token_margin, wait_timeout=settings.token_timeout,
@@ -126,8 +147,10 @@ async def serve(settings: Settings) -> int:
             f"{exc.strerror}"
         ) from None
     loop = asyncio.get_running_loop()
+    drain = Drain(proxy_master, health, settings.drain_timeout,
+                  proxy_master.addons.get("reporthealth").in_flight)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _stop, proxy_master, health)
+        loop.add_signal_handler(sig, drain.start)
     logger.info(
         "keyless listening on %s:%s, admin on %s:%s, CA certificate %s",
         *settings.listen, *settings.admin, settings.confdir / "mitmproxy-ca-cert.pem",
@@ -148,7 +171,31 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def _stop(proxy_master: master.Master, health: Health) -> None:
-    logger.info("stopping")
-    health.draining = True
-    proxy_master.shutdown()
+class Drain:
+    """SIGTERM: fail readiness, refuse new connections, let in-flight ones finish (bounded),
+    then stop. A second signal stops at once."""
+
+    def __init__(self, proxy_master: master.Master, health: Health, timeout: float,
+                 in_flight: Callable[[], int]) -> None:
+        self.master, self.health, self.timeout = proxy_master, health, timeout
+        self.in_flight = in_flight
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is not None:
+            logger.info("second signal: stopping now")
+            self.master.shutdown()
+            return
+        self.health.draining = True
+        self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        logger.info("draining: %d request(s) in flight, up to %gs", self.in_flight(),
+                    self.timeout)
+        while self.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.in_flight():
+            logger.warning("drain timeout: %d request(s) cut off", self.in_flight())
+        logger.info("stopping")
+        self.master.shutdown()

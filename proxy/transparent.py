@@ -1,0 +1,22 @@
+"""Transparent mode's iptables recipe: the pod's outgoing HTTPS goes to keyless, except
+keyless' own traffic (its UID) and loopback, for apps that ignore proxy variables."""
+
+from __future__ import annotations
+
+
+def transparent_rules(port: int, uid: int) -> list[str]:
+    """Shell commands for a privileged init container (CAP_NET_ADMIN) in the pod."""
+    if not 0 < port < 65536 or uid < 0:
+        raise ValueError("port must be 1-65535 and uid ≥ 0")
+    rules = ["#!/bin/sh", "set -e",
+             "# Send the pod's outgoing HTTPS (port 443) to keyless in transparent mode."]
+    for tool, loopback in (("iptables", "127.0.0.0/8"), ("ip6tables", "::1/128")):
+        rules += [
+            f"{tool} -t nat -N KEYLESS_OUTPUT",
+            f"{tool} -t nat -A KEYLESS_OUTPUT -d {loopback} -j RETURN",
+            "# keyless' own connections (to Azure and the identity endpoint) go out as they are",
+            f"{tool} -t nat -A KEYLESS_OUTPUT -m owner --uid-owner {uid} -j RETURN",
+            f"{tool} -t nat -A KEYLESS_OUTPUT -p tcp --dport 443 -j REDIRECT --to-ports {port}",
+            f"{tool} -t nat -A OUTPUT -p tcp -j KEYLESS_OUTPUT",
+        ]
+    return rules
