@@ -1,26 +1,62 @@
-# keyless sidecar image (first version; the deployment work hardens it further).
-FROM python:3.12-slim AS build
+# keyless sidecar image.
+#   docker build -t keyless .
+# Stage 1 builds keyless' wheel (and its dependencies'); stage 2 installs them into a clean
+# python:3.12-slim: no build tools, no pip cache, no bytecode written at run time, UID 10001.
+# Pin the base for releases: --build-arg PYTHON_IMAGE=python:3.12-slim@sha256:<digest>.
+# tests/deploy/test_image_equivalent.py reproduces stage 2 without Docker (same ENV, same UID,
+# unwritable cwd and HOME) and tests/deploy/test_manifests.py runs hadolint on this file.
+
+ARG PYTHON_IMAGE=python:3.12-slim
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY addons ./addons
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# keyless' wheel and a wheel for every dependency: anything that has to be built from source is
+# built here, so the final stage needs no compiler and no network access besides this stage.
+RUN python -m pip wheel --wheel-dir /wheels .
 
-FROM python:3.12-slim
-RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin keyless \
-    && mkdir -p /var/run/keyless && chown 10001:10001 /var/run/keyless
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+FROM ${PYTHON_IMAGE}
+ARG KEYLESS_UID=10001
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1
+# A fixed, non-root UID/GID (Kubernetes runAsUser/runAsGroup and volume ownership rely on it).
+# /var/run/keyless       confdir: the CA key and certificate (mount a volume; keyless only)
+# /var/run/keyless-ca    the public CA certificate for the app (`keyless init --ca-out`)
+RUN groupadd --gid "${KEYLESS_UID}" keyless \
+    && useradd --uid "${KEYLESS_UID}" --gid "${KEYLESS_UID}" --no-create-home \
+        --home-dir /var/run/keyless --shell /usr/sbin/nologin keyless \
+    && mkdir -p /var/run/keyless /var/run/keyless-ca \
+    && chown "${KEYLESS_UID}:${KEYLESS_UID}" /var/run/keyless /var/run/keyless-ca \
+    && chmod 0700 /var/run/keyless \
+    && chmod 0755 /var/run/keyless-ca
+# The wheels come in through a bind mount (BuildKit), so they never land in a layer; --no-index:
+# only what stage 1 built. pip compiles the bytecode now, as the root filesystem is read-only later.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m pip install --no-index --find-links=/wheels /wheels/keyless-*.whl
 USER 10001:10001
-# The proxy stays on loopback (the app shares the pod's network); the admin server listens on
-# all interfaces so the kubelet's probes and Prometheus can reach it. It serves no secrets.
+# Runtime configuration: every flag is also KEYLESS_<FLAG>; flags beat environment beat the
+# --config file. The proxy stays on loopback (the app shares the pod's network); the admin
+# server listens on all interfaces so the kubelet's probes and Prometheus can reach it (it
+# serves no secrets). HOME and XDG_CACHE_HOME point at the confdir volume, so nothing ever
+# needs the (read-only) root filesystem.
 ENV KEYLESS_LISTEN=127.0.0.1:8080 \
     KEYLESS_ADMIN=0.0.0.0:9180 \
     KEYLESS_CONFDIR=/var/run/keyless \
-    PYTHONUNBUFFERED=1
+    KEYLESS_LOG_FORMAT=json \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/var/run/keyless \
+    XDG_CACHE_HOME=/var/run/keyless/.cache
 VOLUME ["/var/run/keyless"]
 EXPOSE 9180
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
-    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9180/healthz', timeout=2)"]
+STOPSIGNAL SIGTERM
+# Liveness for plain Docker/compose (Kubernetes ignores it and uses its own probes). It follows
+# KEYLESS_ADMIN's port; a non-2xx answer or no answer raises, so the command exits non-zero.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; port = os.environ.get('KEYLESS_ADMIN', '127.0.0.1:9180').rpartition(':')[2]; u.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 ENTRYPOINT ["keyless"]
 CMD ["run"]
