@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 PYTHON ?= $(shell python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 \
             || echo "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3")
 
-.PHONY: run test lint unit e2e fuzz clean
+.PHONY: run test lint unit e2e deploy fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ unit: $(VENV)/.test
 
 e2e: $(VENV)/.test node_modules/.installed
 	$(BIN)/python -m pytest tests/e2e
+
+deploy: $(VENV)/.test node_modules/.installed
+	$(BIN)/python -m pytest tests/deploy
 
 test: $(VENV)/.test node_modules/.installed lint
 	$(BIN)/python -m pytest

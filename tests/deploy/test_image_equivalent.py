@@ -1,0 +1,304 @@
+"""The Dockerfile and reality, kept in step without a Docker engine.
+
+The test reproduces the final image stage on this machine: it copies what the build stage
+COPYs, builds the wheels (keyless' and its dependencies') as stage 1 does, installs them with
+`--no-index` into a fresh Python 3.12 venv as stage 2 does, and runs the image's ENTRYPOINT +
+CMD as UID/GID 10001 with the image's ENV (read from the Dockerfile), an unwritable working
+directory, HOME, cache and temp directory, and the confdir on a directory that user owns (the
+volume). Only the ports move: both stay on 127.0.0.1 here.
+
+Then: /healthz and /readyz answer 200, the image's own HEALTHCHECK command succeeds (and fails
+against a closed port), the CA files exist with the key at 0600, and SIGTERM ends keyless with
+exit code 0. Needs root (for setpriv to become UID 10001) and PyPI or a warm pip cache.
+
+The image's Python lives in /usr/local, readable by everyone. Where this machine's Python 3.12
+is not reachable by UID 10001 (pyenv under a 0700 /root), the test runs a private copy of its
+runtime (binary, libpython, standard library; no site-packages) instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.dockerfile import Stage, parse
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+UID = GID = 10001
+BUILD_TIMEOUT = 900  # wheels for every dependency; seconds with a warm pip cache
+START_TIMEOUT = 60
+STOP_TIMEOUT = 45  # above keyless' default drain timeout (30 s)
+
+
+def stages() -> list[Stage]:
+    return parse(DOCKERFILE)
+
+
+def final_stage() -> Stage:
+    return stages()[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def admin_get(port: int, path: str) -> int:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+# -- static: the Dockerfile says what the deployment docs and manifests rely on ---------------
+
+
+def test_final_image_runs_as_10001() -> None:
+    user = final_stage().user
+    assert user is not None and user.split(":") == [str(UID), str(GID)], user
+
+
+def test_bases_are_python_312_slim_and_final_stage_has_no_build_tools() -> None:
+    all_stages = stages()
+    assert len(all_stages) >= 2, "multi-stage: build the wheel, then install it"
+    for stage in all_stages:
+        assert stage.base.split("@")[0] == "python:3.12-slim", stage.base
+    final_runs = " ".join(final_stage().all("RUN"))
+    for tool in ("apt-get", "apk ", "gcc", "build-essential", "pip wheel"):
+        assert tool not in final_runs, f"final stage must not use {tool!r}"
+    assert "--no-index" in final_runs, "stage 2 installs only the wheels stage 1 built"
+
+
+def test_env_is_only_known_flags_and_read_only_root_filesystem_ready() -> None:
+    from proxy.config import FLAGS
+
+    env = final_stage().env
+    known = {flag.env for flag in FLAGS} | {"KEYLESS_CONFIG"}
+    unknown = {key for key in env if key.startswith("KEYLESS_")} - known
+    assert not unknown, f"Dockerfile sets KEYLESS_* variables keyless does not read: {unknown}"
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env.get("PIP_NO_CACHE_DIR") == "1" or "--no-cache-dir" in " ".join(
+        final_stage().all("RUN"))
+    confdir = env["KEYLESS_CONFDIR"]
+    volumes = " ".join(final_stage().all("VOLUME"))
+    assert confdir in volumes, "the confdir must be a volume (read-only root filesystem)"
+    # everything keyless or Python might write lives on the volume
+    assert env["HOME"].startswith(confdir)
+    assert env.get("XDG_CACHE_HOME", env["HOME"]).startswith(confdir)
+    assert final_stage().last("STOPSIGNAL") == "SIGTERM"
+
+
+def test_healthcheck_hits_the_admin_servers_healthz() -> None:
+    options, command = final_stage().healthcheck
+    script = " ".join(command)
+    assert command[0] == "python" and "urllib" in script
+    paths = re.findall(r"http://127\.0\.0\.1:[^/'\"]+(/[a-z]+)", script)
+    assert paths == ["/healthz"], script
+    admin_source = (REPO / "proxy" / "admin.py").read_text()
+    assert 'web.get("/healthz"' in admin_source, "the admin server no longer serves /healthz"
+    # the fallback port is the image's KEYLESS_ADMIN port
+    admin_port = final_stage().env["KEYLESS_ADMIN"].rpartition(":")[2]
+    assert f"'127.0.0.1:{admin_port}'" in script
+    assert {"interval", "timeout"} <= options.keys()
+
+
+# -- dynamic: the image's stage 2, reproduced ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_root() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("runs keyless as UID 10001 through setpriv, which needs root (CI runs as "
+                    "root); as another user this check cannot switch UID")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    if sys.version_info[:2] != (3, 12):
+        pytest.skip(f"the image runs Python 3.12; this is {sys.version.split()[0]}")
+    old_umask = os.umask(0o022)
+    saved_ld = os.environ.get("LD_LIBRARY_PATH")
+    root = Path(tempfile.mkdtemp(prefix="keyless-image-"))
+    try:
+        root.chmod(0o755)  # UID 10001 must reach the venv inside
+        build = stages()[0]
+        src = root / "src"
+        src.mkdir()
+        for args in build.all("COPY"):
+            *sources, dest = args.split()
+            target = src / dest
+            for source in sources:
+                origin = REPO / source
+                if origin.is_dir():
+                    shutil.copytree(origin, target if not dest.endswith("/") else
+                                    target / origin.name,
+                                    ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(origin, target / origin.name)
+        wheels = root / "wheels"
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(src)])
+        python, library_path = python_for_image_user(root)
+        if library_path:
+            os.environ["LD_LIBRARY_PATH"] = library_path  # for the venv's pip, below
+        run([python, "-m", "venv", str(root / "venv")])
+        (keyless_wheel,) = wheels.glob("keyless-*.whl")
+        run([str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "-q",
+             "--no-index", f"--find-links={wheels}", str(keyless_wheel)])
+        (root / "ld-library-path").write_text(library_path)
+        yield root
+    finally:
+        if saved_ld is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = saved_ld
+        os.umask(old_umask)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def python_for_image_user(root: Path) -> tuple[str, str]:
+    """(python 3.12 that UID 10001 can run, LD_LIBRARY_PATH it needs or "")."""
+    base = Path(sys.base_prefix)
+    exe = base / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    probe = subprocess.run(as_image_user([str(exe), "-c", "import ssl"]), capture_output=True,
+                           timeout=30)
+    if probe.returncode == 0:
+        return str(exe), ""
+    copy = root / "python"
+    skip = shutil.ignore_patterns("test", "tests", "site-packages", "idlelib", "tkinter",
+                                  "turtledemo", "__pycache__", "config-*", "*.a", "pkgconfig")
+    shutil.copytree(base / "lib", copy / "lib", ignore=skip, symlinks=True)
+    (copy / "bin").mkdir()
+    shutil.copy2(exe, copy / "bin" / exe.name)
+    library = str(copy / "lib")
+    check = subprocess.run(as_image_user([str(copy / "bin" / exe.name), "-c", "import ssl"]),
+                           capture_output=True, timeout=30,
+                           env={**os.environ, "LD_LIBRARY_PATH": library})
+    assert check.returncode == 0, check.stderr.decode(errors="replace")
+    return str(copy / "bin" / exe.name), library
+
+
+def run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+                            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def as_image_user(command: list[str]) -> list[str]:
+    return ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", "--", *command]
+
+
+def locked_dir(path: Path) -> Path:
+    """A directory owned by root that UID 10001 can enter but not write."""
+    path.mkdir()
+    path.chmod(0o555)
+    return path
+
+
+def test_image_stage_two_runs_as_10001_and_stops_cleanly(image_root: Path) -> None:
+    final = final_stage()
+    venv_bin = image_root / "venv" / "bin"
+    run_dir = image_root / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o755)
+    workdir = locked_dir(run_dir / "workdir")
+    home = locked_dir(run_dir / "home")
+    confdir = run_dir / "confdir"  # the volume: owned by the image's user
+    confdir.mkdir(mode=0o700)
+    os.chown(confdir, UID, GID)
+    admin_port, listen_port = free_port(), free_port()
+
+    env = {"PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    library_path = (image_root / "ld-library-path").read_text()
+    if library_path:
+        env["LD_LIBRARY_PATH"] = library_path
+    env.update(final.env)
+    env.update({
+        "KEYLESS_CONFDIR": str(confdir),
+        "KEYLESS_ADMIN": f"127.0.0.1:{admin_port}",
+        "KEYLESS_LISTEN": f"127.0.0.1:{listen_port}",
+        # stricter than the image: even the volume is not offered as HOME, cache or temp
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "TMPDIR": str(home),
+    })
+    entrypoint = final.exec_form("ENTRYPOINT") + final.exec_form("CMD")
+    command = [str(venv_bin / entrypoint[0]), *entrypoint[1:]]
+    log_path = run_dir / "keyless.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(as_image_user(command), cwd=workdir, env=env,
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while admin_get(admin_port, "/readyz") != 200:
+            assert process.poll() is None, f"keyless exited {process.returncode}:\n" + \
+                log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, "not ready in time:\n" + \
+                log_path.read_text(errors="replace")
+            time.sleep(0.2)
+        assert admin_get(admin_port, "/healthz") == 200
+
+        # The image's HEALTHCHECK command, as the image user with the image's environment.
+        _, check = final.healthcheck
+        check = [str(venv_bin / check[0]), *check[1:]]
+        ok = subprocess.run(as_image_user(check), cwd=workdir, env=env, capture_output=True,
+                            timeout=20)
+        assert ok.returncode == 0, ok.stderr.decode(errors="replace")
+        closed = {**env, "KEYLESS_ADMIN": f"127.0.0.1:{free_port()}"}
+        bad = subprocess.run(as_image_user(check), cwd=workdir, env=closed,
+                             capture_output=True, timeout=20)
+        assert bad.returncode != 0, "the HEALTHCHECK must fail when nothing answers"
+
+        # `keyless init` (the init container), as the image user, into a shared directory.
+        shared = run_dir / "keyless-ca"
+        shared.mkdir(mode=0o755)
+        os.chown(shared, UID, GID)
+        init = subprocess.run(
+            as_image_user([str(venv_bin / entrypoint[0]), "init", "--ca-out",
+                           str(shared / "keyless-ca.pem")]),
+            cwd=workdir, env=env, capture_output=True, timeout=60)
+        assert init.returncode == 0, init.stderr.decode(errors="replace")
+        published = shared / "keyless-ca.pem"
+        assert published.stat().st_mode & 0o777 == 0o644, "the app must be able to read it"
+        assert b"PRIVATE KEY" not in published.read_bytes()
+
+        # The CA lives on the volume; its key is readable by keyless alone.
+        key, cert = confdir / "mitmproxy-ca.pem", confdir / "mitmproxy-ca-cert.pem"
+        assert key.is_file() and cert.is_file(), sorted(p.name for p in confdir.iterdir())
+        for secret in (key, confdir / "mitmproxy-ca.p12"):
+            if secret.exists():
+                assert secret.stat().st_mode & 0o777 == 0o600, oct(secret.stat().st_mode)
+                assert secret.stat().st_uid == UID
+        assert b"PRIVATE KEY" not in cert.read_bytes()
+        assert published.read_bytes() == cert.read_bytes(), "init published another CA"
+        assert list(home.iterdir()) == [] and list(workdir.iterdir()) == []
+
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"keyless did not stop within {STOP_TIMEOUT}s of SIGTERM")
+        assert code == 0, log_path.read_text(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
