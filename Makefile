@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 PYTHON ?= $(shell python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 \
             || echo "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3")
 
-.PHONY: run test lint unit e2e deploy fuzz clean
+.PHONY: run test lint unit e2e deploy fuzz bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: $(VENV)/.test node_modules/.installed lint
 
 clean:
 	rm -rf $(VENV) node_modules
+
+bench: $(VENV)/.test node_modules/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.run --out docs --profile /tmp/keyless-profile.json
 
 fuzz: $(VENV)/.test
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/unit/test_fuzz_parsers.py tests/unit/test_strippers.py tests/unit/test_storage_conversion.py -q
