@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import ssl
 import sys
 
 from aiohttp import web
+
+from tests.support.fast_upstream import serve_app
 
 CHUNK = b"\x5a" * (1 << 20)
 
@@ -44,17 +44,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def serve(port: int, cert: str, key: str) -> None:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(json.dumps({"port": bound}), flush=True)
-    await asyncio.Event().wait()
+    await serve_app(app, port, cert, key)
 
 
 def main() -> int:

@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import DEAD_PROXY_ENV
 from tests.support.azurite import free_port
@@ -19,15 +18,6 @@ pytestmark = pytest.mark.e2e
 HOST = "faulty.blob.core.windows.net"
 KEY = {"Authorization": "SharedKey faulty:c2lnbmF0dXJl", "x-ms-version": "2021-08-06"}
 CLIENT_TIMEOUT = 30  # the bound: a hung keyless fails the test instead of hanging it
-
-
-def metric(process: KeylessProcess, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(process.metrics()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +71,7 @@ def test_token_endpoint_fault_at_start_refuses_then_recovers(start_keyless, faul
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "KeylessTokenUnavailable"
         assert len(faulty.requests) == before, "a request went upstream without a token"
-        assert metric(process, "keyless_requests_total", outcome="refused") >= 1
+        assert process.metric("keyless_requests_total", outcome="refused") >= 1
         assert process.get("/healthz")[0] == 200
 
         if mode != "down":  # the endpoint recovers: keyless serves again, same process
@@ -112,9 +102,9 @@ def test_token_endpoint_dies_mid_life_keeps_serving_the_valid_token(start_keyles
             time.sleep(0.3)
         assert statuses.count(200) >= 10 and statuses[-1] == 503, statuses
         assert set(statuses) <= {200, 503}
-        assert metric(process, "keyless_token_fetches_total", result="unchanged") >= 1, \
+        assert process.metric("keyless_token_fetches_total", result="unchanged") >= 1, \
             "keyless never tried to refresh"
-        fetches = metric(process, "keyless_token_fetches_total")
+        fetches = process.metric("keyless_token_fetches_total")
         assert fetches <= 10, f"{fetches} token fetches in ~20 s: a refresh loop"
         endpoint.mode = "ok"
         deadline = time.monotonic() + 40
@@ -137,9 +127,9 @@ def test_upstream_faults_have_bounded_outcomes_and_are_counted(start_keyless, fa
         assert passed_on.status_code == 503 and passed_on.json()["error"]["code"] == "Fault"
 
         assert call(process).status_code == 200  # still serving
-        assert metric(process, "keyless_upstream_errors_total", service="storage-blob") >= 1
-        assert metric(process, "keyless_upstream_responses_total", service="storage-blob",
+        assert process.metric("keyless_upstream_errors_total", service="storage-blob") >= 1
+        assert process.metric("keyless_upstream_responses_total", service="storage-blob",
                       status_class="5xx") == 2
-        assert metric(process, "keyless_upstream_responses_total", service="storage-blob",
+        assert process.metric("keyless_upstream_responses_total", service="storage-blob",
                       status_class="2xx") >= 2
     no_key_forwarded(faulty)

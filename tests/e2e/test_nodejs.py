@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import BLOB_HOST
 from tests.support.azurite import ACCOUNT, WRONG_KEY
@@ -63,19 +62,10 @@ def run_app(node: str, env: dict[str, str]) -> tuple[dict, subprocess.CompletedP
     return json.loads(lines[-1]), completed
 
 
-def metric(process: KeylessProcess, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(process.metrics()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 def converted(process: KeylessProcess) -> tuple[float, float]:
     return (
-        metric(process, "keyless_requests_total", outcome="converted", service="storage-blob"),
-        metric(process, "keyless_key_material_stripped_total",
+        process.metric("keyless_requests_total", outcome="converted", service="storage-blob"),
+        process.metric("keyless_key_material_stripped_total",
                scheme="SharedKey", service="storage-blob"),
     )
 

@@ -33,9 +33,14 @@ def make_app(require_bearer: bool) -> web.Application:
 
 
 async def serve(port: int, cert: str, key: str, require_bearer: bool) -> None:
+    await serve_app(make_app(require_bearer), port, cert, key)
+
+
+async def serve_app(app: web.Application, port: int, cert: str, key: str) -> None:
+    """Serve `app` over TLS on 127.0.0.1:port, print {"port": N}, run until cancelled."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    runner = web.AppRunner(make_app(require_bearer), access_log=None)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=context, backlog=1024)
     await site.start()

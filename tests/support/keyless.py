@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.support.azurite import free_port
 
 
@@ -89,6 +91,16 @@ class KeylessProcess:
         status, text = self.get("/metrics")
         assert status == 200, status
         return text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    total += sample.value
+        return total
 
     def peak_rss_bytes(self) -> int:
         return self._status_kib("VmHWM") * 1024
