@@ -144,15 +144,19 @@ def keyless(tmp_path_factory, pki, azurite, identity, plain_http_recorder,
     assert process.stop() == 0, process.log()
 
 
-@pytest.fixture
-def through_keyless(monkeypatch, keyless) -> KeylessProcess:
+def route_app_through(monkeypatch, process: KeylessProcess) -> KeylessProcess:
     """The legacy app's environment: proxy variables and keyless' CA, nothing else."""
-    monkeypatch.setenv("HTTPS_PROXY", keyless.proxy_url)
-    monkeypatch.setenv("HTTP_PROXY", keyless.proxy_url)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", keyless.ca_path)
+    monkeypatch.setenv("HTTPS_PROXY", process.proxy_url)
+    monkeypatch.setenv("HTTP_PROXY", process.proxy_url)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", process.ca_path)
     for name in ("NO_PROXY", "no_proxy", "https_proxy", "http_proxy", "CURL_CA_BUNDLE"):
         monkeypatch.delenv(name, raising=False)
-    return keyless
+    return process
+
+
+@pytest.fixture
+def through_keyless(monkeypatch, keyless) -> KeylessProcess:
+    return route_app_through(monkeypatch, keyless)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import requests
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import BlobServiceClient
 
-from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV, RECORDER_HOST
+from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV, RECORDER_HOST, route_app_through
 from tests.support.azurite import ACCOUNT, WRONG_KEY
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.keyless import KeylessProcess, keyless_command
@@ -80,9 +80,7 @@ def test_azure_client_id_selects_a_user_assigned_identity(tmp_path, pki, azurite
             {**endpoint.env(), **DEAD_PROXY_ENV, "AZURE_CLIENT_ID": USER_ASSIGNED},
         ).start()
         try:
-            monkeypatch.setenv("HTTPS_PROXY", process.proxy_url)
-            monkeypatch.setenv("REQUESTS_CA_BUNDLE", process.ca_path)
-            monkeypatch.delenv("NO_PROXY", raising=False)
+            route_app_through(monkeypatch, process)
             service = BlobServiceClient.from_connection_string(
                 f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
                 f"BlobEndpoint=https://{BLOB_HOST}", retry_total=0,

@@ -19,7 +19,7 @@ from azure.storage.blob import (
 )
 from azure.storage.queue import QueueClient
 
-from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV, QUEUE_HOST
+from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV, QUEUE_HOST, route_app_through
 from tests.support.azurite import ACCOUNT, ACCOUNT_KEY, WRONG_KEY
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.keyless import KeylessProcess
@@ -190,9 +190,7 @@ def test_token_endpoint_down_refuses_with_503_and_nothing_reaches_azurite(
     monkeypatch, keyless_without_identity
 ):
     process, broken, relay = keyless_without_identity
-    monkeypatch.setenv("HTTPS_PROXY", process.proxy_url)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", process.ca_path)
-    monkeypatch.delenv("NO_PROXY", raising=False)
+    route_app_through(monkeypatch, process)
     service = BlobServiceClient.from_connection_string(LEGACY_BLOB, retry_total=0)
     with pytest.raises(HttpResponseError) as caught:
         service.create_container(unique("down"))
