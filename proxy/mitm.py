@@ -19,6 +19,7 @@ from addons.guard import ClientAllowlist, DenyDestinations
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
 from addons.observe import ObserveUpstream
+from addons.quickack import QuickAck
 from addons.replay import ReplayUnauthorized
 from addons.stream import StreamBodies
 from proxy import metrics
@@ -26,6 +27,7 @@ from proxy.admin import AdminServer, Health
 from proxy.audit import STATE_FILE, CallLog, build_report
 from proxy.ca import CAError, prepare_ca
 from proxy.config import Settings
+from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
 
@@ -71,7 +73,7 @@ def keyless_options(settings: Settings) -> dict[str, object]:
 def build_master(settings: Settings, tokens: TokenCache, health: Health,
                  calls: CallLog) -> master.Master:
     opts = options.Options()
-    m = master.Master(opts)
+    m = KeylessMaster(opts)
     catalog = settings.catalog()
     # Our guards and interception decision come before mitmproxy's own addons.
     m.addons.add(ClientAllowlist(settings.allow_clients), DenyDestinations(settings.deny_networks))
@@ -80,6 +82,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
     reporter = ReportHealth(health)
     m.addons.add(
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
+        QuickAck(),
         StreamBodies(),
         AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
         ReplayUnauthorized(tokens),
