@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 class ObserveUpstream:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         service = flow.metadata.get("keyless_service")
-        if service is None or flow.response is None or flow.metadata.get("keyless_refused"):
+        if service is None or flow.response is None or flow.metadata.get("keyless_refused") \
+                or flow.metadata.get("keyless_answered"):
             return
         status_class = f"{flow.response.status_code // 100}xx"
         metrics.UPSTREAM_RESPONSES.labels(service=service, status_class=status_class).inc()

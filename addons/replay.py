@@ -8,21 +8,20 @@ costs at most one token fetch per (identity, scope) every 30 seconds.
 from __future__ import annotations
 
 import logging
-import ssl
 
 import aiohttp
-from mitmproxy import ctx, http
+from mitmproxy import http
 
+from addons.pool import to_response
 from proxy import metrics
 from proxy.diagnosis import rbac_denial
 from proxy.errors import error_response
 from proxy.tokens import TokenCache, TokenUnavailable
+from proxy.upstream import TooLarge, UpstreamPool, forwarded_headers
 
 logger = logging.getLogger(__name__)
 KEEP_BODY_LIMIT = 64 * 1024  # request bodies up to this size are kept for a replay
 REPLAY_RESPONSE_LIMIT = 32 * 1024 * 1024  # a replayed response is read into memory
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailer", "transfer-encoding", "upgrade", "content-length", "host"}
 
 
 class KeptBody:
@@ -40,10 +39,18 @@ class KeptBody:
         return chunk
 
 
+def kept_body(flow: http.HTTPFlow) -> bytes | None:
+    """The request body for a replay: whole when it was buffered (not streamed), else the
+    copy KeptBody made; None when too large to have been kept."""
+    if not flow.request.stream:
+        return flow.request.raw_content or b""
+    kept: KeptBody | None = flow.metadata.get("keyless_kept_body")
+    return bytes(kept.data) if kept is not None and kept.data is not None else None
+
+
 class ReplayUnauthorized:
-    def __init__(self, tokens: TokenCache) -> None:
-        self.tokens = tokens
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, tokens: TokenCache, upstream: UpstreamPool) -> None:
+        self.tokens, self.upstream = tokens, upstream
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.metadata.get("keyless_converted") or flow.response:
@@ -62,11 +69,11 @@ class ReplayUnauthorized:
                 or flow.metadata.get("keyless_replayed"):
             return
         service = flow.metadata["keyless_service"]
-        kept: KeptBody | None = flow.metadata.get("keyless_kept_body")
+        body = kept_body(flow)
         if rbac_denial(service, 401, response.headers.get, response.raw_content or b""):
             return  # missing claims: a fresh token would be refused the same way
         identity, scope = flow.metadata["keyless_identity_key"], flow.metadata["keyless_scope"]
-        if kept is None or kept.data is None or not self.tokens.invalidate(identity, scope):
+        if body is None or not self.tokens.invalidate(identity, scope):
             metrics.TOKEN_RETRIES.labels(service=service, action="passed_on").inc()
             return
         try:
@@ -78,7 +85,7 @@ class ReplayUnauthorized:
         flow.metadata["keyless_attach"](flow.request, token)
         flow.metadata["keyless_replayed"] = True
         try:
-            flow.response = await self._replay(flow, bytes(kept.data))
+            flow.response = await self._replay(flow, body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             headers, body = error_response("KeylessReplayFailed",
                                            f"replaying after a 401 failed: {type(exc).__name__}")
@@ -88,35 +95,14 @@ class ReplayUnauthorized:
                     service, flow.response.status_code)
 
     async def _replay(self, flow: http.HTTPFlow, body: bytes) -> http.Response:
-        session = self._session = self._session or aiohttp.ClientSession(
-            auto_decompress=False, trust_env=False)
         request = flow.request
-        headers = [(k, v) for k, v in request.headers.items(multi=True)
-                   if k.lower() not in HOP_BY_HOP]
-        headers.append(("host", request.host_header or request.host))
-        url = f"https://{request.host}:{request.port}{request.path}"
-        async with session.request(
-            request.method, aiohttp.client.URL(url, encoded=True), headers=headers, data=body,
-            ssl=self._ssl_context(), allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=120), server_hostname=request.host,
-        ) as upstream:
-            content = await upstream.content.read(REPLAY_RESPONSE_LIMIT + 1)
-            if len(content) > REPLAY_RESPONSE_LIMIT:
-                headers_, body_ = error_response(
-                    "KeylessReplayTooLarge", "the replayed response is too large to relay")
-                return http.Response.make(502, body_, headers_)
-            kept_headers = [(k, v) for k, v in upstream.raw_headers
-                            if k.decode("latin-1").lower() not in HOP_BY_HOP]
-            return http.Response.make(upstream.status, content, kept_headers)
-
-    @staticmethod
-    def _ssl_context() -> ssl.SSLContext | bool:
-        if ctx.options.ssl_insecure:
-            return False
-        context = ssl.create_default_context(cafile=ctx.options.ssl_verify_upstream_trusted_ca
-                                             or None)
-        return context
-
-    async def done(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        try:
+            answer = await self.upstream.send(
+                request.method, request.host, request.port, request.path,
+                forwarded_headers(request.headers.items(multi=True)),
+                request.host_header or request.host, body, limit=REPLAY_RESPONSE_LIMIT)
+        except TooLarge:
+            headers, content = error_response(
+                "KeylessReplayTooLarge", "the replayed response is too large to relay")
+            return http.Response.make(502, content, headers)
+        return to_response(answer)

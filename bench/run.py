@@ -55,6 +55,7 @@ DEAD_PROXY_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127
                   "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
                   "NO_PROXY": "", "no_proxy": ""}
 MB = 1_000_000  # the issue's targets are in MB
+PLAIN = "keyless (no pool, RSA CA)"  # keyless with only what mitmproxy itself does upstream
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,20 @@ class Mitmdump:
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
+
+
+def rsa_ca(directory: Path) -> list[str]:
+    """--ca-cert/--ca-key for an RSA-2048 CA like mitmproxy's own (keyless makes ECDSA)."""
+    from mitmproxy import certs
+
+    certs.CertStore.create_store(directory, "rsa", 2048)
+    pem = (directory / "rsa-ca.pem").read_text()
+    split = pem.index("-----BEGIN CERTIFICATE-----")
+    key, cert = directory / "rsa-ca.key", directory / "rsa-ca.crt"
+    key.write_text(pem[:split])
+    key.chmod(0o600)
+    cert.write_text(pem[split:])
+    return ["--ca-cert", str(cert), "--ca-key", str(key)]
 
 
 def keyless_args(pki: TestPKI, *connect_to: str) -> list[str]:
@@ -458,6 +473,21 @@ def run_suite(profile: Profile, workdir: Path, profile_out: str | None) -> dict[
                                                   profile))
         lap("http", t)
 
+        print("2b. new connection per request: what keyless' own upstream pool and ECDSA CA "
+              "add (a keyless without them, run like mitmdump)", flush=True)
+        t = time.monotonic()
+        plain_args = [*keyless_args(pki, f"{BENCH_HOST}:443:127.0.0.1:{fast_port}"),
+                      "--upstream-pool", "false", *rsa_ca(workdir / "rsa-ca")]
+        plain = KeylessProcess(workdir / "keyless-plain", plain_args,
+                               {**identity.env(), **DEAD_PROXY_ENV}).start()
+        stack.callback(plain.stop)
+        via_plain = Target(PLAIN, f"https://{BENCH_HOST}{PATH}", plain.proxy_url,
+                           plain.ca_path, SHARED_KEY_HEADERS)
+        results["http_plain"] = asyncio.run(http_matrix(
+            [via_mitm, via_keyless, via_plain], [("new-conn", 1), ("new-conn", 10)], profile))
+        plain.stop()
+        lap("http_plain", t)
+
         print("3. a non-Azure host tunnelled through keyless", flush=True)
         t = time.monotonic()
         tunnelled_before = metric_sum(keyless.metrics(), "keyless_requests_total",
@@ -643,8 +673,15 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     for c in (1, 10):
         k, m = row(results, "http", "new-conn", c, "keyless"), \
             row(results, "http", "new-conn", c, "mitmdump")
-        add(f"(info) new connection each request c={c}: keyless / mitmdump",
-            f"{k['rps']:.0f} / {m['rps']:.0f} req/s", k["rps"] / m["rps"], "-", None)
+        ratio = k["rps"] / m["rps"]
+        add(f"new connection each request c={c}: keyless / mitmdump",
+            f"{k['rps']:.0f} / {m['rps']:.0f} req/s", ratio, ">= 2x (aim)", ratio >= 2.0)
+    for c in (1, 10):
+        k, m, p = (row(results, "http_plain", "new-conn", c, name)
+                   for name in ("keyless", "mitmdump", PLAIN))
+        add(f"(info) new connection c={c}: keyless / mitmdump / {PLAIN}",
+            f"{k['rps']:.0f} / {m['rps']:.0f} / {p['rps']:.0f} req/s", k["rps"] / p["rps"],
+            "-", None)
     for mode, c in (("keep-alive", 1), ("keep-alive", 10), ("new-conn", 10)):
         t, d = row(results, "tunnel", mode, c, "keyless (tunnel)"), \
             row(results, "tunnel", mode, c, "direct")
@@ -702,7 +739,7 @@ def tables(results: dict[str, Any]) -> str:
     out += ["",
             "| case | config | req/s | p50 ms | p99 ms | requests | failures | req/s per round |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for section in ("http", "tunnel"):
+    for section in ("http", "http_plain", "tunnel"):
         for r in results[section]:
             out.append(f"| {section}: {r['mode']} c={r['concurrency']} | {r['config']} | "
                        f"{r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "

@@ -35,11 +35,14 @@ def test_smoke_run_produces_every_number(tmp_path):
     http = {(r["mode"], r["concurrency"], r["config"]) for r in results["http"]}
     assert http == {(m, c, cfg) for m in ("keep-alive", "new-conn") for c in (1, 10)
                     for cfg in ("direct", "mitmdump", "keyless")}
+    plain = {(r["mode"], r["concurrency"], r["config"]) for r in results["http_plain"]}
+    assert plain == {("new-conn", c, cfg) for c in (1, 10)
+                     for cfg in ("mitmdump", "keyless", "keyless (no pool, RSA CA)")}
     tunnel = {(r["mode"], r["concurrency"], r["config"]) for r in results["tunnel"]}
     assert tunnel == {(m, c, cfg) for m, c in (("keep-alive", 1), ("keep-alive", 10),
                                                ("new-conn", 10))
                       for cfg in ("direct", "keyless (tunnel)")}
-    for r in results["http"] + results["tunnel"]:
+    for r in results["http"] + results["http_plain"] + results["tunnel"]:
         assert r["failures"] == 0, r
         assert all(positive(r[k]) for k in ("requests", "rps", "p50_ms", "p99_ms")), r
     assert results["tunnel_connections_counted"] > 0  # keyless really tunnelled them

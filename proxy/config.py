@@ -168,6 +168,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("audit", "BOOL", "false", parse_bool,
          "Audit mode: change nothing, forward every request as the app sent it, and record "
          "each key-based call for `keyless report`.", switch=True),
+    Flag("upstream-pool", "BOOL", "true", parse_bool,
+         "Keep upstream connections alive across app connections for small idempotent "
+         "requests (GET, HEAD, PUT, DELETE, OPTIONS; body <= 64 KiB, answer <= 256 KiB); "
+         "false: one upstream connection per app connection, as mitmproxy does.",
+         switch=True),
     Flag("log-level", "LEVEL", "info", parse_log_level,
          "debug, info, warning or error."),
     Flag("log-format", "FORMAT", "json", parse_log_format,
@@ -198,6 +203,7 @@ class Settings:
     keyvault_swap_bearer: bool
     ready_scopes: tuple[str, ...]
     audit: bool
+    upstream_pool: bool
     log_level: str
     log_format: str
     routes: tuple[Service, ...] = ()

@@ -73,6 +73,20 @@ TOKEN_RETRIES = Counter(
     ["service", "action"],
     registry=REGISTRY,
 )
+UPSTREAM_POOL = Counter(
+    "keyless_upstream_pool_requests",
+    "Converted requests by service and how they went upstream: pooled (over a connection "
+    "kept alive across app connections; answer passed whole), pooled_streamed (answer "
+    "streamed through the relay), ordinary (the app connection's own), failed (no answer: "
+    "502), app_left (the app closed its connection first).",
+    ["service", "result"],
+    registry=REGISTRY,
+)
+UPSTREAM_POOL_CONNECTIONS = Counter(
+    "keyless_upstream_pool_connections_opened",
+    "Upstream connections the pool opened; its other requests reused one of them.",
+    registry=REGISTRY,
+)
 ADDED_SECONDS = Histogram(
     "keyless_added_seconds",
     "Time keyless spends on a request before it goes upstream (matching, stripping, "

@@ -19,8 +19,10 @@ from addons.guard import ClientAllowlist, DenyDestinations
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
 from addons.observe import ObserveUpstream
+from addons.pool import PoolUpstream
 from addons.quickack import QuickAck
 from addons.replay import ReplayUnauthorized
+from addons.resume import ResumeUpstreamTLS
 from addons.stream import StreamBodies
 from proxy import metrics
 from proxy.admin import AdminServer, Health
@@ -29,7 +31,9 @@ from proxy.ca import CAError, prepare_ca
 from proxy.config import Settings
 from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
+from proxy.relay import UpstreamRelay
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
+from proxy.upstream import UpstreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +80,20 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
     m = KeylessMaster(opts)
     catalog = settings.catalog()
     # Our guards and interception decision come before mitmproxy's own addons.
-    m.addons.add(ClientAllowlist(settings.allow_clients), DenyDestinations(settings.deny_networks))
+    guard = DenyDestinations(settings.deny_networks)
+    m.addons.add(ClientAllowlist(settings.allow_clients), guard)
     m.addons.add(InterceptOnlyAzure(catalog))
     m.addons.add(*mitm_addons.default_addons())
     reporter = ReportHealth(health)
+    upstream = UpstreamPool(denied=guard.denied)  # pooled requests and 401 replays
     m.addons.add(
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
         QuickAck(),
         StreamBodies(),
+        ResumeUpstreamTLS(),
         AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
-        ReplayUnauthorized(tokens),
+        ReplayUnauthorized(tokens, upstream),
+        PoolUpstream(upstream, UpstreamRelay(), enabled=settings.upstream_pool),
         ObserveUpstream(),
         DiagnoseDenials(),
         reporter,

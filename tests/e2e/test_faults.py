@@ -127,6 +127,9 @@ def test_upstream_faults_have_bounded_outcomes_and_are_counted(start_keyless, fa
         assert passed_on.status_code == 503 and passed_on.json()["error"]["code"] == "Fault"
 
         assert call(process).status_code == 200  # still serving
+        # Each reached the service once: keyless never sends a request twice.
+        paths = [r["path"].partition("?")[0] for r in faulty.requests]
+        assert paths.count("/reset") == 1 and paths.count("/stall") == 1, paths
         assert process.metric("keyless_upstream_errors_total", service="storage-blob") >= 1
         assert process.metric("keyless_upstream_responses_total", service="storage-blob",
                       status_class="5xx") == 2

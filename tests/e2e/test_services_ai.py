@@ -205,6 +205,8 @@ def test_openai_streamed_chat_completion_is_not_buffered(ai, app_env):
     arrived = NewRequests(ai.fake_azure, OPENAI_HOST)
     stream_id = uuid.uuid4().hex
     prompt = "Stream a few words back to me, please"
+    relayed_before = app_env.metric("keyless_upstream_pool_requests_total", service="openai",
+                                    result="pooled_streamed")
 
     stream = client.chat.completions.create(
         model=DEPLOYMENT, messages=[{"role": "user", "content": prompt}], stream=True,
@@ -230,6 +232,9 @@ def test_openai_streamed_chat_completion_is_not_buffered(ai, app_env):
     assert chunks[0].choices == [] and chunks[0].prompt_filter_results
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == OpenAIFake.reply_to(prompt)
+    # A new client's first request: it went over the upstream pool, streamed by the relay.
+    assert app_env.metric("keyless_upstream_pool_requests_total", service="openai",
+                          result="pooled_streamed") == relayed_before + 1
     assert chunks[-1].choices[0].finish_reason == "stop"
     upstream = arrived.one()
     assert "api-key" not in header_names(upstream)
