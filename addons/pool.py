@@ -11,7 +11,7 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 from proxy import metrics
-from proxy.errors import error_response
+from proxy.errors import UPSTREAM_FAILED, error_response
 from proxy.redact import redact
 from proxy.relay import TOKEN_HEADER, UpstreamRelay
 from proxy.upstream import (
@@ -151,7 +151,7 @@ class PoolUpstream:
         logger.warning("%s %s: no response from upstream: %s", service, flow.request.method,
                        reason)
         metrics.UPSTREAM_ERRORS.labels(service=service).inc()
-        headers, body = error_response("KeylessUpstreamFailed",
+        headers, body = error_response(UPSTREAM_FAILED,
                                        f"no response from {flow.request.host}: {reason}")
         flow.response = http.Response.make(502, body, headers)
         flow.metadata["keyless_answered"] = True  # not the service's answer

@@ -119,7 +119,9 @@ def test_upstream_faults_have_bounded_outcomes_and_are_counted(start_keyless, fa
         process = start_keyless(endpoint.env())
         assert call(process).status_code == 200
 
-        assert call(process, "/reset").status_code == 502
+        reset = call(process, "/reset")  # a new app connection: over the upstream pool
+        assert reset.status_code == 502
+        assert reset.json()["error"]["code"] == "KeylessUpstreamFailed"
         with pytest.raises(requests.exceptions.ReadTimeout):
             call(process, "/stall", timeout=2)
         assert call(process, "/status/500").status_code == 500

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import ssl
+import time
 import uuid
 from pathlib import Path
 
@@ -134,4 +137,68 @@ def test_a_large_answer_to_a_pooled_request_streams_through_the_relay(counted, a
     relay = requests.get(f"http://127.0.0.1:{relay_port(process)}/anything", timeout=5,
                          headers={"x-keyless-relay": "guess"})
     assert relay.status_code == 403
+    container.delete_container()
+
+
+def h2_get(process: KeylessProcess, path: str, timeout: float = 10) -> tuple[int, bytes]:
+    """One GET over HTTP/2 on a new app connection: (status, body)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", BLOB_HOST),
+                          (":path", path), ("authorization", f"SharedKey {ACCOUNT}:c2ln"),
+                          ("x-ms-version", "2021-08-06")], end_stream=True)
+    context = ssl.create_default_context(cafile=process.ca_path)
+    context.set_alpn_protocols(["h2"])
+    status, body = 0, b""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(("127.0.0.1", process.port), timeout=timeout) as sock:
+        sock.sendall(f"CONNECT {BLOB_HOST}:443 HTTP/1.1\r\nHost: {BLOB_HOST}:443\r\n\r\n"
+                     .encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        with context.wrap_socket(sock, server_hostname=BLOB_HOST) as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+            tls.sendall(conn.data_to_send())
+            while time.monotonic() < deadline:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                        conn.acknowledge_received_data(len(event.data), event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        return status, body
+                tls.sendall(conn.data_to_send())
+    raise AssertionError(f"no complete answer within {timeout}s (status {status})")
+
+
+def test_http2_apps_and_head_requests_go_over_the_pool(counted, azurite, pki):
+    process, _ = counted["on"]
+    container = BlobServiceClient(azurite.blob_url, credential=KEY,
+                                  connection_verify=pki.ca_pem_path) \
+        .create_container(f"h2{uuid.uuid4().hex[:12]}")
+    container.upload_blob("small", b"tiny body")
+    path = f"/{container.container_name}/small"
+    pooled = process.metric("keyless_upstream_pool_requests_total", result="pooled")
+
+    assert h2_get(process, path) == (200, b"tiny body")
+    with requests.Session() as session:
+        session.trust_env = False
+        head = session.head(f"https://{BLOB_HOST}{path}", proxies={"https": process.proxy_url},
+                            verify=process.ca_path, timeout=30,
+                            headers={"Authorization": f"SharedKey {ACCOUNT}:c2ln",
+                                     "x-ms-version": "2021-08-06"})
+    assert head.status_code == 200 and head.headers["Content-Length"] == "9"
+    assert head.content == b""
+    assert process.metric("keyless_upstream_pool_requests_total",
+                          result="pooled") == pooled + 2
     container.delete_container()
