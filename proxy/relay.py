@@ -20,7 +20,7 @@ import secrets
 import aiohttp
 from aiohttp import web
 
-from proxy.upstream import HOP_BY_HOP, bodyless
+from proxy.upstream import bodyless, end_to_end
 
 logger = logging.getLogger(__name__)
 TOKEN_HEADER = "x-keyless-relay"
@@ -69,10 +69,8 @@ class UpstreamRelay:
     async def _stream(request: web.BaseRequest,
                       upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for key, value in upstream.raw_headers:
-            name = key.decode("latin-1")
-            if name.lower() not in HOP_BY_HOP:
-                response.headers.add(name, value.decode("latin-1"))
+        for key, value in end_to_end(upstream.raw_headers):
+            response.headers.add(key.decode("latin-1"), value.decode("latin-1"))
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         elif not bodyless(upstream.method, upstream.status):

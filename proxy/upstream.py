@@ -72,11 +72,15 @@ def bodyless(method: str, status: int) -> bool:
     return method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200
 
 
+def end_to_end(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The fields of an answer meant for the app, not for the connection it came over."""
+    return [(k, v) for k, v in raw_headers if k.decode("latin-1").lower() not in HOP_BY_HOP]
+
+
 def answer(response: aiohttp.ClientResponse, content: bytes, started: float) -> Answer:
     """The answer as the app gets it: hop-by-hop fields dropped, and the length of what was
     read (a chunked answer read whole gets a Content-Length)."""
-    headers = [(k, v) for k, v in response.raw_headers
-               if k.decode("latin-1").lower() not in HOP_BY_HOP]
+    headers = end_to_end(response.raw_headers)
     if response.content_length is not None:
         headers.append((b"Content-Length", str(response.content_length).encode()))
     elif not bodyless(response.method, response.status):
