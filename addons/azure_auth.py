@@ -6,11 +6,10 @@ import logging
 import time
 
 from mitmproxy import http
-from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
+from addons.answers import destination, keyless_answer
 from proxy import metrics
 from proxy.audit import CallKey, CallLog
-from proxy.authority import Destination
 from proxy.catalog import CHALLENGE_SCOPE, Catalog, Service, Target
 from proxy.challenge import ChallengeScopes
 from proxy.errors import (
@@ -18,35 +17,12 @@ from proxy.errors import (
     NOT_CONFIGURED,
     PLAIN_HTTP,
     TOKEN_UNAVAILABLE,
-    error_response,
 )
+from proxy.flowstate import flow_state, start_state
 from proxy.roles import operation_kind
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
 
 logger = logging.getLogger(__name__)
-
-
-def destination(flow: http.HTTPFlow) -> Destination:
-    mode = flow.client_conn.proxy_mode
-    address = flow.server_conn.address
-    if isinstance(mode, ReverseMode):
-        # keyless' own --reverse setting names the destination: the app cannot choose it.
-        host, port = mode.address[:2]
-        return Destination(host, port, host, flow.request.host_header, app_used_tls=True)
-    if isinstance(mode, TransparentMode):
-        # No CONNECT: the name is the TLS server name, and the upstream certificate must
-        # prove it (keyless verifies upstream TLS against that name).
-        sni = flow.client_conn.sni
-        return Destination(sni, address[1] if address else None, sni,
-                           flow.request.host_header,
-                           app_used_tls=flow.client_conn.tls_established)
-    return Destination(
-        connect_host=address[0] if address else None,
-        connect_port=address[1] if address else None,
-        sni=flow.client_conn.sni,
-        host_header=flow.request.host_header,
-        app_used_tls=flow.client_conn.tls_established and flow.request.scheme == "https",
-    )
 
 
 class AzureAuth:
@@ -76,7 +52,7 @@ class AzureAuth:
 
     async def _handle(self, flow: http.HTTPFlow, target: Target) -> None:
         service = target.service
-        flow.metadata["keyless_service"] = service.name
+        state = start_state(flow, service.name, target.resource)
         if service.conversion is None:
             self._report_unsupported(flow.request.host.lower(), target)
             return
@@ -109,15 +85,11 @@ class AzureAuth:
         except TokenUnavailable as exc:
             self._refuse(flow, service.name, TOKEN_UNAVAILABLE, str(exc))
             return
-        service.conversion.attach(flow.request, token, stripped)
-        identity = service.identity or self.identity
         conversion = service.conversion
-        flow.metadata.update(
-            keyless_converted=True, keyless_resource=target.resource,
-            keyless_identity=identity.label, keyless_identity_key=identity,
-            keyless_scope=scope,
-            keyless_attach=lambda request, fresh: conversion.attach(request, fresh, stripped),
-        )
+        conversion.attach(flow.request, token, stripped)
+        state.converted, state.scope = True, scope
+        state.identity = service.identity or self.identity
+        state.reattach = lambda request, fresh: conversion.attach(request, fresh, stripped)
         self._count(service.name, "converted")
         self._record(flow, target, stripped.schemes, "converted")
 
@@ -189,9 +161,9 @@ class AzureAuth:
     def _refuse(self, flow: http.HTTPFlow, service: str, code: str, reason: str,
                 status: int = 503) -> None:
         # Fail closed: answer the app ourselves; the request (and its key) goes nowhere.
-        headers, body = error_response(code, reason)
         flow.request.stream = False  # mitmproxy cannot stream a request it answers itself
-        flow.response = http.Response.make(status, body, headers)
-        flow.metadata["keyless_refused"] = True
+        flow.response = keyless_answer(status, code, reason)
+        if (state := flow_state(flow)) is not None:
+            state.refused = True
         self._count(service, "refused")
         logger.error("%s %s refused: %s", service, flow.request.method, reason)

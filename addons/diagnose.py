@@ -8,6 +8,7 @@ from mitmproxy import http
 
 from proxy import metrics
 from proxy.diagnosis import rbac_denial
+from proxy.flowstate import converted
 from proxy.roles import ROLES, operation_kind
 
 logger = logging.getLogger(__name__)
@@ -16,15 +17,16 @@ logger = logging.getLogger(__name__)
 class DiagnoseDenials:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Refusals are small: keep their body (instead of streaming it) to read the reason.
-        if flow.metadata.get("keyless_converted") and flow.response is not None \
+        if converted(flow) and flow.response is not None \
                 and flow.response.status_code in (401, 403):
             flow.response.stream = False
 
     def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if not flow.metadata.get("keyless_converted") or response is None:
+        state = converted(flow)
+        if state is None or response is None:
             return
-        service = flow.metadata["keyless_service"]
+        service = state.service
         reason = rbac_denial(service, response.status_code, response.headers.get,
                              response.raw_content or b"")
         if reason is None:
@@ -37,6 +39,6 @@ class DiagnoseDenials:
         logger.warning(
             "RBAC: identity %s may not %s on %s %s (%s, %s): assign the built-in role "
             "'%s' to it on that resource (keyless report prints the commands)",
-            flow.metadata["keyless_identity"], operation, service,
-            flow.metadata["keyless_resource"], response.status_code, reason, role,
+            state.identity_label, operation, service, state.resource, response.status_code,
+            reason, role,
         )

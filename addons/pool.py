@@ -10,8 +10,10 @@ from mitmproxy import connection, ctx, http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import TransparentMode
 
+from addons.answers import keyless_answer, to_response
 from proxy import metrics
-from proxy.errors import UPSTREAM_FAILED, error_response
+from proxy.errors import UPSTREAM_FAILED
+from proxy.flowstate import converted, flow_state
 from proxy.redact import redact
 from proxy.relay import TOKEN_HEADER, UpstreamRelay
 from proxy.upstream import (
@@ -46,15 +48,6 @@ async def while_app_waits(flow: http.HTTPFlow,
             raise AppLeft()
 
 
-def to_response(answer: Answer) -> http.Response:
-    return http.Response(
-        http_version=b"HTTP/1.1", status_code=answer.status,
-        reason=answer.reason.encode("latin-1", "replace"), headers=http.Headers(answer.headers),
-        content=answer.body, trailers=None, timestamp_start=answer.started,
-        timestamp_end=answer.ended,
-    )
-
-
 class PoolUpstream:
     """requestheaders: choose the pool for the first converted request of an app
     connection (its small body is kept whole); request: send it. A small answer goes to the
@@ -79,7 +72,8 @@ class PoolUpstream:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        if flow.response or not flow.metadata.get("keyless_converted"):
+        state = converted(flow)
+        if flow.response or state is None:
             return
         # Only an app connection's first request: later ones are cheaper over the upstream
         # connection mitmproxy then keeps for that app connection (measured, see
@@ -93,10 +87,11 @@ class PoolUpstream:
             self._count(flow, "ordinary")
             return
         request.stream = False  # at most BODY_LIMIT: kept whole, sent in one piece
-        flow.metadata["keyless_pooled"] = True
+        state.pooled = True
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get("keyless_pooled") or flow.response or not flow.live:
+        state = converted(flow)
+        if state is None or not state.pooled or flow.response or not flow.live:
             return
         request = flow.request
         exchange = asyncio.ensure_future(self.pool.exchange(
@@ -119,7 +114,7 @@ class PoolUpstream:
             return
         # Stream it: mitmproxy fetches the parked answer from the relay, in plain HTTP.
         data = request.data
-        flow.metadata["keyless_destination"] = (data.scheme, data.host, data.port)
+        state.relay_destination = (data.scheme, data.host, data.port)
         request.headers[TOKEN_HEADER] = self.relay.park(result.response)
         # .data: the Host header keeps naming the service
         data.scheme, data.host, data.port = b"http", "127.0.0.1", self.relay.port
@@ -136,31 +131,34 @@ class PoolUpstream:
 
     @staticmethod
     def _restore(flow: http.HTTPFlow) -> None:
-        destination = flow.metadata.pop("keyless_destination", None)
-        if destination is not None:
+        state = flow_state(flow)
+        if state is not None and state.relay_destination is not None:
             data = flow.request.data
-            data.scheme, data.host, data.port = destination
+            data.scheme, data.host, data.port = state.relay_destination
+            state.relay_destination = None
             flow.request.headers.pop(TOKEN_HEADER, None)
 
     @staticmethod
     def _failed(flow: http.HTTPFlow, exc: BaseException) -> None:
         """No answer from the service. The request may have reached it, so it is not sent
         again: the app gets a 502 and decides (the Azure SDKs retry)."""
-        service = flow.metadata["keyless_service"]
+        state = flow_state(flow)
+        assert state is not None
+        service = state.service
         reason = redact(f"{type(exc).__name__}: {exc}", limit=200)
         logger.warning("%s %s: no response from upstream: %s", service, flow.request.method,
                        reason)
         metrics.UPSTREAM_ERRORS.labels(service=service).inc()
-        headers, body = error_response(UPSTREAM_FAILED,
+        flow.response = keyless_answer(502, UPSTREAM_FAILED,
                                        f"no response from {flow.request.host}: {reason}")
-        flow.response = http.Response.make(502, body, headers)
-        flow.metadata["keyless_answered"] = True  # not the service's answer
+        state.answered = True  # not the service's answer
         PoolUpstream._count(flow, "failed")
 
     @staticmethod
     def _count(flow: http.HTTPFlow, result: str) -> None:
-        metrics.UPSTREAM_POOL.labels(service=flow.metadata["keyless_service"],
-                                     result=result).inc()
+        state = flow_state(flow)
+        assert state is not None
+        metrics.UPSTREAM_POOL.labels(service=state.service, result=result).inc()
 
     async def done(self) -> None:
         await self.relay.stop()
