@@ -111,11 +111,13 @@ def keyless_reads_resolv_conf(monkeypatch: pytest.MonkeyPatch, resolv_conf: Path
 class ScriptedDNS:
     """A DNS server on 127.0.0.1:53 whose A answers follow a script per name: the first
     query gets the first address, the next the next (the last repeats). TTL 0. Other types
-    of a scripted name get an empty answer, unknown names NXDOMAIN."""
+    of a scripted name get an empty answer, unknown names NXDOMAIN. A retransmission (the same
+    query from the same client) gets the answer the original got and is not counted."""
 
     def __init__(self, script: dict[str, list[str]]) -> None:
         self.script = {name.lower(): addresses for name, addresses in script.items()}
         self._asked: Counter[str] = Counter()
+        self._answered: dict[tuple[Any, bytes], bytes] = {}
         self._lock = threading.Lock()
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._socket.bind(("127.0.0.1", 53))
@@ -143,8 +145,11 @@ class ScriptedDNS:
                 query, client = self._socket.recvfrom(4096)
             except TimeoutError:
                 continue
-            if (answer := self._answer(query)) is not None:
-                self._socket.sendto(answer, client)
+            key = (client, query)  # a retransmission is the same bytes from the same port
+            if key not in self._answered and (answer := self._answer(query)) is not None:
+                self._answered[key] = answer
+            if key in self._answered:
+                self._socket.sendto(self._answered[key], client)
 
     def _answer(self, query: bytes) -> bytes | None:
         if len(query) < 17:
