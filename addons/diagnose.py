@@ -25,7 +25,7 @@ class DiagnoseDenials:
     def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         state = converted(flow)
-        if state is None or response is None or not state.service_answered:
+        if state is None or response is None:
             return
         service = state.service
         refusal = read_refusal(service, response.status_code, response.headers.get,
