@@ -117,6 +117,8 @@ SERVICES: dict[str, Refusing] = {
                                             "account."),
             "bad-token": storage_error("AuthenticationFailed", "Server failed to authenticate "
                                        "the request."),
+            "token-401": Answer(401, b"", {"x-ms-error-code": "InvalidAuthenticationInfo",
+                                           "WWW-Authenticate": "Bearer authorization_uri=x"}),
         }),
     "cosmos": Refusing(
         "cosmos", FAKE_HOSTS["denied-cosmos"], "https://deniedcosmos.documents.azure.com",
@@ -137,6 +139,10 @@ SERVICES: dict[str, Refusing] = {
                                            "Auth deniedcosmos : The given request [GET /dbs] "
                                            "cannot be authorized by AAD token in data plane."},
                                      {"x-ms-substatus": "5300"}),
+            "local-auth-off": Answer(401, {"code": "Unauthorized", "message": "Local "
+                                           "Authorization is disabled. Use an AAD token to "
+                                           "authorize all requests."},
+                                     {"x-ms-substatus": "5202"}),
         }, auth_format="cosmos"),
     "openai": Refusing(
         "openai", FAKE_HOSTS["denied-openai"], "https://cognitiveservices.azure.com",
@@ -235,8 +241,11 @@ SERVICES: dict[str, Refusing] = {
         None, {"forbidden": Answer(403)}),
 }
 
-# (service, refusal) -> what the "Refused:" line says (None: no such line, e.g. a 401)
-NOT_A_ROLE: dict[tuple[str, str], str] = {
+# (service, refusal) -> what the "Refused:" line says (None: no such line: a 401 about the
+# token is the 401 replay's business)
+NOT_A_ROLE: dict[tuple[str, str], str | None] = {
+    ("storage-blob", "token-401"): None,
+    ("cosmos", "local-auth-off"): "key-based auth is disabled",
     ("storage-blob", "firewall"): "storage firewall refused keyless' address",
     ("storage-blob", "shared-key-off"): "key-based auth is disabled",
     ("storage-blob", "bad-token"): "rejected the token itself",
@@ -355,14 +364,19 @@ def test_a_refusal_that_is_not_a_missing_role_gets_no_rbac_hint(through_keyless,
     target = refusing[service]
     sent = send(through_keyless, fake_azure, target, pick)
     assert not sent.problems, sent.problems
-    assert sent.status == target.answers[pick].status == 403
+    status = target.answers[pick].status
+    assert sent.status == status
     assert sent.rbac == []
     assert sent.denials == 0
+    meaning = NOT_A_ROLE[service, pick]
+    if meaning is None:
+        assert sent.refused == []
+        return
     assert len(sent.refused) == 1, sent.refused
     line = sent.refused[0]
     assert line.startswith("Refused: identity default may not ")
-    assert f"{service} {target.host.split('.')[0]} (403, " in line
-    assert NOT_A_ROLE[service, pick] in line, line
+    assert f"{service} {target.host.split('.')[0]} ({status}, " in line
+    assert meaning in line, line
     assert "assign the built-in role" not in line
 
 
