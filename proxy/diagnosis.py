@@ -101,12 +101,15 @@ def _default(answer: _Answer, code: str = "", detail: str = "") -> Refusal:
 
 # -- per service ---------------------------------------------------------------------------------
 
-# Storage: `x-ms-error-code`. AuthorizationPermissionMismatch is the OAuth "no data role" answer
-# (learn.microsoft.com/azure/storage/blobs/authorize-access-azure-active-directory);
-# AuthorizationFailure is what network rules answer, and Storage's name for "other
-# authorization errors" (rest/api/storageservices/sas-error-codes); AuthenticationFailed is a
-# 403 about the credential itself; KeyBasedAuthenticationNotPermitted when shared key is off
-# (seen in microsoft/rag-experiment-accelerator#866, Azure/AI-Landing-Zones#64). The
+# Storage: `x-ms-error-code`. AuthorizationPermissionMismatch ("not authorized to perform this
+# operation using this permission") is the answer to a token whose identity lacks a data role
+# (widely reported, e.g. microsoft/AzureStorageExplorer#1104; the SAS table in
+# rest/api/storageservices/sas-error-codes uses it for a SAS lacking the permission).
+# AuthorizationFailure is Storage's name for "other authorization errors" (same table) and what
+# its network rules answer (widely reported; no Microsoft page lists it: unverified), hence the
+# hedged detail. AuthenticationFailed is a 403 about the credential itself;
+# KeyBasedAuthenticationNotPermitted when shared key is off (microsoft/rag-experiment-
+# accelerator#866, Azure/AI-Landing-Zones#64). The
 # Authorization*Mismatch codes other than Permission are SAS constraints (source IP, protocol,
 # service, resource type): a converted request carries no SAS, so they stay "other".
 _STORAGE: dict[str, tuple[RefusalKind, str]] = {
