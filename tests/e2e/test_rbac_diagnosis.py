@@ -117,8 +117,6 @@ SERVICES: dict[str, Refusing] = {
                                             "account."),
             "bad-token": storage_error("AuthenticationFailed", "Server failed to authenticate "
                                        "the request."),
-            "token-401": Answer(401, b"", {"x-ms-error-code": "InvalidAuthenticationInfo",
-                                           "WWW-Authenticate": "Bearer authorization_uri=x"}),
         }),
     "cosmos": Refusing(
         "cosmos", FAKE_HOSTS["denied-cosmos"], "https://deniedcosmos.documents.azure.com",
@@ -139,6 +137,11 @@ SERVICES: dict[str, Refusing] = {
                                            "Auth deniedcosmos : The given request [GET /dbs] "
                                            "cannot be authorized by AAD token in data plane."},
                                      {"x-ms-substatus": "5300"}),
+            # 401s are replayed with a fresh token: only on this host's own scope, so the
+            # session's other token counts (e.g. the storage scope's) stay as they are
+            "token-401": Answer(401, {"code": "Unauthorized", "message": "The input "
+                                      "authorization token can't serve the request."},
+                                {"x-ms-substatus": "5202"}),
             "local-auth-off": Answer(401, {"code": "Unauthorized", "message": "Local "
                                            "Authorization is disabled. Use an AAD token to "
                                            "authorize all requests."},
@@ -244,7 +247,7 @@ SERVICES: dict[str, Refusing] = {
 # (service, refusal) -> what the "Refused:" line says (None: no such line: a 401 about the
 # token is the 401 replay's business)
 NOT_A_ROLE: dict[tuple[str, str], str | None] = {
-    ("storage-blob", "token-401"): None,
+    ("cosmos", "token-401"): None,
     ("cosmos", "local-auth-off"): "key-based auth is disabled",
     ("storage-blob", "firewall"): "storage firewall refused keyless' address",
     ("storage-blob", "shared-key-off"): "key-based auth is disabled",
