@@ -185,6 +185,11 @@ def register_echo_api(upstream: FakeAzure, label: str, audience: str, client_id:
     return host
 
 
+def assert_never_logged(process: KeylessProcess, *secrets: str) -> None:
+    log = process.log()
+    assert secrets and all(secret and secret not in log for secret in secrets)
+
+
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -237,6 +242,7 @@ def test_workload_identity_federated_token_file_and_its_rotation(
         api_call = token_calls(entra, WORKLOAD_CLIENT_ID)[-1]
         assert (api_call["status"], api_call["scope"]) == (200, API_SCOPE)
         assert api_call["assertion_sha256"] == sha256(first)
+        assert_never_logged(process, first, second, *entra.issued)
     assert upstream.problems == []
     assert entra.unexpected == []  # one POST per token: no discovery requests
 
@@ -274,6 +280,7 @@ def test_imds_pod_identity_and_a_user_assigned_identity_from_azure_client_id(
             route_app_through(monkeypatch, process)
             assert list_azurite_containers(process)
             upload_through(process, verify_host)
+            assert_never_logged(process, *imds.issued)
         [call] = imds.calls_for(STORAGE_RESOURCE)
         assert (call["path"], call["api_version"], call["client_id"], call["status"]) == (
             "/metadata/identity/oauth2/token", IMDS_API_VERSION, USER_ASSIGNED, 200)
@@ -296,7 +303,7 @@ def test_service_principal_with_a_client_secret(tmp_path, monkeypatch, pki, azur
         route_app_through(monkeypatch, process)
         assert list_azurite_containers(process)
         upload_through(process, verify_host)
-        assert secret not in process.log()
+        assert_never_logged(process, secret, *entra.issued)
     [call] = token_calls(entra, SP_CLIENT_ID)[before:]
     assert (call["status"], call["auth"], call["scope"]) == (200, "secret", STORAGE_SCOPE)
     assert upstream.problems == []
@@ -315,6 +322,8 @@ def test_service_principal_with_a_certificate(tmp_path, monkeypatch, pki, azurit
         route_app_through(monkeypatch, process)
         assert list_azurite_containers(process)
         upload_through(process, verify_host)
+        assert_never_logged(process, certificate_path.read_text().split("-----")[2].strip(),
+                            *entra.issued)
     [call] = token_calls(entra, client_id)
     assert (call["status"], call["auth"], call["scope"]) == (200, "certificate", STORAGE_SCOPE)
     assert upstream.problems == []
@@ -357,7 +366,7 @@ def test_keyless_trusts_a_private_authority_ca_through_ssl_cert_file_not_request
         with pytest.raises(HttpResponseError) as refused:
             list(service.list_containers())
         assert refused.value.status_code == 503
-        assert "CERTIFICATE_VERIFY_FAILED" in process.log() or "certificate" in process.log()
+        assert "CERTIFICATE_VERIFY_FAILED" in process.log()
     assert token_calls(entra, client_id) == []  # the TLS handshake failed: no request arrived
 
 
@@ -402,6 +411,7 @@ def test_azure_cli_for_local_development(tmp_path, monkeypatch, pki, azurite, up
         route_app_through(monkeypatch, process)
         assert list_azurite_containers(process)
         upload_through(process, verify_host)
+        assert_never_logged(process, *json.loads(tokens.read_text()).values())
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     assert calls == [["account", "get-access-token", "--output", "json",
                       "--resource", STORAGE_RESOURCE]]
