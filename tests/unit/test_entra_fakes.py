@@ -221,10 +221,12 @@ def test_certificate_assertion_for_another_token_url_or_a_forged_signature(
     header = {"alg": "RS256", "typ": "JWT",
               "x5t": b64url(certificate.fingerprint(hashes.SHA1()))}
 
-    def post(claims: dict[str, object], signer: rsa.RSAPrivateKey) -> tuple[int, str]:
+    def post(claims: dict[str, object], signer: rsa.RSAPrivateKey,
+             thumbprint: str = header["x5t"]) -> tuple[int, str]:
+        assertion = sign_rs256({**header, "x5t": thumbprint}, claims, signer)
         status, body = _post(entra, pki, {
             "grant_type": "client_credentials", "client_id": client_id,
-            "scope": f"{AUDIENCE}/.default", "client_assertion": sign_rs256(header, claims, signer),
+            "scope": f"{AUDIENCE}/.default", "client_assertion": assertion,
             "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"})
         return status, str(body.get("error_description", ""))[:12]
 
@@ -233,6 +235,7 @@ def test_certificate_assertion_for_another_token_url_or_a_forged_signature(
     assert post(claims, key)[0] == 200  # RS256 with the SHA-1 x5t (the ADFS form) works too
     forger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     assert post(claims, forger) == (401, "AADSTS700027")
+    assert post(claims, key, thumbprint=b64url(b"another certificate's")) == (401, "AADSTS700027")
     other_url = {**claims, "aud": "https://login.microsoftonline.com/x/oauth2/v2.0/token"}
     assert post(other_url, key) == (400, "AADSTS700021")
     assert post({**claims, "exp": now - 1}, key) == (400, "AADSTS700024")
