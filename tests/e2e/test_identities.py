@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -247,6 +248,37 @@ def test_workload_identity_federated_token_file_and_its_rotation(
     assert entra.unexpected == []  # one POST per token: no discovery requests
 
 
+def test_an_expired_federated_assertion_is_replaced_by_the_rotated_file(
+        tmp_path, monkeypatch, pki, azurite, upstream, entra):
+    """azure-identity re-reads the token file at most every 10 minutes. Should the assertion it
+    kept expire first (a cluster with short-lived tokens), Entra refuses it; keyless then asks
+    a fresh credential, which reads the rotated file, and the app's request still succeeds."""
+    client_id = "c4c4c4c4-0000-4000-8000-0000000000c4"
+    cluster = FakeCluster()
+    entra.add_federated(client_id, cluster, SERVICE_ACCOUNT)
+    token_file = tmp_path / "token"
+    api_host = register_echo_api(upstream, "wi-expired-api", API_SCOPE.removesuffix("/.default"),
+                                 client_id)
+    env = {**entra_env(entra, pki), "AZURE_CLIENT_ID": client_id,
+           "AZURE_FEDERATED_TOKEN_FILE": str(token_file)}
+    with running_keyless(tmp_path / "keyless", pki, azurite, upstream, env,
+                         routes_toml((api_host, None, API_SCOPE))) as process:
+        route_app_through(monkeypatch, process)
+        short_lived = cluster.write_token(token_file, SERVICE_ACCOUNT, lifetime=5)
+        assert list_azurite_containers(process)
+        rotated = cluster.write_token(token_file, SERVICE_ACCOUNT)
+        time.sleep(max(0.0, decode(short_lived)["exp"] - time.time() + 1))
+        assert call_api(process, api_host)["appid"] == client_id
+        assert_never_logged(process, short_lived, rotated, *entra.issued)
+    calls = token_calls(entra, client_id)
+    assert [(c["scope"], c["status"], c["code"], c["assertion_sha256"]) for c in calls] == [
+        (STORAGE_SCOPE, 200, None, sha256(short_lived)),
+        (API_SCOPE, 400, "AADSTS700024", sha256(short_lived)),  # the kept, expired one
+        (API_SCOPE, 200, None, sha256(rotated)),  # a fresh credential read the file
+    ]
+    assert upstream.problems == []
+
+
 def test_workload_identity_refused_for_a_subject_without_federated_credential(
         tmp_path, monkeypatch, pki, azurite, upstream, entra):
     cluster = FakeCluster()
@@ -329,6 +361,32 @@ def test_service_principal_with_a_certificate(tmp_path, monkeypatch, pki, azurit
     assert upstream.problems == []
 
 
+def test_a_rotated_service_principal_certificate_is_picked_up_without_restart(
+        tmp_path, monkeypatch, pki, azurite, upstream, entra):
+    """azure-identity reads the certificate file once. When the app registration's certificate
+    is replaced and the file rotated (Key Vault CSI driver, cert-manager), Entra refuses the
+    old one; keyless asks a fresh credential, which loads the new file."""
+    client_id = "5e5e5e5e-0000-4000-8000-0000000000c7"
+    certificate_path = tmp_path / "sp.pem"
+    entra.add_certificate(client_id, write_client_certificate(certificate_path, client_id))
+    api_host = register_echo_api(upstream, "sp-cert-api", API_SCOPE.removesuffix("/.default"),
+                                 client_id)
+    env = {**entra_env(entra, pki), "AZURE_CLIENT_ID": client_id,
+           "AZURE_CLIENT_CERTIFICATE_PATH": str(certificate_path)}
+    with running_keyless(tmp_path / "keyless", pki, azurite, upstream, env,
+                         routes_toml((api_host, None, API_SCOPE))) as process:
+        route_app_through(monkeypatch, process)
+        assert list_azurite_containers(process)
+        staged = tmp_path / "sp.pem.new"
+        entra.add_certificate(client_id, write_client_certificate(staged, client_id))
+        staged.replace(certificate_path)  # the old certificate is no longer registered
+        assert call_api(process, api_host)["appid"] == client_id
+    calls = token_calls(entra, client_id)
+    assert [(c["scope"], c["status"], c["code"]) for c in calls] == [
+        (STORAGE_SCOPE, 200, None), (API_SCOPE, 401, "AADSTS700027"), (API_SCOPE, 200, None)]
+    assert upstream.problems == []
+
+
 def test_service_principal_certificate_not_registered_is_refused(
         tmp_path, monkeypatch, pki, azurite, upstream, entra):
     client_id = "5e5e5e5e-0000-4000-8000-0000000000cf"
@@ -368,6 +426,28 @@ def test_keyless_trusts_a_private_authority_ca_through_ssl_cert_file_not_request
         assert refused.value.status_code == 503
         assert "CERTIFICATE_VERIFY_FAILED" in process.log()
     assert token_calls(entra, client_id) == []  # the TLS handshake failed: no request arrived
+
+
+def test_a_route_identity_never_gets_the_environment_service_principal_token(
+        tmp_path, monkeypatch, pki, azurite, upstream, entra):
+    """A service principal in the environment is AZURE_CLIENT_ID's identity. A route naming
+    another client id gets that identity's token (here from IMDS), not the principal's."""
+    client_id = "5e5e5e5e-0000-4000-8000-0000000000d0"
+    entra.add_secret(client_id, "sp-secret-d0")
+    default_host = verifying_route(upstream, "sp-default", client_id)
+    route_host = verifying_route(upstream, "sp-route-a", IDENTITY_A)
+    with FakeIdentityEndpoint(protocol="imds") as imds:
+        env = {**entra_env(entra, pki), **imds.env(), "AZURE_CLIENT_ID": client_id,
+               "AZURE_CLIENT_SECRET": "sp-secret-d0"}
+        routes = routes_toml((default_host, None, None), (route_host, IDENTITY_A, None))
+        with running_keyless(tmp_path / "keyless", pki, azurite, upstream, env,
+                             routes) as process:
+            route_app_through(monkeypatch, process)
+            upload_through(process, default_host)
+            upload_through(process, route_host)
+        assert [c["client_id"] for c in imds.calls] == [IDENTITY_A]
+    assert [c["status"] for c in token_calls(entra, client_id)] == [200]
+    assert upstream.problems == []
 
 
 # -- Azure CLI ---------------------------------------------------------------------------------
