@@ -339,6 +339,7 @@ def test_service_principal_with_a_client_secret(tmp_path, monkeypatch, pki, azur
     [call] = token_calls(entra, SP_CLIENT_ID)[before:]
     assert (call["status"], call["auth"], call["scope"]) == (200, "secret", STORAGE_SCOPE)
     assert upstream.problems == []
+    assert entra.unexpected == []
 
 
 def test_service_principal_with_a_certificate(tmp_path, monkeypatch, pki, azurite, upstream,
@@ -359,6 +360,7 @@ def test_service_principal_with_a_certificate(tmp_path, monkeypatch, pki, azurit
     [call] = token_calls(entra, client_id)
     assert (call["status"], call["auth"], call["scope"]) == (200, "certificate", STORAGE_SCOPE)
     assert upstream.problems == []
+    assert entra.unexpected == []
 
 
 def test_a_rotated_service_principal_certificate_is_picked_up_without_restart(
