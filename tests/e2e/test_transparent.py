@@ -86,6 +86,7 @@ class Pod:
     keyless: NamespacedKeyless
     other: RecordingTLSServer
     impostor: RecordingTLSServer
+    local: RecordingTLSServer
     rules: str
 
     def app(self, *args: str, ca_bundle: str | None = None) -> dict[str, Any]:
@@ -121,7 +122,8 @@ class Pod:
             if match and f"/{container}" in match["url"]:
                 headers = {k.lower(): v for k, v in json.loads(match["headers"]).items()}
                 scheme = headers.get("authorization", "").split(" ", 1)[0]
-                seen.append({"method": match["method"], "client": match["client"],
+                seen.append({"method": match["method"], "url": match["url"],
+                             "client": match["client"],
                              "scheme": scheme, "header_names": ",".join(sorted(headers))})
         return seen
 
@@ -181,13 +183,15 @@ def pod() -> Iterator[Pod]:
         other_ca_path = str(workdir / "pki" / "other-ca.pem")
         other_ca.cert_pem.write_to_path(other_ca_path)
         servers = []
-        for address, host in ((OTHER_ADDRESS, OTHER_HOST), (IMPOSTOR_ADDRESS, IMPOSTOR_HOST)):
+        for space, address, host in ((azure_ns, OTHER_ADDRESS, OTHER_HOST),
+                                     (azure_ns, IMPOSTOR_ADDRESS, IMPOSTOR_HOST),
+                                     (pod_ns, "127.0.0.1", "localhost")):  # a local sidecar
             leaf = other_ca.issue_cert(host)
             cert, key = workdir / "pki" / f"{host}.pem", workdir / "pki" / f"{host}.key"
             cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
             key.write_bytes(leaf.private_key_pem.bytes())
             server = RecordingTLSServer(address, 443, (str(cert), str(key)), f"hello from {host}")
-            azure_ns.call(server.start)
+            space.call(server.start)
             stack.callback(server.stop)
             servers.append(server)
 
@@ -216,7 +220,7 @@ def pod() -> Iterator[Pod]:
             [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
              "--uid", str(KEYLESS_UID)], capture_output=True, text=True, timeout=30, check=True)
         yield Pod(pod_ns, azure_ns, workdir, pki, other_ca, other_ca_path, str(keyless_ca),
-                  azurite, identity, keyless, servers[0], servers[1], printed.stdout)
+                  azurite, identity, keyless, *servers, printed.stdout)
 
 
 @pytest.fixture
@@ -260,6 +264,7 @@ def test_sdk_with_a_wrong_key_reaches_azurite_with_a_token(redirected):
     seen = pod.azurite_requests(container)
     assert seen, "Azurite saw none of the app's requests"
     assert {r["scheme"] for r in seen} == {"Bearer"}, seen  # no Shared Key, ever
+    assert not [r for r in seen if "sig=" in r["url"]], seen  # nor a SAS
     # keyless' own connection comes from the pod too (its UID is exempt, not its address)
     assert {r["client"] for r in seen} == {POD_ADDRESS}
     # One conversion per request: keyless' own upstream connection was not redirected back
@@ -317,3 +322,15 @@ def test_a_catalog_name_with_another_host_header_is_refused(redirected, host_hea
     assert result["status"] in (403, 421), result
     assert "Keyless" in result["body"], result  # keyless' own answer, not Azurite's
     assert "RequestMethod=" not in pod.azurite.debug_log_text()[requests_before:]
+
+
+def test_https_to_the_pods_loopback_is_not_redirected(redirected):
+    pod = redirected
+    tunnelled_before, converted_before = pod.tunnelled(), pod.converted()
+
+    result = pod.app("get", "localhost", pod.other_ca_path)
+
+    assert result["outcome"] == "answered", (result, failure_context(pod))
+    assert result["status"] == 200 and result["body"] == "hello from localhost"
+    # the recipe's 127.0.0.0/8 exemption: keyless never saw this connection
+    assert pod.tunnelled() == tunnelled_before and pod.converted() == converted_before
