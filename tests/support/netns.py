@@ -297,7 +297,8 @@ class RecordingTLSServer:
         self._lock = threading.Lock()
 
     def start(self) -> Self:
-        self._listener = socket.create_server(self.address)
+        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        self._listener = socket.create_server(self.address, family=family)
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
