@@ -188,12 +188,13 @@ class Netns:
         """Kill what still runs inside (TERM, then KILL), delete the namespace and its /etc."""
         if self.created:
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                pids = self.pids()
+                # never this process: its helper threads may sit in the namespace
+                pids = [pid for pid in self.pids() if pid != os.getpid()]
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, sig)
                 deadline = time.monotonic() + 5
-                while self.pids() and time.monotonic() < deadline:
+                while set(self.pids()) - {os.getpid()} and time.monotonic() < deadline:
                     time.sleep(0.1)
             subprocess.run(["ip", "netns", "delete", self.name], capture_output=True,
                            timeout=_COMMAND_TIMEOUT)
