@@ -48,7 +48,6 @@ from tests.support.netns import (
     NamespacedKeyless,
     Netns,
     RecordingTLSServer,
-    iptables_command,
     link,
     namespaces,
     require_netns,
@@ -83,7 +82,6 @@ class Pod:
     azure: Netns
     workdir: Path
     pki: TestPKI
-    other_ca: trustme.CA
     other_ca_path: str
     keyless_ca_path: str
     azurite: Azurite
@@ -106,18 +104,12 @@ class Pod:
         return result
 
     def apply_rules(self) -> None:
-        if "KEYLESS_OUTPUT" not in self.nat_rules():
-            script = self.workdir / "rules.sh"
-            script.write_text(self.rules + "\n")
-            self.pod.exec("sh", str(script), env=_iptables_env(self.workdir))
+        if not self.redirecting():
+            self.pod.run_recipe(self.rules, self.workdir)
 
-    def remove_rules(self) -> None:
-        for tool in ("iptables", "ip6tables"):
-            self.pod.exec(*_tool(tool), "-t", "nat", "-F")
-            self.pod.exec(*_tool(tool), "-t", "nat", "-X")
-
-    def nat_rules(self) -> str:
-        return self.pod.exec(*iptables_command(), "-t", "nat", "-S").stdout
+    def redirecting(self) -> bool:
+        return all("KEYLESS_OUTPUT" in self.pod.nat_rules(tool)
+                   for tool in ("iptables", "ip6tables"))
 
     def azurite_requests(self, container: str) -> list[dict[str, str]]:
         """What Azurite received for `container`: method, client address, the Authorization
@@ -138,25 +130,6 @@ class Pod:
 
     def tunnelled(self) -> float:
         return self.keyless.metric("keyless_requests_total", outcome="tunnelled")
-
-
-def _tool(tool: str) -> list[str]:
-    chosen = iptables_command()[0]
-    return [chosen.replace("iptables", tool, 1)] if tool == "ip6tables" else [chosen]
-
-
-def _iptables_env(workdir: Path) -> dict[str, str]:
-    """PATH for the printed recipe: `iptables` there is KEYLESS_IPTABLES when set."""
-    chosen = iptables_command()[0]
-    path = "/usr/sbin:/usr/bin:/sbin:/bin"
-    if chosen != "iptables":
-        shims = workdir / "iptables-shims"
-        shims.mkdir(exist_ok=True)
-        for tool in ("iptables", "ip6tables"):
-            with contextlib.suppress(FileExistsError):
-                (shims / tool).symlink_to(shutil.which(_tool(tool)[0]) or _tool(tool)[0])
-        path = f"{shims}:{path}"
-    return {"PATH": path}
 
 
 def _readable_dir(path: Path) -> Path:
@@ -232,7 +205,7 @@ def pod() -> Iterator[Pod]:
         printed = subprocess.run(
             [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
              "--uid", str(KEYLESS_UID)], capture_output=True, text=True, timeout=30, check=True)
-        yield Pod(pod_ns, azure_ns, workdir, pki, other_ca, other_ca_path, str(keyless_ca),
+        yield Pod(pod_ns, azure_ns, workdir, pki, other_ca_path, str(keyless_ca),
                   azurite, identity, keyless, *servers, printed.stdout)
 
 
@@ -247,8 +220,8 @@ def failure_context(pod: Pod) -> str:
 
 
 def test_without_the_rules_azurite_refuses_the_apps_wrong_key(pod):
-    pod.remove_rules()
-    assert "KEYLESS_OUTPUT" not in pod.nat_rules()
+    pod.pod.flush_nat()
+    assert "KEYLESS_OUTPUT" not in pod.pod.nat_rules() + pod.pod.nat_rules("ip6tables")
     container = f"norules{uuid.uuid4().hex[:10]}"
     converted_before = pod.converted()
 
@@ -265,7 +238,7 @@ def test_without_the_rules_azurite_refuses_the_apps_wrong_key(pod):
 
 def test_sdk_with_a_wrong_key_reaches_azurite_with_a_token(redirected):
     pod = redirected
-    assert "KEYLESS_OUTPUT" in pod.nat_rules()
+    assert pod.redirecting()
     container = f"transparent{uuid.uuid4().hex[:10]}"
     converted_before, tunnelled_before = pod.converted(), pod.tunnelled()
     token_calls_before = len(pod.identity.calls)

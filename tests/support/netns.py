@@ -92,14 +92,16 @@ def require_netns() -> None:
     pytest.skip(reason)
 
 
-def iptables_command() -> list[str]:
-    """The iptables binary the recipe's `iptables` lines run as.
+def iptables_command(tool: str = "iptables") -> list[str]:
+    """The binary the recipe's `iptables` (or `ip6tables`) lines run as.
 
     Debian's `iptables` is iptables-nft (the nf_tables backend), which works inside a network
     namespace; this machine's kernel also accepts iptables-legacy there. KEYLESS_IPTABLES
-    chooses another (e.g. iptables-legacy on a kernel without nf_tables).
+    chooses another (e.g. iptables-legacy on a kernel without nf_tables); its ip6tables twin
+    is the same name with ip6tables.
     """
-    return [os.environ.get("KEYLESS_IPTABLES", "iptables")]
+    chosen = os.environ.get("KEYLESS_IPTABLES", "iptables")
+    return [chosen.replace("iptables", tool, 1)]
 
 
 def _reach_the_interpreter() -> list[str]:
@@ -176,6 +178,33 @@ class Netns:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]  # type: ignore[no-any-return]
+
+    # -- iptables --------------------------------------------------------------------
+
+    def run_recipe(self, script: str, workdir: Path) -> None:
+        """Run a shell recipe (e.g. `keyless iptables` output) inside, as printed: its
+        `iptables`/`ip6tables` are those of `iptables_command()` (shims on PATH if needed)."""
+        path = "/usr/sbin:/usr/bin:/sbin:/bin"
+        if iptables_command() != ["iptables"]:
+            shims = workdir / "iptables-shims"
+            shims.mkdir(exist_ok=True)
+            for tool in ("iptables", "ip6tables"):
+                target = iptables_command(tool)[0]
+                with contextlib.suppress(FileExistsError):
+                    (shims / tool).symlink_to(shutil.which(target) or target)
+            path = f"{shims}:{path}"
+        file = workdir / f"recipe-{secrets.token_hex(3)}.sh"
+        file.write_text(script + "\n")
+        self.exec("sh", str(file), env={"PATH": path})
+
+    def nat_rules(self, tool: str = "iptables") -> str:
+        return self.exec(*iptables_command(tool), "-t", "nat", "-S").stdout
+
+    def flush_nat(self) -> None:
+        """Remove every nat rule and chain (IPv4 and IPv6) of this namespace."""
+        for tool in ("iptables", "ip6tables"):
+            self.exec(*iptables_command(tool), "-t", "nat", "-F")
+            self.exec(*iptables_command(tool), "-t", "nat", "-X")
 
     def pids(self) -> list[int]:
         listed = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
