@@ -246,6 +246,7 @@ def test_sdk_with_a_wrong_key_reaches_azurite_with_a_token(redirected):
     result = pod.app("blob", LEGACY_BLOB, container)
 
     assert result["outcome"] == "ok", (result, failure_context(pod))
+    assert result["uid"] == APP_UID and pod.keyless.uid_running() == KEYLESS_UID
     assert result["names"] == ["blob-0", "blob-1"]
     seen = pod.azurite_requests(container)
     assert seen, "Azurite saw none of the app's requests"

@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 INSTALL_HINT = "apt-get install -y iptables iproute2"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 _TOOLS = ("ip", "iptables", "ip6tables", "setpriv", "nsenter")
 _COMMAND_TIMEOUT = 20.0
 T = TypeVar("T")
@@ -105,16 +106,18 @@ def iptables_command(tool: str = "iptables") -> list[str]:
 
 
 def _reach_the_interpreter() -> list[str]:
-    """setpriv flags that let another UID run this interpreter when it is out of reach.
+    """setpriv flags that let another UID run this interpreter and the code when they are out
+    of its reach.
 
-    On a developer machine the venv's Python may be pyenv's under root's 0700 home: a plain
-    UID could not even load it. Then the process keeps CAP_DAC_READ_SEARCH (read and traverse
-    any file), which changes nothing the tests prove: iptables' owner match sees the UID.
+    On a developer machine the venv's Python may be pyenv's under root's 0700 home (or the
+    checkout under a 0750 home): a plain UID could not even load it. Then the process keeps
+    CAP_DAC_READ_SEARCH (read and traverse any file), which changes nothing the tests prove:
+    iptables' owner match sees the UID.
     """
-    interpreter = Path(sys.executable).resolve()
-    library = Path(sys.base_prefix).resolve() / "lib"
-    for folder in {*interpreter.parents, library, *library.parents}:
-        if folder.exists() and not folder.stat().st_mode & 0o001:
+    needed = (Path(sys.executable).resolve(), Path(sys.base_prefix).resolve() / "lib",
+              Path(sys.prefix).resolve(), _REPO_ROOT)
+    for folder in {p for path in needed for p in (path, *path.parents) if p.is_dir()}:
+        if not folder.stat().st_mode & 0o001:
             return ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
     return []
 
@@ -308,6 +311,13 @@ class NamespacedKeyless(KeylessProcess):
 
     def get(self, path: str) -> tuple[int, str]:
         return self.netns.call(super().get, path, timeout=10)
+
+    def uid_running(self) -> int:
+        """The real UID of the running keyless process (ip netns exec and setpriv exec)."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Uid:"))
+                   .split()[1])
 
 
 class RecordingTLSServer:
