@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -45,13 +46,27 @@ class StartupError(Exception):
 
 
 def listen_spec(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # mitmproxy splits at the last ':' and keeps brackets in the host: write ::1:8080
+    return f"{host}:{port}"
 
 
-def proxy_modes(settings: Settings) -> list[str]:
+def ipv6_loopback() -> bool:
+    """Whether this host has ::1 (IPv6 is switched off in some pods)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def proxy_modes(settings: Settings, has_ipv6_loopback: bool = False) -> list[str]:
     """mitmproxy mode specs: the main listener, and one reverse listener per --reverse."""
     main = "transparent" if settings.transparent else "regular"
     modes = [f"{main}@{listen_spec(*settings.listen)}"]
+    if settings.transparent and settings.listen[0] == "127.0.0.1" and has_ipv6_loopback:
+        # The recipe's ip6tables REDIRECT sends IPv6 connections to [::1]: listen there too.
+        modes.append(f"transparent@{listen_spec('::1', settings.listen[1])}")
     modes += [f"reverse:https://{host}@{listen_spec('127.0.0.1', port)}"
               for port, host in settings.reverse]
     return modes
@@ -60,7 +75,7 @@ def proxy_modes(settings: Settings) -> list[str]:
 def keyless_options(settings: Settings) -> dict[str, object]:
     host, port = settings.listen
     return {
-        "mode": proxy_modes(settings),
+        "mode": proxy_modes(settings, ipv6_loopback()),
         "listen_host": host,
         "listen_port": port,
         "confdir": str(settings.confdir),
