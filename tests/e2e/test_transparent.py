@@ -186,10 +186,9 @@ def pod() -> Iterator[Pod]:
         stack.callback(identity.stop)
 
         keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, _readable_dir(workdir / "keyless"), [
+            # No --allow-clients: redirected connections keep the app's source address (the
+            # pod's, not loopback), and keyless accepts them on its loopback listener.
             "--transparent",
-            # Redirected connections keep the app's source address, the pod's own (not
-            # loopback): see PATCHES-FOR-LEAD.md, "transparent clients".
-            "--allow-clients", f"{POD_ADDRESS}/32",
             "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
             "--token-timeout", "5",
             "--log-level", "debug",
@@ -323,13 +322,12 @@ def test_https_to_the_pods_loopback_is_not_redirected(redirected):
     assert pod.tunnelled() == tunnelled_before and pod.converted() == converted_before
 
 
-def test_ipv6_https_never_carries_the_key_past_keyless(redirected):
-    """The recipe's ip6tables half: an app reaching a catalog name over IPv6 is redirected
-    too. (keyless listens on 127.0.0.1 only, so today the redirected connection to [::1] is
-    refused: fail-closed, but IPv6 HTTPS does not work; see PATCHES-FOR-LEAD.md.)"""
+def test_ipv6_https_is_redirected_and_converted_too(redirected):
+    """The recipe's ip6tables half: an app reaching a catalog name over IPv6 goes to keyless
+    at [::1] and out with a token; never around keyless with its key."""
     pod = redirected
     connections_before, converted_before = len(pod.six.connections), pod.converted()
-    # An app that trusts the service's own CA as well: around keyless, it would send the key.
+    # An app that trusts the service's own CA as well: around keyless, it would send its key.
     both = pod.workdir / "app" / "keyless-and-service-ca.pem"
     both.write_text(Path(pod.keyless_ca_path).read_text() + Path(pod.pki.ca_pem_path).read_text())
     both.chmod(0o644)
@@ -339,6 +337,9 @@ def test_ipv6_https_never_carries_the_key_past_keyless(redirected):
     arrived = pod.six.connections[connections_before:]
     key_went_out = b"SharedKey" in pod.six.received()
     assert not key_went_out, "the app's key reached the IPv6 server around keyless"
-    # whatever reached the server came through keyless (converted), never around it
-    assert len(arrived) <= pod.converted() - converted_before, \
-        (result, [c["handshake"] for c in arrived])
+    assert result["outcome"] == "answered", (result, failure_context(pod))
+    assert result["status"] == 200 and result["body"] == f"hello from {SIX_HOST}"
+    assert result["issuer"]["organizationName"] == "keyless"  # intercepted, not tunnelled
+    assert pod.converted() - converted_before == 1 and len(arrived) == 1
+    schemes = re.findall(rb"\r\nauthorization: (\w+) ", arrived[0]["received"], re.IGNORECASE)
+    assert schemes == [b"Bearer"], schemes
