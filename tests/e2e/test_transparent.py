@@ -11,9 +11,14 @@ OAuth), a non-catalog TLS host (example.test, certificate from another CA) and a
 for a catalog name (certificate from another CA). They cannot live on the pod's loopback:
 the recipe exempts 127.0.0.0/8 (the identity endpoint and other local sidecars must never
 be redirected), so a stand-in Azure there would never see keyless. The pod's hosts file
-(`/etc/netns/POD/hosts`) sends the Azure names there. Every address (10.200.0.0/24) exists
-only inside these two namespaces; both are deleted, with everything running in them, on
-every exit path.
+(`/etc/netns/POD/hosts`) sends the Azure names there, and an IPv6-only catalog name to a
+recording server for the recipe's ip6tables half. Every address (10.200.0.0/24,
+fd00:200::/64) exists only inside these two namespaces; both are deleted, with everything
+running in them, on every exit path. keyless listens on 127.0.0.1 and [::1] with no
+--allow-clients: redirected connections keep the pod's address as their source.
+
+Azurite's --debug log records each request's headers: the test reads only the
+Authorization scheme and the client address from it, never the credential.
 
 iptables: the distribution's `iptables` (iptables-nft, the nf_tables backend) works inside
 a namespace on this kernel, as does iptables-legacy; KEYLESS_IPTABLES picks another binary.
