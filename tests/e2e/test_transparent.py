@@ -68,6 +68,10 @@ OTHER_ADDRESS = "10.200.0.3"  # example.test: not in the catalog
 IMPOSTOR_ADDRESS = "10.200.0.4"  # claims a catalog name with another CA's certificate
 OTHER_HOST = "example.test"
 IMPOSTOR_HOST = "keylessimpostor.blob.core.windows.net"
+# A catalog name whose server rejects the first token (401): keyless replays over its own
+# upstream connection, which must be exempt from the redirect too.
+REPLAY_ADDRESS = "10.200.0.6"
+REPLAY_HOST = "keylessreplay.blob.core.windows.net"
 # IPv6 (unique local addresses, inside the two namespaces only): a catalog name with only
 # an IPv6 address, served by a recording server with a certificate keyless trusts.
 POD_ADDRESS6 = "fd00:200::1"
@@ -96,6 +100,7 @@ class Pod:
     impostor: RecordingTLSServer
     local: RecordingTLSServer
     six: RecordingTLSServer
+    replay: RecordingTLSServer
     rules: str
 
     def app(self, *args: str, ca_bundle: str | None = None) -> dict[str, Any]:
@@ -154,11 +159,13 @@ def pod() -> Iterator[Pod]:
         spaces = stack.enter_context(namespaces("pod", "azure"))
         pod_ns, azure_ns = spaces["pod"], spaces["azure"]
         link(pod_ns, f"{POD_ADDRESS}/24", azure_ns,
-             [f"{a}/24" for a in (AZURITE_ADDRESS, OTHER_ADDRESS, IMPOSTOR_ADDRESS)])
+             [f"{a}/24" for a in (AZURITE_ADDRESS, OTHER_ADDRESS, IMPOSTOR_ADDRESS,
+                                  REPLAY_ADDRESS)])
         pod_ns.exec("ip", "-6", "addr", "add", f"{POD_ADDRESS6}/64", "dev", "veth0", "nodad")
         azure_ns.exec("ip", "-6", "addr", "add", f"{SIX_ADDRESS}/64", "dev", "veth1", "nodad")
         pod_ns.write_hosts({BLOB_HOST: AZURITE_ADDRESS, OTHER_HOST: OTHER_ADDRESS,
-                            IMPOSTOR_HOST: IMPOSTOR_ADDRESS, SIX_HOST: SIX_ADDRESS})
+                            IMPOSTOR_HOST: IMPOSTOR_ADDRESS, SIX_HOST: SIX_ADDRESS,
+                            REPLAY_HOST: REPLAY_ADDRESS})
 
         pki = TestPKI(_readable_dir(workdir / "pki"))
         azurite = Azurite(workdir / "azurite", pki, host=AZURITE_ADDRESS, blob_port=443)
@@ -180,11 +187,12 @@ def pod() -> Iterator[Pod]:
             space.call(server.start)
             stack.callback(server.stop)
             servers.append(server)
-        six = RecordingTLSServer(SIX_ADDRESS, 443, pki.issue_server_cert(SIX_HOST),
-                                 f"hello from {SIX_HOST}")
-        azure_ns.call(six.start)
-        stack.callback(six.stop)
-        servers.append(six)
+        for address, host in ((SIX_ADDRESS, SIX_HOST), (REPLAY_ADDRESS, REPLAY_HOST)):
+            server = RecordingTLSServer(address, 443, pki.issue_server_cert(host),
+                                        f"hello from {host}")
+            azure_ns.call(server.start)
+            stack.callback(server.stop)
+            servers.append(server)
 
         identity = FakeIdentityEndpoint()
         pod_ns.call(identity.start)  # on the pod's loopback: exempt from the redirect
@@ -348,3 +356,24 @@ def test_ipv6_https_is_redirected_and_converted_too(redirected):
     assert pod.converted() - converted_before == 1 and len(arrived) == 1
     schemes = re.findall(rb"\r\nauthorization: (\w+) ", arrived[0]["received"], re.IGNORECASE)
     assert schemes == [b"Bearer"], schemes
+
+
+def test_a_401_is_replayed_once_over_keyless_own_exempt_connection(redirected):
+    pod = redirected
+    pod.replay.queued.append((401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}))
+    connections_before = len(pod.replay.connections)
+    replayed_before = pod.keyless.metric("keyless_token_retries_total", action="replayed")
+
+    result = pod.app("get", REPLAY_HOST, pod.keyless_ca_path)
+
+    assert result["outcome"] == "answered", (result, failure_context(pod))
+    assert result["status"] == 200 and result["body"] == f"hello from {REPLAY_HOST}", result
+    assert pod.keyless.metric("keyless_token_retries_total", action="replayed") \
+        - replayed_before == 1
+    arrived = pod.replay.connections[connections_before:]
+    tokens = [re.findall(rb"\r\nauthorization: Bearer (\S+)", c["received"], re.IGNORECASE)
+              for c in arrived]
+    # the converted request, then the replay (keyless' pool, as its own UID) with a new token
+    assert [len(t) for t in tokens] == [1, 1], [c["handshake"] for c in arrived]
+    assert tokens[0] != tokens[1], "the replay reused the rejected token"
+    assert b"SharedKey" not in pod.replay.received()

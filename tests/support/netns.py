@@ -322,7 +322,8 @@ class NamespacedKeyless(KeylessProcess):
 
 class RecordingTLSServer:
     """A TLS server at (address, port) that records, per connection, whether the handshake
-    completed and every byte received after it; answers any request with 200 and `banner`.
+    completed and every byte received after it; answers any request with 200 and `banner`,
+    except that the answers in `queued` ((status, headers), oldest first) go out first.
 
     Start it inside a namespace with `Netns.call(server.start)`.
     """
@@ -333,6 +334,7 @@ class RecordingTLSServer:
         self.context.load_cert_chain(*cert)
         self.banner = banner.encode()
         self.connections: list[dict[str, Any]] = []
+        self.queued: list[tuple[int, dict[str, str]]] = []
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -375,9 +377,12 @@ class RecordingTLSServer:
                     if not chunk:
                         return
                     record["received"] += chunk
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close"
-                             b"\r\nContent-Length: " + str(len(self.banner)).encode() +
-                             b"\r\n\r\n" + self.banner)
+                with self._lock:
+                    status, headers = self.queued.pop(0) if self.queued else (200, {})
+                extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+                conn.sendall(f"HTTP/1.1 {status} Scripted\r\nContent-Type: text/plain\r\n"
+                             f"Connection: close\r\n{extra}Content-Length: {len(self.banner)}"
+                             "\r\n\r\n".encode() + self.banner)
             except (OSError, ssl.SSLError):
                 return
 
