@@ -37,6 +37,7 @@ class DiagnoseDenials:
         if refusal.kind is not RefusalKind.MISSING_ROLE:
             # A 401 is the token replay's business, unless it says keys are off: a keyless bug.
             if response.status_code == 403 or refusal.kind is RefusalKind.LOCAL_AUTH_DISABLED:
+                metrics.UPSTREAM_REFUSALS.labels(service=service, kind=refusal.kind.value).inc()
                 logger.warning("Refused: identity %s may not %s on %s %s (%s, %s): %s",
                                state.identity_label, operation, service, state.resource,
                                response.status_code, refusal.code, refusal.meaning)

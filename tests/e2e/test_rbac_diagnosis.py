@@ -365,8 +365,11 @@ def test_rbac_refusal_names_identity_resource_and_role(through_keyless, fake_azu
 def test_a_refusal_that_is_not_a_missing_role_gets_no_rbac_hint(through_keyless, fake_azure,
                                                                  refusing, service, pick):
     target = refusing[service]
+    refusals = through_keyless.metric("keyless_upstream_refusals_total", service=service)
     sent = send(through_keyless, fake_azure, target, pick)
     assert not sent.problems, sent.problems
+    counted = through_keyless.metric("keyless_upstream_refusals_total", service=service)
+    assert counted - refusals == (0 if NOT_A_ROLE[service, pick] is None else 1)
     status = target.answers[pick].status
     assert sent.status == status
     assert sent.rbac == []
