@@ -23,8 +23,8 @@ Authorization scheme and the client address from it, never the credential.
 iptables: the distribution's `iptables` (iptables-nft, the nf_tables backend) works inside
 a namespace on this kernel, as does iptables-legacy; KEYLESS_IPTABLES picks another binary.
 
-Without root or the tools the test skips, except under CI=true or KEYLESS_REQUIRE_NETNS=1,
-where it fails (install hint: `apt-get install -y iptables iproute2`).
+Without root or the tools the test fails with the install hint
+(`apt-get install -y iptables iproute2`); it never skips.
 """
 
 from __future__ import annotations
