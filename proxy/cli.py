@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.ca import CAError, prepare_ca
+from proxy.ca import CAError, prepare_ca_for
 from proxy.config import ConfigError, Settings, add_flags, resolve
 from proxy.connect_to import ConnectToEventLoop, ConnectToTable
 from proxy.logs import setup_logging
@@ -19,7 +19,7 @@ from proxy.transparent import transparent_rules
 
 def ca_certificate(settings: Settings) -> bytes:
     """The public CA certificate in PEM, generating (or installing a supplied) CA first."""
-    return prepare_ca(settings.confdir, settings.ca_cert, settings.ca_key).read_bytes()
+    return prepare_ca_for(settings).read_bytes()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from addons.diagnose import DiagnoseDenials
 from addons.guard import ClientAllowlist, DenyDestinations
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
+from addons.leaf import OneNameLeaves
 from addons.observe import ObserveUpstream
 from addons.pool import PoolUpstream
 from addons.quickack import QuickAck
@@ -27,7 +28,7 @@ from addons.stream import StreamBodies
 from proxy import metrics
 from proxy.admin import AdminServer, Health
 from proxy.audit import STATE_FILE, CallLog, build_report
-from proxy.ca import CAError, prepare_ca
+from proxy.ca import CA_KEY_AND_CERT, CAError, prepare_ca_for
 from proxy.config import Settings
 from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
@@ -88,6 +89,8 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
     upstream = UpstreamPool(denied=guard.denied)  # pooled requests and 401 replays
     m.addons.add(
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
+        # after mitmproxy's TlsConfig: the app sees a leaf for its host alone (CA constraints)
+        OneNameLeaves(settings.confdir / CA_KEY_AND_CERT),
         QuickAck(),
         StreamBodies(),
         ResumeUpstreamTLS(),
@@ -135,7 +138,7 @@ async def save_periodically(calls: CallLog, every: float = 5.0) -> None:
 async def serve(settings: Settings) -> int:
     """Run the proxy and the admin server until SIGTERM/SIGINT."""
     try:
-        prepare_ca(settings.confdir, settings.ca_cert, settings.ca_key)
+        prepare_ca_for(settings)
     except CAError as exc:
         raise StartupError(str(exc)) from None
     source = CredentialSource()
