@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
     from proxy.config import Settings
@@ -86,29 +87,20 @@ def name_constraints(zones: Iterable[str]) -> x509.NameConstraints:
     )
 
 
-def generate_ca(confdir: Path, zones: Sequence[str], validity_days: float,
-                name: str = "keyless CA", now: datetime.datetime | None = None) -> None:
-    """An ECDSA P-256 CA in mitmproxy's file layout, with mitmproxy's CA extensions and Name
-    Constraints for `zones`, valid for `validity_days`."""
+def _ca_certificate(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+                    issuer_key: ec.EllipticCurvePrivateKey, path_length: int,
+                    zones: Sequence[str], not_before: datetime.datetime,
+                    not_after: datetime.datetime) -> x509.Certificate:
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    if not zones:
-        raise CAError("no DNS zone to permit: keyless' CA would be unconstrained")
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keyless")])
-    now = now or _now()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .subject_name(subject).issuer_name(issuer).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=validity_days))
-        # path length 0: the key can sign leaves, never another (unconstrained) CA
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.KeyUsage(
             digital_signature=False, content_commitment=False, key_encipherment=False,
@@ -117,13 +109,50 @@ def generate_ca(confdir: Path, zones: Sequence[str], validity_days: float,
         .add_extension(name_constraints(zones), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                        critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if issuer_key is not key:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def generate_ca(confdir: Path, zones: Sequence[str], validity_days: float,
+                name: str = "keyless CA", now: datetime.datetime | None = None) -> None:
+    """A two-tier ECDSA P-256 CA in mitmproxy's file layout, both certificates with Name
+    Constraints for `zones`, valid for `validity_days`.
+
+    Apps trust the root; the root's key signs the signing CA and is then dropped, never
+    written anywhere. Two tiers because Java (and RFC 5280 allows it) ignores constraints
+    on a trust anchor but enforces them on an intermediate; and with the root key gone, even
+    the confdir's key cannot issue anything the signing CA's constraints forbid.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    if not zones:
+        raise CAError("no DNS zone to permit: keyless' CA would be unconstrained")
+    now = now or _now()
+    window = (now - CLOCK_SKEW, now + datetime.timedelta(days=validity_days))
+    root_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keyless")])
+    signer_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} (signing)"),
+                             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keyless")])
+    # path length: the root one CA below it (the signer), the signer leaves only
+    root = _ca_certificate(root_name, root_key, root_name, root_key, 1, zones, *window)
+    signer = _ca_certificate(signer_name, key, root_name, root_key, 0, zones, *window)
+    del root_key  # never stored: nothing can sign another CA under this root
     pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    pem_cert = cert.public_bytes(serialization.Encoding.PEM)
-    _write(confdir / CA_KEY_AND_CERT, pem_key + pem_cert, 0o600)
-    _write(confdir / CA_CERT, pem_cert, 0o644)
+    pem_root = root.public_bytes(serialization.Encoding.PEM)
+    pem_signer = signer.public_bytes(serialization.Encoding.PEM)
+    # mitmproxy signs with the first certificate and sends the rest as the chain
+    _write(confdir / CA_KEY_AND_CERT, pem_key + pem_signer + pem_root, 0o600)
+    _write(confdir / CA_CERT, pem_root, 0o644)
 
 
 def in_zone(name: str, zone: str) -> bool:
@@ -152,13 +181,17 @@ def renew_before(validity_days: float) -> datetime.timedelta:
     return datetime.timedelta(days=validity_days) / 3
 
 
-def stale_reasons(cert: x509.Certificate, zones: Sequence[str], validity_days: float,
-                  now: datetime.datetime) -> list[str]:
-    """Why a generated CA no longer fits the configuration ([] when it does)."""
+def stale_reasons(chain: Sequence[x509.Certificate], zones: Sequence[str],
+                  validity_days: float, now: datetime.datetime) -> list[str]:
+    """Why a generated CA (signing CA, root) no longer fits the configuration ([] when it
+    does)."""
     reasons = []
+    cert = chain[0]
     constraints = _constraints(cert)
     if constraints is None:
         return ["it has no Name Constraints (made by an older keyless)"]
+    if len(chain) != 2 or _constraints(chain[1]) != constraints:
+        return ["it is not a constrained root with a constrained signing CA"]
     permitted = _dns(constraints.permitted_subtrees)
     if missing := sorted(set(zones) - permitted):
         reasons.append(f"it does not permit {', '.join(missing)}")
@@ -179,6 +212,15 @@ def stale_reasons(cert: x509.Certificate, zones: Sequence[str], validity_days: f
     if cert.not_valid_before_utc > now:
         reasons.append("it is not valid yet (clock change?)")
     return reasons
+
+
+def _same_file(path: Path, cert: x509.Certificate) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        return path.read_bytes() == cert.public_bytes(serialization.Encoding.PEM)
+    except OSError:
+        return False
 
 
 def check_supplied(cert: x509.Certificate, zones: Sequence[str],
@@ -245,10 +287,14 @@ def prepare_ca(confdir: Path, ca_cert: Path | None = None, ca_key: Path | None =
     else:
         _check_private(confdir / CA_KEY_AND_CERT)
         try:
-            existing = x509.load_pem_x509_certificate((confdir / CA_KEY_AND_CERT).read_bytes())
+            existing = x509.load_pem_x509_certificates(
+                (confdir / CA_KEY_AND_CERT).read_bytes())
         except ValueError:
             raise CAError(f"cannot read the CA in {confdir / CA_KEY_AND_CERT}") from None
-        if reasons := stale_reasons(existing, zones, validity_days, now):
+        reasons = stale_reasons(existing, zones, validity_days, now)
+        if not reasons and not _same_file(confdir / CA_CERT, existing[1]):
+            reasons = [f"{CA_CERT} is not its root certificate"]
+        if reasons:
             generate_ca(confdir, zones, validity_days, now=now)
             logger.warning(
                 "replaced keyless' CA in %s because %s. Apps must trust the new certificate "

@@ -46,12 +46,18 @@ def ca_key(confdir) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def verify(ca: x509.Certificate, leaf: x509.Certificate, host: str,
+def signer(confdir) -> x509.Certificate:
+    """The signing CA: the first certificate of mitmproxy's key file."""
+    return x509.load_pem_x509_certificates((confdir / CA_KEY_AND_CERT).read_bytes())[0]
+
+
+def verify(confdir, leaf: x509.Certificate, host: str,
            when: datetime.datetime | None = None) -> None:
-    """Chain verification with RFC 5280 name constraints (cryptography's own verifier)."""
-    verifier = (PolicyBuilder().store(Store([ca])).time(when or datetime.datetime.now(
-        datetime.UTC)).build_server_verifier(x509.DNSName(host)))
-    verifier.verify(leaf, [])
+    """The app's view: trust the root only, get the signing CA from the server, and verify
+    with RFC 5280 name constraints (cryptography's own verifier)."""
+    verifier = (PolicyBuilder().store(Store([load(confdir / CA_CERT)])).time(
+        when or datetime.datetime.now(datetime.UTC)).build_server_verifier(x509.DNSName(host)))
+    verifier.verify(leaf, [signer(confdir)])
 
 
 def test_generated_ca_is_ecdsa_p256_with_a_private_key_file(tmp_path) -> None:
@@ -66,8 +72,11 @@ def test_generated_ca_is_ecdsa_p256_with_a_private_key_file(tmp_path) -> None:
     assert b"PRIVATE KEY" not in public.read_bytes()
 
 
-def test_generated_ca_is_constrained_to_the_catalog_zones_and_no_ip(tmp_path) -> None:
-    cert = load(prepare_ca(tmp_path, zones=ZONES, validity_days=30, now=NOW))
+@pytest.mark.parametrize(("tier", "path_length"), [("root", 1), ("signer", 0)])
+def test_generated_ca_is_constrained_to_the_catalog_zones_and_no_ip(tmp_path, tier,
+                                                                     path_length) -> None:
+    root = load(prepare_ca(tmp_path, zones=ZONES, validity_days=30, now=NOW))
+    cert = root if tier == "root" else signer(tmp_path)
     extension = cert.extensions.get_extension_for_class(x509.NameConstraints)
     assert extension.critical
     permitted = {n.value for n in extension.value.permitted_subtrees}
@@ -78,21 +87,31 @@ def test_generated_ca_is_constrained_to_the_catalog_zones_and_no_ip(tmp_path) ->
     assert {n.value for n in extension.value.excluded_subtrees} == {
         ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")}
     basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert basic.critical and basic.value.path_length == 0
+    assert basic.critical and basic.value.ca and basic.value.path_length == path_length
     assert cert.not_valid_after_utc == NOW + datetime.timedelta(days=30)
     assert cert.not_valid_before_utc == NOW - datetime.timedelta(days=2)
 
 
+def test_only_the_signing_key_is_kept_the_root_key_is_gone(tmp_path) -> None:
+    root = load(prepare_ca(tmp_path, zones=ZONES))
+    key_file = (tmp_path / CA_KEY_AND_CERT).read_bytes()
+    assert key_file.count(b"PRIVATE KEY-----") == 2  # one key: BEGIN and END
+    assert ca_key(tmp_path).public_key() == signer(tmp_path).public_key()
+    assert signer(tmp_path).public_key() != root.public_key()
+    signer(tmp_path).verify_directly_issued_by(root)
+    assert x509.load_pem_x509_certificates(key_file)[1] == root
+
+
 def test_cryptography_verifier_accepts_zone_leaves_and_rejects_others(tmp_path) -> None:
-    ca = load(prepare_ca(tmp_path, zones=ZONES))
-    key = ca_key(tmp_path)
+    prepare_ca(tmp_path, zones=ZONES)
+    key, ca = ca_key(tmp_path), signer(tmp_path)
     inside = leaf_certificate(key, ca, "account.blob.core.windows.net")
-    verify(ca, inside, "account.blob.core.windows.net")
+    verify(tmp_path, inside, "account.blob.core.windows.net")
     assert inside.extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == [
         "account.blob.core.windows.net"]
     with pytest.raises(VerificationError):
-        verify(ca, leaf_certificate(key, ca, "www.example.com"), "www.example.com")
+        verify(tmp_path, leaf_certificate(key, ca, "www.example.com"), "www.example.com")
 
 
 def test_mitmproxy_issues_ecdsa_host_certificates_from_it(tmp_path) -> None:
@@ -102,16 +121,15 @@ def test_mitmproxy_issues_ecdsa_host_certificates_from_it(tmp_path) -> None:
                            [x509.DNSName("account.blob.core.windows.net")])
     leaf = entry.cert.to_cryptography()
     assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
-    ca = load(tmp_path / CA_CERT)
-    leaf.verify_directly_issued_by(ca)
-    verify(ca, leaf, "account.blob.core.windows.net")
+    leaf.verify_directly_issued_by(signer(tmp_path))
+    verify(tmp_path, leaf, "account.blob.core.windows.net")
     # What mitmproxy's leaf would be in transparent mode (SNI plus the destination IP): the
     # constraints reject it. That is why keyless replaces it (addons/leaf.py).
     with_ip = store.get_cert("account.blob.core.windows.net", [
         x509.DNSName("account.blob.core.windows.net"),
         x509.IPAddress(ipaddress.ip_address("20.60.1.1"))]).cert.to_cryptography()
     with pytest.raises(VerificationError):
-        verify(ca, with_ip, "account.blob.core.windows.net")
+        verify(tmp_path, with_ip, "account.blob.core.windows.net")
 
 
 def test_a_fitting_ca_is_kept(tmp_path) -> None:
@@ -130,19 +148,20 @@ def test_a_fitting_ca_is_kept(tmp_path) -> None:
 ])
 def test_a_ca_that_no_longer_fits_is_replaced_loudly(tmp_path, caplog, change, reason) -> None:
     prepare_ca(tmp_path, zones=ZONES, validity_days=30, now=NOW)
-    before = load(tmp_path / CA_CERT)
+    before = signer(tmp_path)
     arguments = {"zones": ZONES, "validity_days": 30, "now": NOW} | change
     with caplog.at_level(logging.WARNING):
-        after = load(prepare_ca(tmp_path, **arguments))
+        root = load(prepare_ca(tmp_path, **arguments))
+    after = signer(tmp_path)
     assert after.public_key() != before.public_key()
+    after.verify_directly_issued_by(root)
     assert {n.value for n in after.extensions.get_extension_for_class(
         x509.NameConstraints).value.permitted_subtrees} == set(arguments["zones"])
     assert after.not_valid_after_utc == arguments["now"] + datetime.timedelta(
         days=arguments["validity_days"])
     message = caplog.text
     assert reason in message and "Apps must trust the new certificate" in message
-    assert (tmp_path / CA_KEY_AND_CERT).read_bytes().startswith(b"-----BEGIN PRIVATE KEY")
-    assert load(tmp_path / CA_KEY_AND_CERT) == after
+    assert ca_key(tmp_path).public_key() == after.public_key()
 
 
 def test_an_unconstrained_ca_from_an_older_keyless_is_replaced(tmp_path, caplog) -> None:
@@ -152,6 +171,25 @@ def test_an_unconstrained_ca_from_an_older_keyless_is_replaced(tmp_path, caplog)
         cert = load(prepare_ca(tmp_path, zones=ZONES))
     assert "no Name Constraints" in caplog.text
     assert cert.extensions.get_extension_for_class(x509.NameConstraints).critical
+
+
+def test_a_one_tier_ca_or_a_foreign_public_file_is_replaced(tmp_path, caplog) -> None:
+    prepare_ca(tmp_path, zones=ZONES)
+    key_file = tmp_path / CA_KEY_AND_CERT
+    signing = signer(tmp_path)
+    key_file.write_bytes(key_file.read_bytes().split(b"-----END CERTIFICATE-----")[0]
+                         + b"-----END CERTIFICATE-----\n")  # the signer alone
+    with caplog.at_level(logging.WARNING):
+        prepare_ca(tmp_path, zones=ZONES)
+    assert "not a constrained root with a constrained signing CA" in caplog.text
+    assert signer(tmp_path).public_key() != signing.public_key()
+    caplog.clear()
+    signing = signer(tmp_path)
+    (tmp_path / CA_CERT).write_bytes(b"")  # apps would trust nothing
+    with caplog.at_level(logging.WARNING):
+        root = load(prepare_ca(tmp_path, zones=ZONES))
+    assert "is not its root certificate" in caplog.text
+    signer(tmp_path).verify_directly_issued_by(root)
 
 
 def _supplied_ca(tmp_path, constraints: x509.NameConstraints | None,
@@ -201,12 +239,13 @@ def test_a_supplied_ca_that_cannot_serve_the_configuration_is_refused(tmp_path) 
 
 
 def test_leaves_never_outlive_the_ca(tmp_path) -> None:
-    ca = load(prepare_ca(tmp_path, zones=ZONES, validity_days=10, now=NOW))
+    prepare_ca(tmp_path, zones=ZONES, validity_days=10, now=NOW)
+    ca = signer(tmp_path)
     leaf = leaf_certificate(ca_key(tmp_path), ca, "a.queue.core.windows.net",
                             now=NOW + datetime.timedelta(days=5))
     assert leaf.not_valid_after_utc == ca.not_valid_after_utc
     assert leaf.not_valid_before_utc >= ca.not_valid_before_utc
-    verify(ca, leaf, "a.queue.core.windows.net", when=NOW + datetime.timedelta(days=9))
+    verify(tmp_path, leaf, "a.queue.core.windows.net", when=NOW + datetime.timedelta(days=9))
 
 
 # The zones come from the catalog's own host patterns.
