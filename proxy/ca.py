@@ -255,9 +255,11 @@ def check_supplied(cert: x509.Certificate, zones: Sequence[str],
 
 def prepare_ca(confdir: Path, ca_cert: Path | None = None, ca_key: Path | None = None, *,
                zones: Sequence[str], validity_days: float = DEFAULT_VALIDITY_DAYS,
-               now: datetime.datetime | None = None) -> Path:
+               replace: bool = True, now: datetime.datetime | None = None) -> Path:
     """Make sure the confdir holds a usable CA for these DNS zones; return the public
-    certificate's path. A generated CA that no longer fits is replaced (loudly)."""
+    certificate's path. A generated CA that no longer fits is replaced (loudly), unless
+    `replace` is false (`keyless ca` only prints: it must not pull the CA from under a
+    running keyless that has another configuration)."""
     from cryptography import x509
     from mitmproxy import certs  # imported late: `keyless --help` stays fast
 
@@ -294,7 +296,11 @@ def prepare_ca(confdir: Path, ca_cert: Path | None = None, ca_key: Path | None =
         reasons = stale_reasons(existing, zones, validity_days, now)
         if not reasons and not _same_file(confdir / CA_CERT, existing[1]):
             reasons = [f"{CA_CERT} is not its root certificate"]
-        if reasons:
+        if reasons and not replace:
+            logger.warning("the CA in %s does not fit this configuration (%s): `keyless run` "
+                           "or `keyless init` with it would replace it", confdir,
+                           "; ".join(reasons))
+        elif reasons:
             generate_ca(confdir, zones, validity_days, now=now)
             logger.warning(
                 "replaced keyless' CA in %s because %s. Apps must trust the new certificate "
@@ -320,10 +326,11 @@ def configured_zones(settings: Settings) -> tuple[str, ...]:
     return fold_zones([*zones, *(host for _, host in settings.reverse)])
 
 
-def prepare_ca_for(settings: Settings) -> Path:
+def prepare_ca_for(settings: Settings, replace: bool = True) -> Path:
     """prepare_ca with the settings' CA files, zones and validity."""
     return prepare_ca(settings.confdir, settings.ca_cert, settings.ca_key,
-                      zones=configured_zones(settings), validity_days=settings.ca_validity)
+                      zones=configured_zones(settings), validity_days=settings.ca_validity,
+                      replace=replace)
 
 
 def leaf_certificate(ca_key: CertificateIssuerPrivateKeyTypes, ca: x509.Certificate,

@@ -425,3 +425,10 @@ def test_a_new_route_replaces_the_generated_ca_and_init_publishes_it(tmp_path, p
     printed = subprocess.run([*keyless_command(), "ca", "--confdir", str(first.confdir),
                               "--config", str(config)], capture_output=True, timeout=60)
     assert printed.stdout == after
+    # `keyless ca` only prints: with another configuration it warns, and keeps the CA a
+    # running keyless uses
+    other = subprocess.run([*keyless_command(), "ca", "--confdir", str(first.confdir)],
+                           capture_output=True, timeout=60)
+    assert other.stdout == after == ca_pem.read_bytes()
+    assert b"does not fit this configuration" in other.stderr
+    assert b"permits zones no longer configured: contoso.internal" in other.stderr

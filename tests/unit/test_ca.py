@@ -164,6 +164,15 @@ def test_a_ca_that_no_longer_fits_is_replaced_loudly(tmp_path, caplog, change, r
     assert ca_key(tmp_path).public_key() == after.public_key()
 
 
+def test_printing_never_replaces_a_ca(tmp_path, caplog) -> None:
+    prepare_ca(tmp_path, zones=ZONES, now=NOW)
+    before = (tmp_path / CA_KEY_AND_CERT).read_bytes()
+    with caplog.at_level(logging.WARNING):
+        prepare_ca(tmp_path, zones=ZONES[1:], now=NOW, replace=False)
+    assert (tmp_path / CA_KEY_AND_CERT).read_bytes() == before
+    assert "does not fit this configuration" in caplog.text
+
+
 def test_an_unconstrained_ca_from_an_older_keyless_is_replaced(tmp_path, caplog) -> None:
     certs.CertStore.create_store(tmp_path, "mitmproxy", 2048)  # mitmproxy's own: no limits
     (tmp_path / CA_KEY_AND_CERT).chmod(0o600)
