@@ -19,6 +19,7 @@ from cachetools import LRUCache
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import tls
+from OpenSSL import crypto
 
 from proxy.ca import leaf_certificate
 
@@ -39,7 +40,8 @@ class OneNameLeaves:
     def __init__(self, ca_file: Path) -> None:
         self.ca_file = ca_file
         self._ca: tuple[object, x509.Certificate] | None = None
-        self._leaves: LRUCache[str, x509.Certificate] = LRUCache(maxsize=1024)
+        # per host: the leaf, converted once for pyOpenSSL
+        self._leaves: LRUCache[str, tuple[x509.Certificate, crypto.X509]] = LRUCache(1024)
 
     def _load_ca(self) -> tuple[object, x509.Certificate]:
         if self._ca is None:
@@ -48,12 +50,13 @@ class OneNameLeaves:
                         x509.load_pem_x509_certificate(raw))
         return self._ca
 
-    def leaf(self, host: str) -> x509.Certificate:
+    def leaf(self, host: str) -> tuple[x509.Certificate, crypto.X509]:
         now = datetime.datetime.now(datetime.UTC)
         cached = self._leaves.get(host)
-        if cached is None or cached.not_valid_after_utc <= now:
+        if cached is None or cached[0].not_valid_after_utc <= now:
             key, ca = self._load_ca()
-            cached = self._leaves[host] = leaf_certificate(key, ca, host, now)  # type: ignore[arg-type]
+            cert = leaf_certificate(key, ca, host, now)  # type: ignore[arg-type]
+            cached = self._leaves[host] = (cert, crypto.X509.from_cryptography(cert))
         return cached
 
     def tls_start_client(self, tls_start: tls.TlsData) -> None:
@@ -65,4 +68,4 @@ class OneNameLeaves:
             host = context.server.address[0]  # reverse mode, an app that sends no SNI
         if not host or _is_ip(host):
             return  # no name to certify: mitmproxy's leaf stays (and the app rejects it)
-        tls_start.ssl_conn.use_certificate(self.leaf(host.lower().rstrip(".")))
+        tls_start.ssl_conn.use_certificate(self.leaf(host.lower().rstrip("."))[1])
