@@ -287,7 +287,8 @@ def _sequence_zones(items: list[tuple[object, object]], tails: set[str],
         # at a dot, and the zone starts after it.
         zone = tail if start == 0 else tail.partition(".")[2]
         if not zone or (start > 0 and "." not in zone):
-            raise ValueError(f"host pattern {pattern!r} has no DNS zone of at least two labels "
+            shown = pattern.replace("[a-z0-9-]+", "*").replace("\\", "")  # a route's glob
+            raise ValueError(f"host {shown!r} has no DNS zone of at least two labels "
                              "(keyless' CA would be allowed to sign names under a whole "
                              "top-level domain)")
         zones.add(zone)

@@ -304,11 +304,17 @@ def _verify_with_constraints(confdir: Path, leaf: x509.Certificate, host: str) -
      .verify(leaf, [signing]))
 
 
+# keyless' default is lazy (the upstream is dialled when a request is forwarded, so
+# mitmproxy's leaf would hold the SNI and the CONNECT host); eager makes mitmproxy copy the
+# upstream certificate's names into its leaf, here Azurite's 127.0.0.1 and localhost, which
+# the CA's constraints forbid: keyless' leaf must name the host alone either way.
+@pytest.mark.parametrize("strategy", ["lazy", "eager"])
 def test_an_app_through_keyless_reaches_a_catalog_host_with_a_leaf_in_zone(
-        tmp_path, pki, azurite, module_identity, monkeypatch) -> None:
+        tmp_path, pki, azurite, module_identity, monkeypatch, strategy) -> None:
     process = KeylessProcess(tmp_path, [
         "--connect-to", f"{BLOB_HOST}:443:127.0.0.1:{azurite.blob_port}",
         "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
+        "--set", f"connection_strategy={strategy}",
     ], {**module_identity.env(), **DEAD_PROXY_ENV}).start()
     try:
         ca_pem = Path(process.ca_path)
@@ -384,6 +390,18 @@ def test_a_tls_client_without_sni_gets_a_leaf_without_an_ip(tmp_path, pki, azuri
         assert names.get_values_for_type(x509.IPAddress) == []
     finally:
         assert process.stop() == 0, process.log()[-3000:]
+
+
+def test_a_route_for_a_whole_top_level_domain_stops_startup(tmp_path) -> None:
+    config = tmp_path / "keyless.toml"
+    config.write_text('[[route]]\nhost = "*.internal"\nservice = "storage-blob"\n')
+    done = subprocess.run([*keyless_command(), "run", "--confdir", str(tmp_path / "conf"),
+                           "--config", str(config), "--listen", f"127.0.0.1:{free_port()}",
+                           "--admin", f"127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "'*.internal' has no DNS zone of at least two labels" in done.stderr
+    assert not (tmp_path / "conf" / CA_KEY_AND_CERT).exists()
 
 
 def test_a_new_route_replaces_the_generated_ca_and_init_publishes_it(tmp_path, pki,
