@@ -239,9 +239,9 @@ def check_supplied(cert: x509.Certificate, zones: Sequence[str],
     else:
         permitted = _dns(constraints.permitted_subtrees)
         excluded = _dns(constraints.excluded_subtrees)
+        # no DNS subtree among the permitted ones leaves DNS names unconstrained (RFC 5280)
         refused = [zone for zone in zones
-                   if (constraints.permitted_subtrees is not None
-                       and not any(in_zone(zone, p) for p in permitted))
+                   if (permitted and not any(in_zone(zone, p) for p in permitted))
                    or any(in_zone(zone, e) or in_zone(e, zone) for e in excluded)]
         if refused:
             raise CAError(f"the supplied CA (--ca-cert) has Name Constraints that do not "

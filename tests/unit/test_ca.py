@@ -242,6 +242,16 @@ def test_a_supplied_ca_that_cannot_serve_the_configuration_is_refused(tmp_path) 
         prepare_ca(tmp_path / "conf", cert_path, key_path, zones=ZONES)
     # the same CA is fine for a configuration inside its zone
     prepare_ca(tmp_path / "conf", cert_path, key_path, zones=("blob.core.windows.net",))
+    excluding = x509.NameConstraints(permitted_subtrees=None,
+                                     excluded_subtrees=[x509.DNSName("core.windows.net")])
+    cert_path, key_path = _supplied_ca(tmp_path, excluding)
+    with pytest.raises(CAError, match=r"do not permit .*blob\.core\.windows\.net"):
+        prepare_ca(tmp_path / "conf", cert_path, key_path, zones=ZONES)
+    ip_only = x509.NameConstraints(  # no DNS subtree: DNS names are not constrained
+        permitted_subtrees=[x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))],
+        excluded_subtrees=None)
+    cert_path, key_path = _supplied_ca(tmp_path, ip_only)
+    prepare_ca(tmp_path / "conf", cert_path, key_path, zones=ZONES)
     expired_cert, expired_key = _supplied_ca(tmp_path, None, days_left=-1)
     with pytest.raises(CAError, match="not now"):
         prepare_ca(tmp_path / "conf2", expired_cert, expired_key, zones=ZONES)
