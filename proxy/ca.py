@@ -1,8 +1,8 @@
 """keyless' CA: generated in the confdir, or supplied (cert-manager, Key Vault, ...).
 
-mitmproxy reads its CA from CONFDIR/mitmproxy-ca.pem (private key and certificate); apps
-trust CONFDIR/mitmproxy-ca-cert.pem. The private key is never readable by group or others:
-keyless refuses to start otherwise.
+mitmproxy reads its CA from CONFDIR/mitmproxy-ca.pem (private key, certificate, then the rest
+of the chain); apps trust CONFDIR/mitmproxy-ca-cert.pem. The private key is never readable by
+group or others: keyless refuses to start otherwise.
 
 A generated CA has an ECDSA P-256 key (mitmproxy would make RSA-2048). mitmproxy signs every
 certificate it shows an app with the CA's key and uses that key in every TLS handshake with
@@ -12,8 +12,10 @@ RSA CA with --ca-cert/--ca-key for one that does not.
 
 A generated CA cannot be misused beyond what keyless intercepts: critical X.509 Name
 Constraints permit only the catalog's DNS zones (plus routes and reverse targets) and exclude
-every IP address, and it is valid for --ca-validity days. At start keyless makes a new one when
-the configured zones changed or the CA is in the last third of its validity. A supplied CA is
+every IP address, and it is valid for --ca-validity days. It is two-tier (a root whose key is
+dropped, and the signing CA keyless keeps) because Java ignores constraints on a trust anchor.
+At start keyless makes a new one when the configured zones changed or the CA is in the last
+third of its validity. A supplied CA is
 never replaced: keyless refuses one that is expired or excludes a configured zone and warns
 about one without constraints.
 """
@@ -69,8 +71,6 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         file.write(data)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
-
-
 
 
 def _now() -> datetime.datetime:
