@@ -207,3 +207,98 @@ class Catalog:
 
     def with_routes(self, routes: Iterable[Service]) -> Catalog:
         return Catalog((*routes, *self.services))
+
+    def permitted_zones(self) -> tuple[str, ...]:
+        """The DNS zones every host this catalog intercepts lies in (for the CA's X.509 Name
+        Constraints): each host pattern's fixed tail, cut at a label boundary, narrowest
+        zones folded into wider ones. A `*` inside a label (storage-*.contoso.internal) gives
+        the parent zone (contoso.internal); a pattern with no fixed zone is refused."""
+        zones: set[str] = set()
+        for service in self.services:
+            zones.update(host_pattern_zones(service.host_pattern))
+        return fold_zones(zones)
+
+
+# Permitted zones: read off the host patterns themselves (re's own parser), so a new catalog
+# entry or route can never be forgotten in the CA's constraints.
+_MAX_FORMS = 4096
+
+
+def _literal_forms(items: list[tuple[object, object]]) -> set[str] | None:
+    """Every string a regex sequence matches, when it only spells out fixed text (literals,
+    alternatives, optional parts); None when it matches open-ended text."""
+    from re import _constants as c  # private, but stable since Python 3.11
+
+    forms = {""}
+    for op, arg in items:
+        if op is c.LITERAL:
+            options: set[str] | None = {chr(arg)}  # type: ignore[arg-type]
+        elif op is c.BRANCH:
+            options = set()
+            for alternative in arg[1]:  # type: ignore[index]
+                found = _literal_forms(list(alternative))
+                if found is None:
+                    return None
+                options |= found
+        elif op is c.SUBPATTERN:
+            options = _literal_forms(list(arg[3]))  # type: ignore[index]
+        elif op is c.IN and all(o is c.LITERAL for o, _ in arg):  # type: ignore[attr-defined]
+            options = {chr(v) for _, v in arg}  # type: ignore[attr-defined]
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT) and arg[:2] == (0, 1):  # type: ignore[index]
+            found = _literal_forms(list(arg[2]))  # type: ignore[index]
+            options = None if found is None else found | {""}
+        else:
+            return None
+        if options is None or len(forms) * len(options) > _MAX_FORMS:
+            return None
+        forms = {head + tail for head in forms for tail in options}
+    return forms
+
+
+def host_pattern_zones(pattern: str) -> set[str]:
+    """The zones of one host pattern: the fixed tail of each way it can match."""
+    from re import _parser
+
+    return _sequence_zones(list(_parser.parse(pattern)), {""}, pattern)
+
+
+def _sequence_zones(items: list[tuple[object, object]], tails: set[str],
+                    pattern: str) -> set[str]:
+    from re import _constants as c
+
+    start = len(items)
+    while start > 0:
+        op, arg = items[start - 1]
+        forms = _literal_forms([items[start - 1]])
+        if forms is not None and len(forms) * len(tails) <= _MAX_FORMS:
+            tails = {head + tail for head in forms for tail in tails}
+            start -= 1
+        elif op is c.BRANCH:  # alternatives that are not all fixed text: follow each one
+            return {zone for alternative in arg[1]  # type: ignore[index]
+                    for zone in _sequence_zones([*items[:start - 1], *alternative], tails,
+                                                pattern)}
+        elif op is c.SUBPATTERN:
+            return _sequence_zones([*items[:start - 1], *arg[3]], tails, pattern)  # type: ignore[index]
+        else:
+            break
+    zones = set()
+    for tail in tails:
+        # The whole host fixed: that name itself; else the open part ends inside a label or
+        # at a dot, and the zone starts after it.
+        zone = tail if start == 0 else tail.partition(".")[2]
+        if not zone or (start > 0 and "." not in zone):
+            shown = pattern.replace("[a-z0-9-]+", "*").replace("\\", "")  # a route's glob
+            raise ValueError(f"host {shown!r} has no DNS zone of at least two labels "
+                             "(keyless' CA would be allowed to sign names under a whole "
+                             "top-level domain)")
+        zones.add(zone)
+    return zones
+
+
+def fold_zones(zones: Iterable[str]) -> tuple[str, ...]:
+    """Drop zones inside other zones (a Name Constraint on a zone covers its subdomains)."""
+    kept: list[str] = []
+    for zone in sorted(set(zones), key=lambda z: (z.count("."), z)):
+        if not any(zone == k or zone.endswith("." + k) for k in kept):
+            kept.append(zone)
+    return tuple(sorted(kept))

@@ -10,16 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.ca import CAError, prepare_ca
+from proxy.ca import CAError, prepare_ca_for
 from proxy.config import ConfigError, Settings, add_flags, resolve
 from proxy.dial import CheckedDialLoop
 from proxy.logs import setup_logging
 from proxy.transparent import transparent_rules
 
 
-def ca_certificate(settings: Settings) -> bytes:
-    """The public CA certificate in PEM, generating (or installing a supplied) CA first."""
-    return prepare_ca(settings.confdir, settings.ca_cert, settings.ca_key).read_bytes()
+def ca_certificate(settings: Settings, replace: bool = True) -> bytes:
+    """The public CA certificate in PEM, generating (or installing a supplied) CA first;
+    `replace`: also replace a generated CA that does not fit the settings."""
+    return prepare_ca_for(settings, replace).read_bytes()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         if args.command == "ca":
-            sys.stdout.buffer.write(ca_certificate(settings))
+            sys.stdout.buffer.write(ca_certificate(settings, replace=False))
             return 0
         if args.command == "init":
             out = Path(args.ca_out)

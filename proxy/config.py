@@ -56,6 +56,13 @@ def parse_reverse(text: str) -> tuple[int, str]:
     return int(port), match.group(1)
 
 
+def parse_days(text: str) -> float:
+    value = float(text)
+    if not 1 <= value <= 3650:
+        raise ValueError(f"expected a number of days from 1 to 3650, got {text!r}")
+    return value
+
+
 def parse_bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("true", "1", "yes", "on"):
@@ -131,6 +138,10 @@ FLAGS: tuple[Flag, ...] = (
          "Use this CA certificate (PEM) instead of generating one; needs --ca-key."),
     Flag("ca-key", "FILE", "", lambda s: Path(s).expanduser() if s else None,
          "The supplied CA's private key (PEM); must not be readable by group or others."),
+    Flag("ca-validity", "DAYS", "30", parse_days,
+         "How long a generated CA is valid. keyless makes a new one at start when a third "
+         "of this is left, or when the configured hosts changed; apps must then re-read "
+         "the CA certificate."),
     Flag("drain-timeout", "SECONDS", "30", parse_seconds,
          "On SIGTERM: readiness fails, new connections are refused, and in-flight requests "
          "get this long to finish before keyless exits."),
@@ -196,6 +207,7 @@ class Settings:
     confdir: Path
     ca_cert: Path | None
     ca_key: Path | None
+    ca_validity: float
     drain_timeout: float
     reverse: tuple[tuple[int, str], ...]
     transparent: bool

@@ -20,6 +20,7 @@ from addons.failclosed import FailClosed
 from addons.guard import ClientAllowlist, DenyDestinations, DialCheckedAddresses
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
+from addons.leaf import OneNameLeaves
 from addons.observe import ObserveUpstream
 from addons.pool import PoolUpstream
 from addons.quickack import QuickAck
@@ -29,7 +30,7 @@ from addons.stream import StreamBodies
 from proxy import metrics
 from proxy.admin import AdminServer, AdminTokenError, Health, read_admin_token
 from proxy.audit import STATE_FILE, CallLog, build_report
-from proxy.ca import CAError, prepare_ca
+from proxy.ca import CA_KEY_AND_CERT, CAError, prepare_ca_for
 from proxy.catalog import Catalog
 from proxy.config import Settings
 from proxy.connect_to import ConnectToTable
@@ -109,6 +110,9 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
                        own_port=settings.admin[1])
     upstream = UpstreamPool(dialer)  # pooled requests and 401 replays
     m.addons.add(errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
+                 # after mitmproxy's TlsConfig: the app sees a leaf for its host alone
+                 # (the CA's name constraints permit nothing else)
+                 OneNameLeaves(settings.confdir / CA_KEY_AND_CERT),
                  *request_chain(settings, catalog, tokens, calls, upstream),
                  ReportHealth(health),
                  DialCheckedAddresses(dialer))  # the last server_connect hook
@@ -175,7 +179,7 @@ async def save_periodically(calls: CallLog, every: float = 5.0) -> None:
 async def serve(settings: Settings) -> int:
     """Run the proxy and the admin server until SIGTERM/SIGINT."""
     try:
-        prepare_ca(settings.confdir, settings.ca_cert, settings.ca_key)
+        prepare_ca_for(settings)
     except CAError as exc:
         raise StartupError(str(exc)) from None
     source = CredentialSource()
