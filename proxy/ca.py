@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 BASENAME = "mitmproxy"
 CA_KEY_AND_CERT = f"{BASENAME}-ca.pem"
 CA_CERT = f"{BASENAME}-ca-cert.pem"
-DEFAULT_VALIDITY_DAYS = 30
+DEFAULT_VALIDITY_DAYS = 90
 CLOCK_SKEW = datetime.timedelta(days=2)  # a CA valid from two days ago, as mitmproxy does
 # Leaves keyless shows apps: as long as mitmproxy's (199 days), never past the CA's end.
 LEAF_VALIDITY = datetime.timedelta(days=199)
@@ -331,6 +331,14 @@ def prepare_ca_for(settings: Settings, replace: bool = True) -> Path:
     return prepare_ca(settings.confdir, settings.ca_cert, settings.ca_key,
                       zones=configured_zones(settings), validity_days=settings.ca_validity,
                       replace=replace)
+
+
+def expires_at(public_cert: Path) -> float:
+    """When the CA that apps trust (and so every leaf) expires, as a Unix time."""
+    from cryptography import x509
+
+    chain = x509.load_pem_x509_certificates(public_cert.read_bytes())
+    return min(cert.not_valid_after_utc for cert in chain).timestamp()
 
 
 def leaf_certificate(ca_key: CertificateIssuerPrivateKeyTypes, ca: x509.Certificate,

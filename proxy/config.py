@@ -138,7 +138,7 @@ FLAGS: tuple[Flag, ...] = (
          "Use this CA certificate (PEM) instead of generating one; needs --ca-key."),
     Flag("ca-key", "FILE", "", lambda s: Path(s).expanduser() if s else None,
          "The supplied CA's private key (PEM); must not be readable by group or others."),
-    Flag("ca-validity", "DAYS", "30", parse_days,
+    Flag("ca-validity", "DAYS", "90", parse_days,
          "How long a generated CA is valid. keyless makes a new one at start when a third "
          "of this is left, or when the configured hosts changed; apps must then re-read "
          "the CA certificate."),

@@ -104,6 +104,14 @@ ADDED_SECONDS = Histogram(
 )
 
 
+CA_EXPIRY = Gauge(
+    "keyless_ca_expiry_timestamp_seconds",
+    "When keyless' CA (the one apps trust) expires, as a Unix time; a running keyless does "
+    "not rotate it: restart the pod before.",
+    registry=REGISTRY,
+)
+
+
 class TokenExpiryCollector:
     """keyless_token_expiry_seconds{identity, scope}: read from the token cache at scrape."""
 

@@ -30,7 +30,7 @@ from addons.stream import StreamBodies
 from proxy import metrics
 from proxy.admin import AdminServer, AdminTokenError, Health, read_admin_token
 from proxy.audit import STATE_FILE, CallLog, build_report
-from proxy.ca import CA_KEY_AND_CERT, CAError, prepare_ca_for
+from proxy.ca import CA_KEY_AND_CERT, CAError, expires_at, prepare_ca_for
 from proxy.catalog import Catalog
 from proxy.config import Settings
 from proxy.connect_to import ConnectToTable
@@ -179,7 +179,7 @@ async def save_periodically(calls: CallLog, every: float = 5.0) -> None:
 async def serve(settings: Settings) -> int:
     """Run the proxy and the admin server until SIGTERM/SIGINT."""
     try:
-        prepare_ca_for(settings)
+        metrics.CA_EXPIRY.set(expires_at(prepare_ca_for(settings)))
     except CAError as exc:
         raise StartupError(str(exc)) from None
     source = CredentialSource()

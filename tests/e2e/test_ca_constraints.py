@@ -322,7 +322,11 @@ def test_an_app_through_keyless_reaches_a_catalog_host_with_a_leaf_in_zone(
         permitted = {n.value for n in ca.extensions.get_extension_for_class(
             x509.NameConstraints).value.permitted_subtrees}
         assert "blob.core.windows.net" in permitted
-        assert ca.not_valid_after_utc - ca.not_valid_before_utc == datetime.timedelta(days=32)
+        # 90 days (the default) from two days back (clock skew, as mitmproxy)
+        assert ca.not_valid_after_utc - ca.not_valid_before_utc == datetime.timedelta(days=92)
+        # what operators alert on: a running keyless does not rotate its CA
+        assert process.metric("keyless_ca_expiry_timestamp_seconds") == \
+            ca.not_valid_after_utc.timestamp()
 
         leaf = _connect_through(process.port, BLOB_HOST, ca_pem)
         assert leaf.extensions.get_extension_for_class(

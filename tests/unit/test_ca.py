@@ -321,7 +321,7 @@ def test_configured_zones_add_routes_and_fold_subzones(tmp_path) -> None:
 
 def test_ca_validity_flag() -> None:
     args = build_parser().parse_args(["run"])
-    assert resolve(args, {}).ca_validity == 30
+    assert resolve(args, {}).ca_validity == 90
     assert resolve(args, {"KEYLESS_CA_VALIDITY": "7"}).ca_validity == 7
     with pytest.raises(ConfigError, match="1 to 3650"):
         resolve(build_parser().parse_args(["run", "--ca-validity", "0"]), {})
