@@ -68,8 +68,9 @@ class Exchange:
 
 
 def exchange(proxy_port: int, target: bytes | str, sni: str | None, raw: bytes,
-             timeout: float = 10, alpn: list[str] | None = None) -> Exchange:
+             timeout: float = 10, alpn: list[str] | None = None, tls: bool = True) -> Exchange:
     """CONNECT target, TLS with `sni` (None: no SNI), send `raw`, read the answer.
+    `tls=False`: send `raw` in the clear inside the tunnel.
 
     Certificates are not checked (the attacker does not care) but the one shown is kept, so
     a test can tell whether keyless intercepted (its CA signed it) or tunnelled (the server's own).
@@ -82,6 +83,9 @@ def exchange(proxy_port: int, target: bytes | str, sni: str | None, raw: bytes,
         status = status_of(head)
         if status != 200:
             return Exchange(status, head + _read_body(sock, head), None, None)
+        if not tls:
+            sock.sendall(raw)
+            return Exchange(status, _read_all(sock), None, None)
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
