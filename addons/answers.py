@@ -27,6 +27,15 @@ def to_response(answer: Answer) -> http.Response:
     )
 
 
+def catalog_host(flow: http.HTTPFlow) -> str:
+    """The name the request is for, as the catalog knows it. In transparent mode mitmproxy's
+    request host is the redirected connection's original IP address: the name is the TLS
+    server name the app sent (the agreement check then holds the Host header to it)."""
+    if isinstance(flow.client_conn.proxy_mode, TransparentMode):
+        return (flow.client_conn.sni or flow.request.host).lower()
+    return flow.request.host.lower()
+
+
 def destination(flow: http.HTTPFlow) -> Destination:
     """Every name the flow's destination goes by, for the agreement check."""
     mode = flow.client_conn.proxy_mode

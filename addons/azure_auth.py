@@ -7,7 +7,7 @@ import time
 
 from mitmproxy import http
 
-from addons.answers import destination, keyless_answer
+from addons.answers import catalog_host, destination, keyless_answer
 from proxy import metrics
 from proxy.audit import CallKey, CallLog
 from proxy.catalog import CHALLENGE_SCOPE, Catalog, Service, Target
@@ -41,7 +41,7 @@ class AzureAuth:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        target = self.catalog.match(flow.request.host, flow.request.path)
+        target = self.catalog.match(catalog_host(flow), flow.request.path)
         if target is None:
             return
         started = time.perf_counter()
@@ -54,13 +54,13 @@ class AzureAuth:
         service = target.service
         state = start_state(flow, service.name, target.resource)
         if service.conversion is None:
-            self._report_unsupported(flow.request.host.lower(), target)
+            self._report_unsupported(catalog_host(flow), target)
             return
         if self.audit:
             self._audit(flow, target)
             return
         host = destination(flow).agreed_host()
-        if host is None or host != flow.request.host.lower():
+        if host is None or host != catalog_host(flow):
             # Plain HTTP, or names that disagree: never a token. A key is never forwarded
             # either: such a request is refused when it carries key material.
             self._refuse_if_keyed(flow, service)
@@ -110,20 +110,21 @@ class AzureAuth:
                                    flow.request.headers.get)
         for scheme in schemes:
             self.calls.record(CallKey(target.service.name, target.resource,
-                                      flow.request.host.lower(), scheme, operation, identity,
+                                      catalog_host(flow), scheme, operation, identity,
                                       handled))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None or response.status_code != 401:
             return
-        target = self.catalog.match(flow.request.host, flow.request.path)
+        host = catalog_host(flow)
+        target = self.catalog.match(host, flow.request.path)
         if target is None or target.service.scope != CHALLENGE_SCOPE:
             return
-        if destination(flow).agreed_host() != flow.request.host.lower():
+        if destination(flow).agreed_host() != host:
             return
         for challenge in response.headers.get_all("www-authenticate"):
-            if scope := self.challenges.learn(flow.request.host.lower(), challenge):
+            if scope := self.challenges.learn(host, challenge):
                 logger.info("%s: learned scope %s from the service's challenge",
                             target.service.name, scope)
                 return

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.mode_specs import TransparentMode
 
 from proxy import metrics
 from proxy.errors import error_response
@@ -36,12 +37,23 @@ class ClientAllowlist:
 
     def client_connected(self, client: connection.Client) -> None:
         address = _address(client.peername[0])
-        if address is None or address.is_loopback:
+        if address is None or address.is_loopback or _redirected_locally(client):
             return
         if not any(address in network for network in self.networks):
             metrics.REQUESTS.labels(service="none", outcome="client_denied").inc()
             logger.warning("refused client %s: not in --allow-clients", address)
             client.error = "client not allowed by keyless --allow-clients"
+
+
+def _redirected_locally(client: connection.Client) -> bool:
+    """A transparent listener on loopback gets only this host's own connections, which
+    iptables REDIRECT delivers with their original source (the pod's address, not loopback):
+    the kernel accepts nothing for 127/8 from other hosts."""
+    mode = client.proxy_mode
+    if not isinstance(mode, TransparentMode):
+        return False
+    listen = _address(mode.custom_listen_host or "")
+    return listen is not None and listen.is_loopback
 
 
 class DenyDestinations:

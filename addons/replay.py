@@ -13,7 +13,7 @@ import logging
 import aiohttp
 from mitmproxy import http
 
-from addons.answers import keyless_answer, to_response
+from addons.answers import catalog_host, keyless_answer, to_response
 from proxy import metrics
 from proxy.diagnosis import rbac_denial
 from proxy.flowstate import FlowState, converted
@@ -104,11 +104,13 @@ class ReplayUnauthorized:
 
     async def _replay(self, flow: http.HTTPFlow, body: bytes) -> http.Response:
         request = flow.request
+        name = catalog_host(flow)  # differs from request.host in transparent mode (an address)
         try:
             answer = await self.upstream.send(
                 request.method, request.host, request.port, request.path,
                 forwarded_headers(request.headers.items(multi=True)),
-                request.host_header or request.host, body, limit=REPLAY_RESPONSE_LIMIT)
+                request.host_header or name, body, limit=REPLAY_RESPONSE_LIMIT,
+                server_hostname=name if name != request.host.lower() else None)
         except TooLarge:
             return keyless_answer(502, "KeylessReplayTooLarge",
                                   "the replayed response is too large to relay")

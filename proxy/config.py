@@ -169,9 +169,11 @@ FLAGS: tuple[Flag, ...] = (
          "Audit mode: change nothing, forward every request as the app sent it, and record "
          "each key-based call for `keyless report`.", switch=True),
     Flag("upstream-pool", "BOOL", "true", parse_bool,
-         "Keep upstream connections alive across app connections for small idempotent "
-         "requests (GET, HEAD, PUT, DELETE, OPTIONS; body <= 64 KiB, answer <= 256 KiB); "
-         "false: one upstream connection per app connection, as mitmproxy does.",
+         "Send an app connection's first converted request (any method; a body of known "
+         "length <= 64 KiB) over upstream connections kept alive across app connections; "
+         "answers up to 256 KiB come back whole, larger ones stream. Nothing is ever sent "
+         "twice: no answer means 502 KeylessUpstreamFailed. false: one upstream connection"
+         " per app connection, as mitmproxy does.",
          switch=True),
     Flag("log-level", "LEVEL", "info", parse_log_level,
          "debug, info, warning or error."),

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from mitmproxy.addons import errorcheck
 
 from addons.azure_auth import AzureAuth
 from addons.diagnose import DiagnoseDenials
+from addons.failclosed import FailClosed
 from addons.guard import ClientAllowlist, DenyDestinations
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
@@ -28,6 +30,7 @@ from proxy import metrics
 from proxy.admin import AdminServer, Health
 from proxy.audit import STATE_FILE, CallLog, build_report
 from proxy.ca import CAError, prepare_ca
+from proxy.catalog import Catalog
 from proxy.config import Settings
 from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
@@ -43,13 +46,27 @@ class StartupError(Exception):
 
 
 def listen_spec(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # mitmproxy splits at the last ':' and keeps brackets in the host: write ::1:8080
+    return f"{host}:{port}"
 
 
-def proxy_modes(settings: Settings) -> list[str]:
+def ipv6_loopback() -> bool:
+    """Whether this host has ::1 (IPv6 is switched off in some pods)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def proxy_modes(settings: Settings, has_ipv6_loopback: bool = False) -> list[str]:
     """mitmproxy mode specs: the main listener, and one reverse listener per --reverse."""
     main = "transparent" if settings.transparent else "regular"
     modes = [f"{main}@{listen_spec(*settings.listen)}"]
+    if settings.transparent and settings.listen[0] == "127.0.0.1" and has_ipv6_loopback:
+        # The recipe's ip6tables REDIRECT sends IPv6 connections to [::1]: listen there too.
+        modes.append(f"transparent@{listen_spec('::1', settings.listen[1])}")
     modes += [f"reverse:https://{host}@{listen_spec('127.0.0.1', port)}"
               for port, host in settings.reverse]
     return modes
@@ -58,7 +75,7 @@ def proxy_modes(settings: Settings) -> list[str]:
 def keyless_options(settings: Settings) -> dict[str, object]:
     host, port = settings.listen
     return {
-        "mode": proxy_modes(settings),
+        "mode": proxy_modes(settings, ipv6_loopback()),
         "listen_host": host,
         "listen_port": port,
         "confdir": str(settings.confdir),
@@ -84,20 +101,10 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
     m.addons.add(ClientAllowlist(settings.allow_clients), guard)
     m.addons.add(InterceptOnlyAzure(catalog))
     m.addons.add(*mitm_addons.default_addons())
-    reporter = ReportHealth(health)
     upstream = UpstreamPool(denied=guard.denied)  # pooled requests and 401 replays
-    m.addons.add(
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
-        QuickAck(),
-        StreamBodies(),
-        ResumeUpstreamTLS(),
-        AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
-        ReplayUnauthorized(tokens, upstream),
-        PoolUpstream(upstream, UpstreamRelay(), enabled=settings.upstream_pool),
-        ObserveUpstream(),
-        DiagnoseDenials(),
-        reporter,
-    )
+    m.addons.add(errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
+                 *request_chain(settings, catalog, tokens, calls, upstream),
+                 ReportHealth(health))
     try:
         # Options exist once the addons that declare them are loaded.
         opts.update(**keyless_options(settings))
@@ -106,6 +113,32 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
     except exceptions.OptionsError as exc:
         raise StartupError(f"invalid mitmproxy option: {exc}") from None
     return m
+
+
+def request_chain(settings: Settings, catalog: Catalog, tokens: TokenCache, calls: CallLog,
+                  upstream: UpstreamPool) -> list[object]:
+    """keyless' request addons. mitmproxy calls each hook on them in this order, and the
+    order is part of their contract (tests/unit/test_addon_order.py checks it):
+
+    - StreamBodies first: it turns streaming on; later addons may turn it off for a request
+      (a refusal, a kept 401 body, a pooled request).
+    - AzureAuth converts (strips key material, attaches the token, fills the flow record).
+    - FailClosed comes right after it and before anything that sends: the upstream pool
+      sends in its request hook and the 401 replay in its response hook, both later.
+    - ReplayUnauthorized and PoolUpstream read the record AzureAuth filled.
+    - ObserveUpstream and DiagnoseDenials only watch answers.
+    """
+    return [
+        QuickAck(),
+        StreamBodies(),
+        ResumeUpstreamTLS(),
+        AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
+        FailClosed(catalog, audit=settings.audit),
+        ReplayUnauthorized(tokens, upstream),
+        PoolUpstream(upstream, UpstreamRelay(), enabled=settings.upstream_pool),
+        ObserveUpstream(),
+        DiagnoseDenials(),
+    ]
 
 
 def default_identity() -> Identity:

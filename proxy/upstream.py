@@ -88,6 +88,10 @@ def answer(response: aiohttp.ClientResponse, content: bytes, started: float) -> 
     return Answer(response.status, response.reason or "", headers, content, started, time.time())
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 class GuardedResolver(AbstractResolver):
     """Resolves through the event loop (--connect-to) and refuses denied addresses."""
 
@@ -163,12 +167,16 @@ class UpstreamPool:
         metrics.UPSTREAM_POOL_CONNECTIONS.inc()
 
     def request(self, method: str, host: str, port: int, path: str,
-                headers: list[tuple[str, str]], body: bytes | None) -> Any:
-        """One request over a pooled connection: aiohttp's response context manager."""
-        url = aiohttp.client.URL(f"https://{host}:{port}{path}", encoded=True)
+                headers: list[tuple[str, str]], body: bytes | None,
+                server_hostname: str | None = None) -> Any:
+        """One request over a pooled connection: aiohttp's response context manager.
+        `server_hostname`: the name TLS verifies when `host` is an address (transparent mode
+        dials the redirected connection's original address)."""
+        url = aiohttp.client.URL(f"https://{_url_host(host)}:{port}{path}", encoded=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=self.read_timeout)
         return self._open().request(method, url, headers=headers, data=body,
-                                    ssl=self.tls or True, allow_redirects=False, timeout=timeout)
+                                    ssl=self.tls or True, allow_redirects=False, timeout=timeout,
+                                    server_hostname=server_hostname)
 
     async def exchange(self, method: str, host: str, port: int, path: str,
                        headers: list[tuple[str, str]], host_header: str, body: bytes | None,
@@ -191,12 +199,12 @@ class UpstreamPool:
 
     async def send(self, method: str, host: str, port: int, path: str,
                    headers: list[tuple[str, str]], host_header: str, body: bytes | None,
-                   limit: int) -> Answer:
+                   limit: int, server_hostname: str | None = None) -> Answer:
         """One request, its whole answer read (streams and chunked ones too) up to `limit`;
         raises TooLarge beyond it."""
         started = time.time()
         async with self.request(method, host, port, path, [*headers, ("Host", host_header)],
-                                body) as response:
+                                body, server_hostname) as response:
             if bodyless(method, response.status):
                 return answer(response, b"", started)
             if response.content_length is not None and response.content_length > limit:

@@ -159,7 +159,7 @@ def test_transparent_mode_configuration_and_iptables_recipe(tmp_path):
     settings = resolve(build_parser().parse_args(
         ["run", "--transparent", "--listen", "127.0.0.1:15001", "--reverse",
          "9001=https://acct.blob.core.windows.net"]), {})
-    assert proxy_modes(settings) == ["transparent@127.0.0.1:15001",
+    assert proxy_modes(settings, has_ipv6_loopback=False) == ["transparent@127.0.0.1:15001",
                                      "reverse:https://acct.blob.core.windows.net@127.0.0.1:9001"]
     rules = transparent_rules(15001, 10001)
     assert "iptables -t nat -A KEYLESS_OUTPUT -m owner --uid-owner 10001 -j RETURN" in rules
