@@ -28,7 +28,7 @@ tunnelled cases, inside the app's own untouched bytes.
 
 Mutations of the agreement check (proxy/authority.py `Destination.agreed_host`), each run
 against this module and restored; the counts are tests that fail besides the known finding
-below (53 tests in all):
+below (55 tests in all):
 
 - ignore the TLS server name (no `sni != connect_host` test, a missing SNI accepted): 4 fail —
   "TLS server name differs", "no TLS server name", "OpenAI api-key, SNI differs",
@@ -50,7 +50,8 @@ Other mutations, to see each kind of check fail: intercepting every CONNECT targ
 every Tunnelled attempt, the certificate is keyless'), a catalog matched with `re.match`
 instead of `fullmatch` (7 fail, 5 of them "token delivered to an attacker"), a Storage
 conversion that keeps `sig` (8 fail: every Converted attempt, key material at the catalog
-host), attaching whatever the agreement says (18 fail).
+host), attaching whatever the agreement says (18 fail), FailClosed taken out of the request
+chain (2 fail: the cross-service attempts; the Cosmos master key reached the Storage host).
 
 Known finding (kept failing on purpose): an absolute-form request whose URL has userinfo
 ("https userinfo without a tunnel", "http userinfo") is rejected by mitmproxy itself with a
@@ -185,6 +186,9 @@ MISDIRECTED = Refused(421, "KeylessMisdirectedRequest")
 PLAIN_HTTP = Refused(403, "KeylessPlainHttpRefused")
 DENIED_AT_CONNECT = Refused(403, "KeylessDestinationDenied", at_connect=True)
 DENIED = Refused(403, "KeylessDestinationDenied")
+# the last check before anything is sent (addons/failclosed.py): a key one of the names'
+# services recognises, left in a request the CONNECT target's own service did not convert
+KEY_NOT_CONVERTED = Refused(403, "KeylessKeyNotConverted")
 UPSTREAM_FAILED = Refused(502, "KeylessUpstreamFailed")  # the upstream's TLS check failed
 # mitmproxy's own answer to a malformed line, before any keyless hook sees it (no error code)
 BAD_CONNECT = Refused(400, "", at_connect=True)
@@ -261,6 +265,12 @@ TUNNEL_ATTEMPTS = [
             "evil.test", appconfig_key, MISDIRECTED),
     Attempt("Maps key, Host differs", f"{MAPS_HOST}:443", MAPS_HOST, "evil.test", maps_key,
             MISDIRECTED),
+    # names that disagree across services: the CONNECT target's service (Storage) does not
+    # know the key, the service another name points to does
+    Attempt("Host names a Cosmos account, CONNECT a Storage account", f"{H}:443", H,
+            COSMOS_HOST, cosmos_key, KEY_NOT_CONVERTED),
+    Attempt("SNI names an OpenAI resource, CONNECT a Storage account", f"{H}:443", OPENAI_HOST,
+            H, openai_key, KEY_NOT_CONVERTED),
     # every name agrees, but the request target is an absolute URL naming the attacker: the
     # request goes to the CONNECT target only (the agreeing catalog host), never to evil.test
     Attempt("absolute-form URL naming the attacker inside the tunnel", f"{H}:443", H, H,
