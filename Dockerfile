@@ -41,9 +41,10 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 USER 10001:10001
 # Runtime configuration: every flag is also KEYLESS_<FLAG>; flags beat environment beat the
 # --config file. The proxy stays on loopback (the app shares the pod's network); the admin
-# server listens on all interfaces so the kubelet's probes and Prometheus can reach it (it
-# serves no secrets). HOME and XDG_CACHE_HOME point at the confdir volume, so nothing ever
-# needs the (read-only) root filesystem.
+# server listens on all interfaces so the kubelet's probes and Prometheus can reach /healthz,
+# /readyz and /metrics (no secrets there); /report answers loopback clients only, or the
+# KEYLESS_ADMIN_TOKEN_FILE secret. HOME and XDG_CACHE_HOME point at the confdir volume, so
+# nothing ever needs the (read-only) root filesystem.
 ENV KEYLESS_LISTEN=127.0.0.1:8080 \
     KEYLESS_ADMIN=0.0.0.0:9180 \
     KEYLESS_CONFDIR=/var/run/keyless \

@@ -1,4 +1,5 @@
-"""When Azure refuses a converted request for lack of a role, say which role to assign."""
+"""When Azure refuses a converted request, say why: which role to assign for a missing role,
+what the service said instead for the other refusals (network rules, a rejected token, ...)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from mitmproxy import http
 
 from proxy import metrics
-from proxy.diagnosis import rbac_denial
+from proxy.diagnosis import RefusalKind, read_refusal
 from proxy.flowstate import converted
 from proxy.roles import ROLES, operation_kind
 
@@ -27,18 +28,26 @@ class DiagnoseDenials:
         if state is None or response is None:
             return
         service = state.service
-        reason = rbac_denial(service, response.status_code, response.headers.get,
-                             response.raw_content or b"")
-        if reason is None:
+        refusal = read_refusal(service, response.status_code, response.headers.get,
+                               response.raw_content or b"")
+        if refusal is None:
             return
-        metrics.AUTHORIZATION_DENIALS.labels(service=service).inc()
         operation = operation_kind(service, flow.request.method, flow.request.path,
                                    flow.request.headers.get)
+        if refusal.kind is not RefusalKind.MISSING_ROLE:
+            # A 401 is the token replay's business, unless it says keys are off: a keyless bug.
+            if response.status_code == 403 or refusal.kind is RefusalKind.LOCAL_AUTH_DISABLED:
+                metrics.UPSTREAM_REFUSALS.labels(service=service, kind=refusal.kind.value).inc()
+                logger.warning("Refused: identity %s may not %s on %s %s (%s, %s): %s",
+                               state.identity_label, operation, service, state.resource,
+                               response.status_code, refusal.code, refusal.meaning)
+            return
+        metrics.AUTHORIZATION_DENIALS.labels(service=service).inc()
         roles = ROLES.get(service)
         role = (roles.write if operation == "write" else roles.read) if roles else "a data role"
         logger.warning(
             "RBAC: identity %s may not %s on %s %s (%s, %s): assign the built-in role "
             "'%s' to it on that resource (keyless report prints the commands)",
             state.identity_label, operation, service, state.resource, response.status_code,
-            reason, role,
+            refusal.code, role,
         )

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
-import socket
 from collections.abc import Iterable
 
 from mitmproxy import connection, http
@@ -13,20 +11,12 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 from proxy import metrics
+from proxy.dial import AppDialer, DestinationDenied, ip_address, pin, unpin
 from proxy.errors import error_response
+from proxy.redact import redact
 
 logger = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
 
 
 class ClientAllowlist:
@@ -36,7 +26,7 @@ class ClientAllowlist:
         self.networks = tuple(networks)
 
     def client_connected(self, client: connection.Client) -> None:
-        address = _address(client.peername[0])
+        address = ip_address(client.peername[0])
         if address is None or address.is_loopback or _redirected_locally(client):
             return
         if not any(address in network for network in self.networks):
@@ -52,22 +42,22 @@ def _redirected_locally(client: connection.Client) -> bool:
     mode = client.proxy_mode
     if not isinstance(mode, TransparentMode):
         return False
-    listen = _address(mode.custom_listen_host or "")
+    listen = ip_address(mode.custom_listen_host or "")
     return listen is not None and listen.is_loopback
 
 
 class DenyDestinations:
     """Never connect to metadata or host-agent addresses (an SSRF-prone app's favourite target).
 
-    IP literals are refused at CONNECT; names are resolved first (through --connect-to) and
-    refused when any address they resolve to is denied.
+    IP literals are refused at CONNECT (and in plain-HTTP requests) with a 403; names are
+    checked by DialCheckedAddresses when keyless connects.
     """
 
     def __init__(self, networks: Iterable[Network]) -> None:
         self.networks = tuple(networks)
 
     def denied(self, address: str) -> bool:
-        ip = _address(address)
+        ip = ip_address(address)
         return ip is not None and any(ip in network for network in self.networks)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -77,23 +67,6 @@ class DenyDestinations:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.response and self.denied(flow.request.host):
             self._refuse(flow)
-
-    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if data.server.address is None:
-            return
-        host, port = data.server.address[:2]
-        addresses = [host]
-        if _address(host) is None:
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM)
-            except OSError:
-                return  # the connection attempt itself will report the failure
-            addresses = [str(info[4][0]) for info in infos]
-        if any(self.denied(a) for a in addresses):
-            metrics.REQUESTS.labels(service="none", outcome="destination_denied").inc()
-            logger.warning("refused connection to %s:%s: denied destination", host, port)
-            data.server.error = "destination denied by keyless"
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow) -> None:
@@ -106,3 +79,43 @@ class DenyDestinations:
         )
         flow.request.stream = False
         flow.response = http.Response.make(403, body, headers)
+
+
+class DialCheckedAddresses:
+    """mitmproxy's upstream connections go where the dialer says, and only there.
+
+    server_connect applies --connect-to, resolves once, refuses denied destinations and pins
+    the checked addresses for the connect mitmproxy makes next (proxy/dial.py says why the
+    address itself is left alone). Must be the last addon with a server_connect hook: any
+    change of the destination after the check would not be checked (and the pin refuses it).
+    """
+
+    def __init__(self, dialer: AppDialer) -> None:
+        self.dialer = dialer
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        server = data.server
+        if server.error or server.address is None:
+            return
+        host, port = str(server.address[0]), int(server.address[1])
+        if server.transport_protocol != "tcp" and ip_address(host) is None:
+            # mitmproxy's UDP connect resolves on its own (in Rust): no pin reaches it.
+            server.error = "keyless connects to UDP destinations by IP address only"
+            return
+        try:
+            infos = await self.dialer.resolve(host, port)
+        except DestinationDenied:
+            metrics.REQUESTS.labels(service="none", outcome="destination_denied").inc()
+            logger.warning("refused connection to %s:%s: denied destination", host, port)
+            server.error = "destination denied by keyless"
+            return
+        except OSError as exc:
+            server.error = redact(f"cannot resolve {host}: {exc}", limit=200)
+            return
+        pin(host, port, infos)
+
+    def server_connected(self, _data: server_hooks.ServerConnectionHookData) -> None:
+        unpin()  # an IP literal never consults its pin
+
+    def server_connect_error(self, _data: server_hooks.ServerConnectionHookData) -> None:
+        unpin()

@@ -12,7 +12,7 @@ from pathlib import Path
 from proxy import __version__
 from proxy.ca import CAError, prepare_ca
 from proxy.config import ConfigError, Settings, add_flags, resolve
-from proxy.connect_to import ConnectToEventLoop, ConnectToTable
+from proxy.dial import CheckedDialLoop
 from proxy.logs import setup_logging
 from proxy.transparent import transparent_rules
 
@@ -93,15 +93,10 @@ def run(settings: Settings) -> int:
     from proxy.mitm import StartupError, serve
 
     setup_logging(settings.log_level, settings.log_format)
-    table = ConnectToTable(settings.connect_to)
-
-    def loop_factory() -> asyncio.AbstractEventLoop:
-        loop = ConnectToEventLoop()
-        loop.connect_to = table
-        return loop
-
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        # mitmproxy's upstream connects resolve through this loop: it hands them the
+        # addresses the dialer checked (proxy/dial.py); everything else resolves as usual.
+        with asyncio.Runner(loop_factory=CheckedDialLoop) as runner:
             return runner.run(serve(settings))
     except StartupError as exc:
         print(f"keyless: error: {exc}", file=sys.stderr)

@@ -119,7 +119,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("listen", "HOST:PORT", "127.0.0.1:8080", parse_host_port,
          "Where the proxy listens; apps set HTTPS_PROXY=http://HOST:PORT."),
     Flag("admin", "HOST:PORT", "127.0.0.1:9180", parse_host_port,
-         "Where the admin server listens: /metrics, /healthz, /readyz."),
+         "Where the admin server listens: /metrics, /healthz, /readyz (open to whoever "
+         "reaches it) and /report (loopback clients, or --admin-token-file)."),
+    Flag("admin-token-file", "FILE", "", lambda s: Path(s).expanduser() if s else None,
+         "A file holding a secret (16+ characters): /report also answers clients off "
+         "loopback that send it as `Authorization: Bearer`."),
     Flag("confdir", "DIR", "~/.keyless", lambda s: Path(s).expanduser(),
          "The CA key and certificate, generated on first start. "
          "Apps trust DIR/mitmproxy-ca-cert.pem."),
@@ -188,6 +192,7 @@ FILE_ONLY_KEYS = {"route"}
 class Settings:
     listen: HostPort
     admin: HostPort
+    admin_token_file: Path | None
     confdir: Path
     ca_cert: Path | None
     ca_key: Path | None

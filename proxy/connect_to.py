@@ -3,17 +3,15 @@
 `HOST:PORT:ADDR:PORT` — when keyless would connect to HOST:PORT, it connects to ADDR:PORT
 instead; TLS server name, certificate checks and the Host header still use HOST. An empty
 HOST or PORT on the left matches any; an empty ADDR or PORT on the right keeps the original.
-The rewrite happens in the event loop's name resolution, so it applies to every outgoing
-connection keyless makes for the app: intercepted and tunnelled alike.
+Rules match host names; an IP-literal target is dialled as given. The table is applied by
+the dialer for app traffic (proxy/dial.py): every connection keyless makes for the app,
+intercepted, tunnelled and pooled alike, and none of keyless' own (Entra token requests).
 """
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 
 def _split(spec: str) -> list[str]:
@@ -75,26 +73,3 @@ class ConnectToTable:
             if rule.applies(host, port):
                 return rule.to_host or host, rule.to_port or port
         return host, port
-
-
-class ConnectToEventLoop(asyncio.SelectorEventLoop):
-    """An event loop whose name resolution applies the --connect-to table."""
-
-    connect_to: ConnectToTable = ConnectToTable()
-
-    async def getaddrinfo(  # type: ignore[override]
-        self, host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0,
-        flags: int = 0,
-    ) -> list[tuple[Any, ...]]:
-        if self.connect_to.rules and host is not None and port is not None:
-            name = host.decode("idna") if isinstance(host, bytes) else str(host)
-            try:
-                number = port if isinstance(port, int) else socket.getservbyname(port) \
-                    if not str(port).isdigit() else int(port)
-            except OSError:
-                number = None
-            if number is not None:
-                host, port = self.connect_to.route(name, number)
-        return await super().getaddrinfo(
-            host, port, family=family, type=type, proto=proto, flags=flags
-        )

@@ -62,8 +62,16 @@ UPSTREAM_ERRORS = Counter(
 )
 AUTHORIZATION_DENIALS = Counter(
     "keyless_authorization_denials",
-    "403 answers that mean the identity lacks a role (RBAC), by service.",
+    "401 or 403 answers the service documents as 'the identity lacks a data-plane role' "
+    "(RBAC), by service.",
     ["service"],
+    registry=REGISTRY,
+)
+UPSTREAM_REFUSALS = Counter(
+    "keyless_upstream_refusals",
+    "Refusals of converted requests that are not a missing role, by service and kind "
+    "(network_rules, token_rejected, local_auth_disabled, access_policy, other).",
+    ["service", "kind"],
     registry=REGISTRY,
 )
 TOKEN_RETRIES = Counter(

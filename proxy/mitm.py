@@ -17,7 +17,7 @@ from mitmproxy.addons import errorcheck
 from addons.azure_auth import AzureAuth
 from addons.diagnose import DiagnoseDenials
 from addons.failclosed import FailClosed
-from addons.guard import ClientAllowlist, DenyDestinations
+from addons.guard import ClientAllowlist, DenyDestinations, DialCheckedAddresses
 from addons.health import ReportHealth
 from addons.intercept import InterceptOnlyAzure
 from addons.observe import ObserveUpstream
@@ -27,11 +27,13 @@ from addons.replay import ReplayUnauthorized
 from addons.resume import ResumeUpstreamTLS
 from addons.stream import StreamBodies
 from proxy import metrics
-from proxy.admin import AdminServer, Health
+from proxy.admin import AdminServer, AdminTokenError, Health, read_admin_token
 from proxy.audit import STATE_FILE, CallLog, build_report
 from proxy.ca import CAError, prepare_ca
 from proxy.catalog import Catalog
 from proxy.config import Settings
+from proxy.connect_to import ConnectToTable
+from proxy.dial import AppDialer
 from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
 from proxy.relay import UpstreamRelay
@@ -101,10 +103,15 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
     m.addons.add(ClientAllowlist(settings.allow_clients), guard)
     m.addons.add(InterceptOnlyAzure(catalog))
     m.addons.add(*mitm_addons.default_addons())
-    upstream = UpstreamPool(denied=guard.denied)  # pooled requests and 401 replays
+    # The one way keyless connects for the app (--connect-to, one resolution, deny list);
+    # keyless' own traffic (Entra tokens) never goes through it.
+    dialer = AppDialer(ConnectToTable(settings.connect_to), guard.denied,
+                       own_port=settings.admin[1])
+    upstream = UpstreamPool(dialer)  # pooled requests and 401 replays
     m.addons.add(errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
                  *request_chain(settings, catalog, tokens, calls, upstream),
-                 ReportHealth(health))
+                 ReportHealth(health),
+                 DialCheckedAddresses(dialer))  # the last server_connect hook
     try:
         # Options exist once the addons that declare them are loaded.
         opts.update(**keyless_options(settings))
@@ -182,7 +189,12 @@ async def serve(settings: Settings) -> int:
     collector = metrics.TokenExpiryCollector(tokens.peek, time.time)
     metrics.REGISTRY.register(collector)
     proxy_master = build_master(settings, tokens, health, calls)
-    admin = AdminServer(health, *settings.admin, report=lambda: build_report(calls.entries()))
+    try:
+        report_token = read_admin_token(settings.admin_token_file)
+    except AdminTokenError as exc:
+        raise StartupError(str(exc)) from None
+    admin = AdminServer(health, *settings.admin, report=lambda: build_report(calls.entries()),
+                        report_token=report_token)
     try:
         await admin.start()
     except OSError as exc:

@@ -6,9 +6,9 @@ keep-alive connections per (host, port, TLS settings) across app connections (ai
 connector). addons/pool.py sends converted requests over it (small answers come back whole,
 the rest streams through proxy/relay.py), and 401 replays use it too.
 
-The pool resolves names through the event loop (so --connect-to applies) and refuses any
-address the destination guard denies, and it verifies certificates with mitmproxy's upstream
-trust settings.
+The pool dials through keyless' dialer for app traffic (proxy/dial.py: --connect-to, one
+resolution, the deny list) and connects to exactly the addresses it checked; it verifies
+certificates with mitmproxy's upstream trust settings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import asyncio
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from proxy import metrics
+from proxy.dial import AppDialer, ip_address
 
 BODY_LIMIT = 64 * 1024  # request bodies up to this size go pooled (larger ones stream directly)
 RESPONSE_LIMIT = 256 * 1024  # answers up to this size are read whole; larger ones stream
@@ -93,21 +94,41 @@ def _url_host(host: str) -> str:
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves through the event loop (--connect-to) and refuses denied addresses."""
+    """Resolves through the dialer: --connect-to applied, every address checked.
 
-    def __init__(self, denied: Callable[[str], bool]) -> None:
-        self.denied = denied
-        self._resolver = aiohttp.ThreadedResolver()
+    aiohttp connects to exactly the addresses a resolver returns (and caches them, checked,
+    for ttl_dns_cache), so what was checked is what is dialled."""
+
+    def __init__(self, dialer: AppDialer) -> None:
+        self.dialer = dialer
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._resolver.resolve(host, port, family)
-        if any(self.denied(r["host"]) for r in results):
-            raise OSError(f"{host} resolves to a denied destination")
+        results = []
+        for info_family, _, proto, _, address in await self.dialer.resolve(host, port, family):
+            if info_family == socket.AF_INET6 and len(address) > 3 and address[3]:
+                # a link-local address needs its zone, as aiohttp's own resolver does
+                name, service = await asyncio.get_running_loop().getnameinfo(
+                    address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                address = (name, int(service))
+            results.append(ResolveResult(
+                hostname=host, host=address[0], port=address[1], family=info_family,
+                proto=proto, flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
         return results
 
     async def close(self) -> None:
-        await self._resolver.close()
+        pass
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """aiohttp skips the resolver for an IP-literal host; this one never does, so IP
+    literals get the deny check too (a unit test watches this private hook)."""
+
+    async def _resolve_host(self, host: str, port: int,
+                            traces: Any = None) -> list[ResolveResult]:
+        if ip_address(host) is not None:
+            return await self._resolver.resolve(host, port, family=self._family)
+        return await super()._resolve_host(host, port, traces=traces)
 
 
 def upstream_tls(insecure: bool, cafile: str | None, capath: str | None) -> ssl.SSLContext:
@@ -127,10 +148,10 @@ def upstream_tls(insecure: bool, cafile: str | None, capath: str | None) -> ssl.
 
 
 class UpstreamPool:
-    def __init__(self, denied: Callable[[str], bool] = lambda address: False,
+    def __init__(self, dialer: AppDialer | None = None,
                  per_host: int = 64, idle_seconds: float = 30.0,
                  read_timeout: float = 600.0) -> None:
-        self.denied = denied
+        self.dialer = dialer or AppDialer()
         self.per_host, self.idle_seconds, self.read_timeout = per_host, idle_seconds, read_timeout
         self.tls: ssl.SSLContext | None = None
         self.connections_opened = 0
@@ -149,9 +170,9 @@ class UpstreamPool:
             trace = aiohttp.TraceConfig()
             trace.on_connection_create_end.append(self._opened)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
+                connector=GuardedConnector(
                     limit=0, limit_per_host=self.per_host, keepalive_timeout=self.idle_seconds,
-                    resolver=GuardedResolver(self.denied), ttl_dns_cache=10),
+                    resolver=GuardedResolver(self.dialer), ttl_dns_cache=10),
                 auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 trace_configs=[trace],

@@ -225,6 +225,18 @@ def check_pod(obj: dict[str, Any], where: str, service_accounts: dict[str, dict]
         for sub in re.findall(r"\bkeyless ([a-z]+)\b", script):
             assert sub in commands | PENDING_COMMANDS, f"{name}: `keyless {sub}` does not exist"
 
+    # the admin token, if any: from a Secret, on a read-only mount only keyless has
+    if token_file := kenv.get("KEYLESS_ADMIN_TOKEN_FILE"):
+        mount = next((m for m in keyless.get("volumeMounts", [])
+                      if token_file.startswith(m["mountPath"].rstrip("/") + "/")), None)
+        assert mount and mount.get("readOnly") is True, \
+            f"{name}: KEYLESS_ADMIN_TOKEN_FILE={token_file} must be on a read-only mount"
+        assert "secret" in volumes[mount["name"]], f"{name}: the admin token must be a Secret"
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            mounted = {m["name"] for m in container.get("volumeMounts", [])}
+            assert container is keyless or mount["name"] not in mounted, \
+                f"{name}: only keyless may mount the admin token, not {container['name']}"
+
     # security context of every keyless container
     for container in spec["initContainers"]:
         if not container["image"].split("/")[-1].startswith("keyless"):
@@ -292,6 +304,36 @@ def test_kubernetes_objects_are_valid(path: Path) -> None:
         validate_schema(obj, rel(path))
         if pod_spec(obj) is not None:
             check_pod(obj, rel(path), service_accounts_near(path))
+
+
+def with_documented_admin_token(deployment: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar Deployment with the admin-token snippet of its README applied."""
+    readme = (KUBERNETES / "sidecar" / "README.md").read_text()
+    found = re.search(r"```yaml\n(# in the keyless container\n.*?)```", readme, re.S)
+    assert found, "sidecar/README.md: the admin token snippet is missing"
+    snippet = yaml.safe_load(found.group(1))
+    patched = copy.deepcopy(deployment)
+    spec = pod_spec(patched)
+    assert spec is not None
+    keyless = next(c for c in spec["initContainers"] if c["name"] == "keyless")
+    keyless.setdefault("env", []).extend(snippet["env"])
+    keyless.setdefault("volumeMounts", []).extend(snippet["volumeMounts"])
+    spec.setdefault("volumes", []).extend(snippet["volumes"])
+    return patched
+
+
+def test_the_documented_admin_token_setup_is_valid_and_keyless_only() -> None:
+    path = KUBERNETES / "sidecar" / "deployment.yaml"
+    deployment = next(o for o in load_all(path) if o["kind"] == "Deployment")
+    patched = with_documented_admin_token(deployment)
+    validate_schema(patched, "sidecar/README.md snippet")
+    check_pod(patched, "sidecar/README.md snippet", service_accounts_near(path))
+    # the rule bites: the app mounting the token is refused
+    app = pod_spec(patched)["containers"][0]
+    app.setdefault("volumeMounts", []).append(
+        {"name": "keyless-admin-token", "mountPath": "/token", "readOnly": True})
+    with pytest.raises(AssertionError, match="only keyless may mount the admin token"):
+        check_pod(patched, "app mounts the token", service_accounts_near(path))
 
 
 def check_pod_monitor(obj: dict[str, Any], where: str) -> None:

@@ -33,12 +33,20 @@ FAKE_HOSTS = {
     "keyvault": "keylessvault.vault.azure.net",
     "route-a": "storage-a.contoso.internal",  # custom route: storage-blob, identity A
     "route-b": "api-b.contoso.internal",  # custom route: explicit scope, api-key, identity B
-    # services that answer every request with their "identity lacks a role" refusal
+    # services that refuse: "identity lacks a role", network rules, ... (test_rbac_diagnosis)
     "denied-storage": "denied.blob.core.windows.net",
     "denied-cosmos": "deniedcosmos.documents.azure.com",
     "denied-openai": "deniedai.openai.azure.com",
     "denied-servicebus": "deniedbus.servicebus.windows.net",
     "denied-search": "deniedsearch.search.windows.net",
+    "denied-keyvault": "deniedvault.vault.azure.net",
+    "denied-appconfig": "deniedconfig.azconfig.io",
+    "denied-eventgrid": "deniedtopic.westus2-1.eventgrid.azure.net",
+    "denied-eventhubs": "deniedhub.servicebus.windows.net",  # Event Hubs by its paths
+    "denied-communication": "deniedcomm.communication.azure.com",
+    "denied-maps": "us.atlas.microsoft.com",
+    "denied-signalr": "deniedsignalr.service.signalr.net",
+    "denied-webpubsub": "deniedpubsub.webpubsub.azure.com",
     # a service that revokes tokens on demand (401 to a token it has seen before)
     "revoking": "revokingsearch.search.windows.net",
 }

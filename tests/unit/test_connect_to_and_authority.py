@@ -1,14 +1,17 @@
-"""--connect-to parsing and routing; the 'all names agree' rule for attaching tokens."""
+"""--connect-to parsing and routing; the dialer for app traffic and its pinned addresses;
+the 'all names agree' rule for attaching tokens."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import pytest
 
 from proxy.authority import Destination
-from proxy.connect_to import ConnectTo, ConnectToEventLoop, ConnectToTable
+from proxy.connect_to import ConnectTo, ConnectToTable
+from proxy.dial import AppDialer, CheckedDialLoop, DestinationDenied, pin
 
 
 def test_parse_like_curl():
@@ -29,35 +32,73 @@ def test_table_routes_first_match_and_leaves_others():
     assert table.route("a.example", 80) == ("a.example", 80)
 
 
-def test_event_loop_dials_the_mapped_address():
+async def hello_server() -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(
+        lambda r, w: (w.write(b"hello"), w.close()), "127.0.0.1", 0
+    )
+    return server, server.sockets[0].getsockname()[1]
+
+
+def run_on_checked_loop(scenario: Any) -> Any:
+    with asyncio.Runner(loop_factory=CheckedDialLoop) as runner:
+        return runner.run(scenario())
+
+
+def test_dialer_applies_connect_to_to_names_only():
+    dialer = AppDialer(ConnectToTable([ConnectTo.parse("::127.0.0.1:1234")]))
+    assert dialer.route("nowhere.blob.core.windows.net", 443) == ("127.0.0.1", 1234)
+    # IP literals (keyless' own relay on 127.0.0.1 among them) are dialled as given
+    assert dialer.route("127.0.0.1", 5678) == ("127.0.0.1", 5678)
+    infos = asyncio.run(dialer.resolve("nowhere.blob.core.windows.net", 443))
+    assert {info[4][:2] for info in infos} == {("127.0.0.1", 1234)}
+
+
+def test_dialer_refuses_denied_addresses_and_keyless_own_admin_port():
+    dialer = AppDialer(ConnectToTable([ConnectTo.parse("denied.example:443:127.0.0.2:443")]),
+                       denied=lambda address: address == "127.0.0.2", own_port=9180)
+    with pytest.raises(DestinationDenied):
+        asyncio.run(dialer.resolve("denied.example", 443))
+    with pytest.raises(DestinationDenied):  # the admin server trusts loopback peers
+        asyncio.run(dialer.resolve("localhost", 9180))
+    assert asyncio.run(dialer.resolve("localhost", 9181))
+
+
+def test_a_pinned_name_connects_to_the_checked_address_without_asking_dns():
     async def scenario() -> bytes:
-        server = await asyncio.start_server(
-            lambda r, w: (w.write(b"hello"), w.close()), "127.0.0.1", 0
-        )
-        port = server.sockets[0].getsockname()[1]
-        loop = asyncio.get_running_loop()
-        assert isinstance(loop, ConnectToEventLoop)
-        loop.connect_to = ConnectToTable([
-            ConnectTo.parse(f"nowhere.blob.core.windows.net:443:127.0.0.1:{port}")
-        ])
-        reader, writer = await asyncio.open_connection("nowhere.blob.core.windows.net", 443)
+        server, port = await hello_server()
+        infos = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        pin("no-such-name.invalid", 443, infos)  # DNS would not know it
+        reader, writer = await asyncio.open_connection("no-such-name.invalid", 443)
         data = await reader.read()
         writer.close()
         server.close()
         return data
 
-    with asyncio.Runner(loop_factory=ConnectToEventLoop) as runner:
-        assert runner.run(scenario()) == b"hello"
+    assert run_on_checked_loop(scenario) == b"hello"
 
 
-def test_unmapped_names_resolve_normally():
+def test_a_pin_serves_one_connection_and_only_its_own_name():
+    async def scenario() -> None:
+        infos = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 9))]
+        loop = asyncio.get_running_loop()
+        pin("checked.example", 443, infos)
+        assert await loop.getaddrinfo("checked.example", 443) == infos
+        with pytest.raises(socket.gaierror):  # used once: the next lookup asks DNS
+            await loop.getaddrinfo("checked.example", 443)
+        pin("checked.example", 443, infos)
+        with pytest.raises(OSError, match=r"keyless checked checked\.example:443"):
+            await loop.getaddrinfo("other.example", 443)
+
+    run_on_checked_loop(scenario)
+
+
+def test_unpinned_names_resolve_normally():
     async def scenario():
         return await asyncio.get_running_loop().getaddrinfo(
             "localhost", 80, type=socket.SOCK_STREAM
         )
 
-    with asyncio.Runner(loop_factory=ConnectToEventLoop) as runner:
-        assert any(info[4][1] == 80 for info in runner.run(scenario()))
+    assert any(info[4][1] == 80 for info in run_on_checked_loop(scenario))
 
 
 HOST = "acct.blob.core.windows.net"

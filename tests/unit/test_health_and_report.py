@@ -1,10 +1,12 @@
-"""Readiness states, and the migration report built from recorded calls."""
+"""Readiness states, the admin token file, and the migration report built from recorded calls."""
 
 from __future__ import annotations
 
 import json
 
-from proxy.admin import Health
+import pytest
+
+from proxy.admin import AdminTokenError, Health, read_admin_token
 from proxy.audit import CallKey, CallLog, az_commands, bicep, build_report, render_text
 
 
@@ -18,6 +20,20 @@ def test_readiness_needs_listening_tokens_and_not_draining():
     assert health.ready
     health.draining = True
     assert not health.ready
+
+
+def test_the_admin_token_file_holds_one_strong_secret(tmp_path):
+    token_file = tmp_path / "token"
+    assert read_admin_token(None) is None
+    token_file.write_text("  0123456789abcdef-xyz\n")
+    assert read_admin_token(token_file) == "0123456789abcdef-xyz"
+    for weak in ("", "0123456789abcde", "0123456789 abcdef", "0123456789\nabcdef"):
+        token_file.write_text(weak)
+        with pytest.raises(AdminTokenError) as refused:
+            read_admin_token(token_file)
+        assert weak.strip() == "" or weak.split()[0] not in str(refused.value)
+    with pytest.raises(AdminTokenError, match="cannot read"):
+        read_admin_token(tmp_path / "missing")
 
 
 def key(service="storage-blob", resource="acct", scheme="SharedKey", operation="write",

@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.connect_to import ConnectTo, ConnectToTable
+from proxy.dial import AppDialer, DestinationDenied
 from proxy.relay import TOKEN_HEADER, UpstreamRelay
 from proxy.upstream import (
     Answer,
@@ -90,7 +92,7 @@ async def with_upstream(test: Callable[[UpstreamPool, int, Upstream], Awaitable[
 
     listener = await loop.create_server(counted, "127.0.0.1", 0, ssl=context)
     port = listener.sockets[0].getsockname()[1]
-    pool = UpstreamPool(denied=denied)
+    pool = UpstreamPool(AppDialer(denied=denied))
     pool.use_tls(upstream_tls(False, pki.ca_pem_path, None))
     try:
         await test(pool, port, upstream)
@@ -175,6 +177,27 @@ def test_denied_destinations_are_refused_before_connecting(tmp_path) -> None:
         assert upstream.connections == 0
 
     run(test, tmp_path, denied=lambda address: address in ("127.0.0.1", "::1"))
+
+
+def test_denied_ip_literals_are_refused_too(tmp_path) -> None:
+    """aiohttp skips the resolver for an IP-literal host; the pool's connector does not."""
+    async def test(pool: UpstreamPool, port: int, upstream: Upstream) -> None:
+        with pytest.raises(aiohttp.ClientConnectorError) as refused:
+            await pool.exchange("GET", "127.0.0.1", port, "/small", [], "localhost", None)
+        assert isinstance(refused.value.os_error, DestinationDenied)
+        assert upstream.connections == 0
+
+    run(test, tmp_path, denied=lambda address: address == "127.0.0.1")
+
+
+def test_the_pool_dials_through_connect_to_and_keeps_the_name_for_tls(tmp_path) -> None:
+    async def test(pool: UpstreamPool, port: int, upstream: Upstream) -> None:
+        pool.dialer.connect_to = ConnectToTable([ConnectTo.parse(f"localhost:1:127.0.0.1:{port}")])
+        result = await pool.exchange("GET", "localhost", 1, "/small", [], "localhost", None)
+        assert isinstance(result, Answer) and result.body == b"small"  # cert for localhost
+        assert upstream.connections == 1
+
+    run(test, tmp_path)
 
 
 def test_the_relay_streams_a_parked_answer_once_to_its_token_holder(tmp_path) -> None:
