@@ -8,8 +8,12 @@ principal), workload identity, managed identity, and the Azure CLI for local dev
 from __future__ import annotations
 
 import asyncio
+import os
+import weakref
+from collections.abc import Callable
 
 from azure.core.credentials import AccessTokenInfo
+from azure.core.exceptions import ClientAuthenticationError
 from azure.identity.aio import DefaultAzureCredential
 
 from proxy.tokens import Identity
@@ -18,22 +22,49 @@ from proxy.tokens import Identity
 class CredentialSource:
     """A `TokenSource` backed by one azure-identity credential per identity."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, create: Callable[[Identity], DefaultAzureCredential] | None = None
+    ) -> None:
+        self._create = create or self._default_credential
         self._credentials: dict[Identity, DefaultAzureCredential] = {}
+        # Credentials that have handed out a token at least once.
+        self._proven: weakref.WeakSet[DefaultAzureCredential] = weakref.WeakSet()
         self._closing: set[asyncio.Task[None]] = set()
 
     async def __call__(self, identity: Identity, scope: str) -> AccessTokenInfo:
+        credential = self._credential(identity)
+        try:
+            info = await credential.get_token_info(scope)
+        except ClientAuthenticationError:
+            if credential not in self._proven:
+                raise  # never worked: a configuration problem a fresh credential won't fix
+            # A credential that worked may hold what azure-identity read once and keeps: a
+            # certificate file (read at construction, so a rotated one is never seen), a
+            # federated token file (re-read at most every 10 minutes). One fresh credential
+            # reads them anew; unless another scope's failure has already replaced it.
+            if self._credentials.get(identity) is credential:
+                self.forget(identity)
+            credential = self._credential(identity)
+            info = await credential.get_token_info(scope)
+        self._proven.add(credential)
+        return info
+
+    def _credential(self, identity: Identity) -> DefaultAzureCredential:
         credential = self._credentials.get(identity)
         if credential is None:
             credential = self._credentials[identity] = self._create(identity)
-        return await credential.get_token_info(scope)
+        return credential
 
     @staticmethod
-    def _create(identity: Identity) -> DefaultAzureCredential:
-        extra = {}
+    def _default_credential(identity: Identity) -> DefaultAzureCredential:
+        extra: dict[str, str | bool] = {}
         if identity.client_id:
             extra["managed_identity_client_id"] = identity.client_id
             extra["workload_identity_client_id"] = identity.client_id
+            if identity.client_id != os.environ.get("AZURE_CLIENT_ID"):
+                # The environment's service principal is AZURE_CLIENT_ID's identity: for any
+                # other client id it would hand out its own token under that identity's name.
+                extra["exclude_environment_credential"] = True
         return DefaultAzureCredential(
             exclude_shared_token_cache_credential=True,
             exclude_visual_studio_code_credential=True,

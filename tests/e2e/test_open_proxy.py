@@ -9,6 +9,7 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from addons.guard import ClientAllowlist
 from tests.e2e.conftest import DEAD_PROXY_ENV, RECORDER_HOST
@@ -73,7 +74,8 @@ def test_proxy_auth_is_required_when_configured(tmp_path, module_identity, pki, 
      ("192.168.1.5", False), ("203.0.113.7", False), ("fe80::1%eth0", False)],
 )
 def test_client_allowlist(peer, allowed):
-    client = SimpleNamespace(peername=(peer, 50000), error=None)
+    client = SimpleNamespace(peername=(peer, 50000), error=None,
+                             proxy_mode=ProxyMode.parse("regular@127.0.0.1:8080"))
     allowlist = ClientAllowlist([ipaddress.ip_network("10.0.0.0/8")])
     allowlist.client_connected(client)  # type: ignore[arg-type]
     assert (client.error is None) == allowed

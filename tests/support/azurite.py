@@ -134,11 +134,11 @@ def find_azurite(azurite_bin: str | None = None) -> str:
     )
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     # Racy by nature (the port is released before Azurite binds it), but the
     # kernel hands out ephemeral ports round-robin so reuse is unlikely.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
 
@@ -161,9 +161,16 @@ class Azurite:
         azurite_bin: str | None = None,
         *,
         oauth: bool = True,
+        host: str = "127.0.0.1",
+        blob_port: int = 0,
     ) -> None:
+        """`host` and `blob_port` (0: any free port) are where Azurite listens: e.g. an
+        address inside a network namespace and 443, with `start()` run inside it
+        (tests/support/netns.py `Netns.call`). The certificate then covers `host` too."""
         self.workdir = Path(workdir)
         self.oauth = oauth
+        self.host = host
+        self._requested_blob_port = blob_port
         self.pki = pki
         self.azurite_bin = find_azurite(azurite_bin)
         self.blob_port = 0
@@ -183,15 +190,18 @@ class Azurite:
         self.workdir.mkdir(parents=True, exist_ok=True)
         data_dir = self.workdir / "data"
         data_dir.mkdir(exist_ok=True)
-        cert, key = self.pki.issue_server_cert(*SERVER_HOSTNAMES)
-        self.blob_port, self.queue_port, self.table_port = _distinct_free_ports(3)
+        cert, key = self.pki.issue_server_cert(*SERVER_HOSTNAMES, self.host)
+        ports = _distinct_free_ports(3, self.host, exclude={self._requested_blob_port})
+        self.blob_port, self.queue_port, self.table_port = ports
+        if self._requested_blob_port:
+            self.blob_port = self._requested_blob_port
         self.command = [
             self.azurite_bin,
-            "--blobHost", "127.0.0.1",
+            "--blobHost", self.host,
             "--blobPort", str(self.blob_port),
-            "--queueHost", "127.0.0.1",
+            "--queueHost", self.host,
             "--queuePort", str(self.queue_port),
-            "--tableHost", "127.0.0.1",
+            "--tableHost", self.host,
             "--tablePort", str(self.table_port),
             "--location", str(data_dir),
             "--debug", str(self.debug_log_path),
@@ -232,7 +242,7 @@ class Azurite:
                     f"Azurite exited with code {rc} during startup:\n{self._log_tail()}"
                 )
             for port in sorted(pending):
-                if _tls_handshake_ok(ctx, port):
+                if _tls_handshake_ok(ctx, self.host, port):
                     pending.discard(port)
             if not pending:
                 return
@@ -267,15 +277,15 @@ class Azurite:
     @property
     def blob_url(self) -> str:
         """Path-style account URL (account in the path, host is the IP)."""
-        return f"https://127.0.0.1:{self.blob_port}/{ACCOUNT}"
+        return f"https://{self.host}:{self.blob_port}/{ACCOUNT}"
 
     @property
     def queue_url(self) -> str:
-        return f"https://127.0.0.1:{self.queue_port}/{ACCOUNT}"
+        return f"https://{self.host}:{self.queue_port}/{ACCOUNT}"
 
     @property
     def table_url(self) -> str:
-        return f"https://127.0.0.1:{self.table_port}/{ACCOUNT}"
+        return f"https://{self.host}:{self.table_port}/{ACCOUNT}"
 
     def connection_string(self, key: str = ACCOUNT_KEY) -> str:
         """Shared-key connection string pointing at this instance."""
@@ -303,20 +313,21 @@ class Azurite:
         return "\n".join(self.log_text().splitlines()[-lines:]) or "<empty log>"
 
 
-def _distinct_free_ports(count: int) -> list[int]:
+def _distinct_free_ports(count: int, host: str = "127.0.0.1",
+                         exclude: set[int] | None = None) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
-        port = free_port()
-        if port not in ports:
+        port = free_port(host)
+        if port not in ports and port not in (exclude or set()):
             ports.append(port)
     return ports
 
 
-def _tls_handshake_ok(ctx: ssl.SSLContext, port: int) -> bool:
+def _tls_handshake_ok(ctx: ssl.SSLContext, host: str, port: int) -> bool:
     try:
         with (
-            socket.create_connection(("127.0.0.1", port), timeout=1.0) as raw,
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
+            socket.create_connection((host, port), timeout=1.0) as raw,
+            ctx.wrap_socket(raw, server_hostname=host),
         ):
             return True
     except OSError:  # includes ssl.SSLError

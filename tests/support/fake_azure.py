@@ -3,7 +3,9 @@
 keyless dials it through `--connect-to` while the app keeps real Azure host names. Each
 service is a handler chosen by the Host header. Before a handler answers, the server checks
 the converted request the way the service would (see `Expect`): the exact auth form, no
-leftover key material anywhere, the token's audience and the identity it was issued to. A
+leftover key material anywhere, and a token an Entra-protected service accepts: signed by the
+tests' Entra issuer (tests/support/entra.py `verify`), right issuer and audience, within its
+`nbf`..`exp` window, issued to the identity the route names (`appid`, `oid`). A
 failed check answers 401 with the problems in a JSON error (so the SDK call fails loudly) and
 is recorded in `problems`.
 """
@@ -21,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tests.support.identity_endpoint import decode
+from tests.support.entra import verify
 from tests.support.upstreams import ThreadedHTTPServer
 
 # Every name or parameter that carries key material in some Azure scheme. None may survive.
@@ -74,7 +76,7 @@ class Expect:
 
     audience: str  # the token's `aud`
     auth_format: str = "bearer"  # "bearer" or "cosmos"
-    client_id: str | None = None  # the identity (token `appid`); None: any
+    client_id: str | None = None  # the identity (token `appid`/`oid`); None: any of the tenant
     extra_checks: tuple[Callable[[FakeRequest], list[str]], ...] = ()
 
 
@@ -113,19 +115,7 @@ def check(request: FakeRequest, expect: Expect) -> list[str]:
     token, token_problems = token_of(request, expect.auth_format)
     problems += token_problems
     if token is not None:
-        try:
-            claims = decode(token)
-        except Exception as exc:  # any undecodable token is a finding
-            problems.append(f"token is not a JWT: {exc}")
-        else:
-            if claims.get("aud") != expect.audience:
-                problems.append(f"token audience {claims.get('aud')!r}, "
-                                f"expected {expect.audience!r}")
-            if expect.client_id and claims.get("appid") != expect.client_id:
-                problems.append(f"token for identity {claims.get('appid')!r}, "
-                                f"expected {expect.client_id!r}")
-            if claims.get("exp", 0) <= time.time():
-                problems.append("token expired")
+        problems += verify(token, expect.audience, expect.client_id)
     for extra in expect.extra_checks:
         problems += extra(request)
     return problems

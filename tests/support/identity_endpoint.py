@@ -1,4 +1,4 @@
-"""Fake managed-identity token endpoint speaking the App Service protocol.
+"""Fake managed-identity token endpoint: the App Service protocol, or IMDS.
 
 azure-identity's ManagedIdentityCredential picks the App Service flavour when
 IDENTITY_ENDPOINT and IDENTITY_HEADER are set, then sends
@@ -6,9 +6,16 @@ IDENTITY_ENDPOINT and IDENTITY_HEADER are set, then sends
     GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource=<resource>[&client_id=<id>]
     X-IDENTITY-HEADER: <secret>
 
-This server answers such requests with JWT-shaped (unsigned, fake) tokens that
-Azurite's `--oauth basic` mode accepts: it decodes tokens without verifying
-the signature and only checks iss/aud/nbf/exp.
+With `protocol="imds"` the server plays the Instance Metadata Service of VMs and AKS
+pod-managed identity instead; AZURE_POD_IDENTITY_AUTHORITY_HOST points azure-identity at it
+(in place of 169.254.169.254, and without the availability probe):
+
+    GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=<resource>[&client_id=<id>]
+    Metadata: true
+
+Tokens are signed by tests/support/entra.py's issuer key (`mint`), so the fake services
+verify them like Entra-protected services do; Azurite's `--oauth basic` mode only decodes
+them and checks iss/aud/nbf/exp.
 
 Standalone use (prints the env vars as one JSON line, serves until killed):
 
@@ -18,20 +25,31 @@ Standalone use (prints the env vars as one JSON line, serves until killed):
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
 import secrets
 import sys
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal, Self, get_args
 from urllib.parse import parse_qs, urlsplit
 
+if __package__ in (None, ""):  # run as a script: make `tests.support` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.support.entra import (
+    OBJECT_ID,
+    SYSTEM_ASSIGNED_CLIENT_ID,
+    TENANT_ID,
+    decode,
+    mint,
+)
+
 __all__ = [
     "API_VERSION",
+    "IMDS_API_VERSION",
+    "IMDS_TOKEN_PATH",
     "MODES",
     "OBJECT_ID",
     "SYSTEM_ASSIGNED_CLIENT_ID",
@@ -39,30 +57,22 @@ __all__ = [
     "TOKEN_PATH",
     "FakeIdentityEndpoint",
     "Mode",
+    "Protocol",
     "decode",
     "make_token",
 ]
 
-# Fixed, obviously fake identifiers so assertions can be exact.
-TENANT_ID = "72f988bf-0000-4000-8000-00000000cafe"
-SYSTEM_ASSIGNED_CLIENT_ID = "5a5a5a5a-0000-4000-8000-000000000001"
-OBJECT_ID = "0b0b0b0b-0000-4000-8000-000000000002"
 API_VERSION = "2019-08-01"
 TOKEN_PATH = "/msi/token"
+IMDS_API_VERSION = "2018-02-01"
+IMDS_TOKEN_PATH = "/metadata/identity/oauth2/token"
 
 Mode = Literal["ok", "error", "throttle", "slow", "drop"]
 MODES: tuple[str, ...] = get_args(Mode)
+Protocol = Literal["app-service", "imds"]
 
 # Query parameters that select a user-assigned identity; all are recorded.
 _IDENTITY_PARAMS = ("client_id", "principal_id", "mi_res_id", "object_id")
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_json(obj: dict[str, Any]) -> str:
-    return _b64url(json.dumps(obj, separators=(",", ":")).encode())
 
 
 def make_token(
@@ -72,43 +82,9 @@ def make_token(
     *,
     now: int | None = None,
 ) -> str:
-    """Mint a JWT-shaped token for `resource` (used verbatim as `aud`).
-
-    The signature is random bytes: nothing downstream verifies it, and it
-    keeps the token from ever looking like a usable credential.
-    """
-    issued_at = int(time.time()) if now is None else now
-    appid = client_id or SYSTEM_ASSIGNED_CLIENT_ID
-    header = {"alg": "RS256", "typ": "JWT"}
-    payload = {
-        "aud": resource,
-        "iss": f"https://sts.windows.net/{TENANT_ID}/",
-        "iat": issued_at,
-        # Same clock-skew allowance Entra ID uses, so nbf checks never flake.
-        "nbf": issued_at - 300,
-        "exp": issued_at + lifetime,
-        "oid": OBJECT_ID,
-        "appid": appid,
-        "tid": TENANT_ID,
-        "sub": OBJECT_ID,
-        "idtyp": "app",
-        # Unique per token so tests can tell a refreshed token from a cached one.
-        "jti": str(uuid.uuid4()),
-    }
-    return ".".join((_b64url_json(header), _b64url_json(payload), _b64url(os.urandom(32))))
-
-
-def decode(token: str) -> dict[str, Any]:
-    """Decode a JWT payload without verifying anything (test helper)."""
-    if token.lower().startswith("bearer "):
-        token = token[7:]
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise ValueError(f"not a JWT: expected 3 dot-separated parts, got {len(parts)}")
-    body = parts[1]
-    body += "=" * (-len(body) % 4)
-    result: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body))
-    return result
+    """An access token for `resource` (verbatim `aud`) issued to `client_id` (default: the
+    system-assigned identity), signed by the tests' Entra issuer (tests/support/entra.py)."""
+    return mint(resource, client_id, lifetime, now=now)
 
 
 class _Server(ThreadingHTTPServer):
@@ -149,8 +125,9 @@ def _error_body(status: int, code: str, message: str) -> dict[str, Any]:
 class FakeIdentityEndpoint:
     """A real HTTP token endpoint on 127.0.0.1 for ManagedIdentityCredential.
 
-    `mode`, `lifetime_seconds` and `delay_seconds` may be changed while the
-    server runs; each request reads them when it arrives.
+    `protocol`: "app-service" (IDENTITY_ENDPOINT/IDENTITY_HEADER) or "imds"
+    (AZURE_POD_IDENTITY_AUTHORITY_HOST). `mode`, `lifetime_seconds` and `delay_seconds` may
+    be changed while the server runs; each request reads them when it arrives.
     """
 
     decode = staticmethod(decode)
@@ -164,7 +141,11 @@ class FakeIdentityEndpoint:
         mode: Mode = "ok",
         delay_seconds: float = 2.0,
         secret: str | None = None,
+        protocol: Protocol = "app-service",
     ) -> None:
+        if protocol not in get_args(Protocol):
+            raise ValueError(f"protocol must be one of {get_args(Protocol)}, got {protocol!r}")
+        self.protocol: Protocol = protocol
         self.host = host
         self.port = port
         self.secret: str = secret or secrets.token_urlsafe(24)
@@ -229,10 +210,13 @@ class FakeIdentityEndpoint:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("FakeIdentityEndpoint not started")
-        return f"http://{self.host}:{self.port}{TOKEN_PATH}"
+        path = IMDS_TOKEN_PATH if self.protocol == "imds" else TOKEN_PATH
+        return f"http://{self.host}:{self.port}{path}"
 
     def env(self) -> dict[str, str]:
         """Environment that makes ManagedIdentityCredential use this server."""
+        if self.protocol == "imds":
+            return {"AZURE_POD_IDENTITY_AUTHORITY_HOST": f"http://{self.host}:{self.port}"}
         return {"IDENTITY_ENDPOINT": self.url, "IDENTITY_HEADER": self.secret}
 
     # -- records (snapshots: safe to iterate while requests arrive) ---------
@@ -282,20 +266,10 @@ class FakeIdentityEndpoint:
                 record["status"] = status
             req.send_json(status, body, headers)
 
-        if split.path != TOKEN_PATH:
-            reply(404, _error_body(404, "not_found", f"no such path {split.path}"))
-            return
-        if req.headers.get("X-IDENTITY-HEADER") != self.secret:
-            reply(
-                401,
-                _error_body(401, "unauthorized", "missing or wrong X-IDENTITY-HEADER"),
-            )
-            return
-        if not record["api_version"]:
-            reply(400, _error_body(400, "bad_request", "api-version is required"))
-            return
-        if not record["resource"]:
-            reply(400, _error_body(400, "bad_request", "resource is required"))
+        refusal = (self._refuse_imds(req, split.path, record) if self.protocol == "imds"
+                   else self._refuse_app_service(req, split.path, record))
+        if refusal is not None:
+            reply(*refusal)
             return
 
         if mode == "drop":
@@ -325,6 +299,19 @@ class FakeIdentityEndpoint:
         token = make_token(record["resource"], client_id, lifetime, now=now)
         with self._lock:
             self._issued.append(token)
+        if self.protocol == "imds":
+            # IMDS answers every field as a string, and both expires_in and resource.
+            reply(200, {
+                "access_token": token,
+                "client_id": client_id or SYSTEM_ASSIGNED_CLIENT_ID,
+                "expires_in": str(lifetime),
+                "expires_on": str(now + lifetime),
+                "ext_expires_in": str(lifetime),
+                "not_before": str(now - 300),
+                "resource": record["resource"],
+                "token_type": "Bearer",
+            })
+            return
         reply(
             200,
             {
@@ -336,6 +323,39 @@ class FakeIdentityEndpoint:
                 "client_id": client_id or SYSTEM_ASSIGNED_CLIENT_ID,
             },
         )
+
+    def _refuse_app_service(
+        self, req: _Handler, path: str, record: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]] | None:
+        if path != TOKEN_PATH:
+            return 404, _error_body(404, "not_found", f"no such path {path}")
+        if req.headers.get("X-IDENTITY-HEADER") != self.secret:
+            return 401, _error_body(401, "unauthorized", "missing or wrong X-IDENTITY-HEADER")
+        if not record["api_version"]:
+            return 400, _error_body(400, "bad_request", "api-version is required")
+        if not record["resource"]:
+            return 400, _error_body(400, "bad_request", "resource is required")
+        return None
+
+    @staticmethod
+    def _refuse_imds(
+        req: _Handler, path: str, record: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]] | None:
+        def invalid(description: str) -> tuple[int, dict[str, Any]]:
+            return 400, {"error": "invalid_request", "error_description": description}
+
+        if path != IMDS_TOKEN_PATH:
+            return 404, {"error": "not_found", "error_description": f"no such path {path}"}
+        if req.headers.get("Metadata") != "true":
+            return invalid("Required metadata header not specified")
+        if req.headers.get("X-Forwarded-For") is not None:
+            # IMDS refuses anything that looks proxied.
+            return invalid("Requests with X-Forwarded-For header are not allowed")
+        if record["api_version"] != IMDS_API_VERSION:
+            return invalid(f"api-version {record['api_version']!r} is not supported here")
+        if not record["resource"]:
+            return invalid("Required query variable 'resource' is missing")
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

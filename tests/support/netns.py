@@ -1,0 +1,388 @@
+"""Network namespaces for end-to-end tests that need real routing and real iptables.
+
+A test creates its own namespaces (unique names per run), joins them with a veth pair whose
+addresses exist only inside them, gives one of them a hosts file (`/etc/netns/NAME/hosts`,
+which `ip netns exec` bind-mounts over /etc/hosts), and runs programs inside:
+
+- `Netns.exec(...)` / `Netns.popen(...)`: a command inside, optionally as another UID
+  (setpriv), seeing the namespace's hosts file;
+- `Netns.call(fn)`: a Python callable run on a thread that joined the namespace (setns).
+  Sockets it opens belong to the namespace for good, and processes it starts are born inside
+  it: that is how servers of the test process itself (the fake identity endpoint, recording
+  TLS servers) and Azurite come to listen inside a namespace.
+
+`Netns.delete()` kills every process left in the namespace (by pid) and deletes it and its
+/etc/netns folder; `namespaces()` does that on every exit path.
+
+Needs root, `ip` (iproute2), `iptables`/`ip6tables` and `setpriv` (util-linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import pytest
+
+from tests.support.keyless import KeylessProcess, keyless_command
+
+__all__ = [
+    "INSTALL_HINT",
+    "NamespacedKeyless",
+    "Netns",
+    "RecordingTLSServer",
+    "iptables_command",
+    "link",
+    "namespaces",
+    "netns_unavailable",
+    "require_netns",
+]
+
+INSTALL_HINT = "apt-get install -y iptables iproute2"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_TOOLS = ("ip", "iptables", "ip6tables", "setpriv", "nsenter")
+_COMMAND_TIMEOUT = 20.0
+T = TypeVar("T")
+
+
+def netns_unavailable() -> str | None:
+    """Why this machine cannot run namespace tests, or None when it can."""
+    if os.geteuid() != 0:
+        return "network namespace tests need root (ip netns add, iptables)"
+    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"missing {', '.join(missing)}: install with `{INSTALL_HINT}`"
+    probe = f"keyless-probe-{secrets.token_hex(3)}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
+                          timeout=_COMMAND_TIMEOUT)
+    if made.returncode != 0:
+        return f"`ip netns add` failed: {made.stderr.strip()}"
+    try:
+        nat = subprocess.run(["ip", "netns", "exec", probe, *iptables_command(), "-t", "nat",
+                              "-S"], capture_output=True, text=True, timeout=_COMMAND_TIMEOUT)
+        if nat.returncode != 0:
+            return (f"iptables cannot use the nat table inside a namespace: {nat.stderr.strip()}"
+                    f" (kernel nf_tables/ip_tables nat support; `{INSTALL_HINT}`)")
+    finally:
+        subprocess.run(["ip", "netns", "delete", probe], capture_output=True,
+                       timeout=_COMMAND_TIMEOUT)
+    return None
+
+
+def require_netns() -> None:
+    """Fail, with the reason and the install hint, when namespaces cannot be made here: a
+    missing prerequisite is a reason to fix the machine, not to prove less (no skips)."""
+    reason = netns_unavailable()
+    if reason is not None:
+        pytest.fail(f"{reason}; transparent mode is proved in network namespaces: run the "
+                    f"tests as root with `{INSTALL_HINT}`")
+
+
+def iptables_command(tool: str = "iptables") -> list[str]:
+    """The binary the recipe's `iptables` (or `ip6tables`) lines run as.
+
+    Debian's `iptables` is iptables-nft (the nf_tables backend), which works inside a network
+    namespace; this machine's kernel also accepts iptables-legacy there. KEYLESS_IPTABLES
+    chooses another (e.g. iptables-legacy on a kernel without nf_tables); its ip6tables twin
+    is the same name with ip6tables.
+    """
+    chosen = os.environ.get("KEYLESS_IPTABLES", "iptables")
+    return [chosen.replace("iptables", tool, 1)]
+
+
+def _reach_the_interpreter() -> list[str]:
+    """setpriv flags that let another UID run this interpreter and the code when they are out
+    of its reach.
+
+    On a developer machine the venv's Python may be pyenv's under root's 0700 home (or the
+    checkout under a 0750 home): a plain UID could not even load it. Then the process keeps
+    CAP_DAC_READ_SEARCH (read and traverse any file), which changes nothing the tests prove:
+    iptables' owner match sees the UID.
+    """
+    needed = (Path(sys.executable).resolve(), Path(sys.base_prefix).resolve() / "lib",
+              Path(sys.prefix).resolve(), _REPO_ROOT)
+    for folder in {p for path in needed for p in (path, *path.parents) if p.is_dir()}:
+        if not folder.stat().st_mode & 0o001:
+            return ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    return []
+
+
+class Netns:
+    """One network namespace the test created; `delete()` removes it and what runs in it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.path = Path("/run/netns") / name
+        self.etc = Path("/etc/netns") / name
+        self.created = False
+
+    def create(self) -> Self:
+        self._run(["ip", "netns", "add", self.name])
+        self.created = True
+        self.exec("ip", "link", "set", "lo", "up")
+        return self
+
+    def write_hosts(self, names: Mapping[str, str]) -> None:
+        """The namespace's /etc/hosts (as `ip netns exec` shows it): name -> address."""
+        self.etc.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost",
+                 *(f"{address} {name}" for name, address in names.items())]
+        (self.etc / "hosts").write_text("\n".join(lines) + "\n")
+
+    # -- running things inside ------------------------------------------------
+
+    def command(self, *argv: str, uid: int | None = None) -> list[str]:
+        """argv run inside the namespace (hosts file included), as `uid` when given."""
+        user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                *_reach_the_interpreter(), "--"] if uid is not None else []
+        return ["ip", "netns", "exec", self.name, *user, *argv]
+
+    def exec(self, *argv: str, uid: int | None = None, env: Mapping[str, str] | None = None,
+             timeout: float = _COMMAND_TIMEOUT, check: bool = True,
+             ) -> subprocess.CompletedProcess[str]:
+        return self._run(self.command(*argv, uid=uid), env=env, timeout=timeout, check=check)
+
+    def popen(self, *argv: str, uid: int | None = None, env: Mapping[str, str] | None = None,
+              **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.command(*argv, uid=uid), env=env, **kwargs)
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 60.0) -> T:
+        """fn(*args) on a thread inside the namespace: its sockets and children live there."""
+        outcome: dict[str, Any] = {}
+
+        def inside() -> None:
+            try:
+                with open(self.path) as handle:
+                    os.setns(handle.fileno(), os.CLONE_NEWNET)
+                outcome["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=inside, name=f"netns:{self.name}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"{fn!r} did not return within {timeout}s in {self.name}")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]  # type: ignore[no-any-return]
+
+    # -- iptables --------------------------------------------------------------------
+
+    def run_recipe(self, script: str, workdir: Path) -> None:
+        """Run a shell recipe (e.g. `keyless iptables` output) inside, as printed: its
+        `iptables`/`ip6tables` are those of `iptables_command()` (shims on PATH if needed)."""
+        path = "/usr/sbin:/usr/bin:/sbin:/bin"
+        if iptables_command() != ["iptables"]:
+            shims = workdir / "iptables-shims"
+            shims.mkdir(exist_ok=True)
+            for tool in ("iptables", "ip6tables"):
+                target = iptables_command(tool)[0]
+                with contextlib.suppress(FileExistsError):
+                    (shims / tool).symlink_to(shutil.which(target) or target)
+            path = f"{shims}:{path}"
+        file = workdir / f"recipe-{secrets.token_hex(3)}.sh"
+        file.write_text(script + "\n")
+        self.exec("sh", str(file), env={"PATH": path})
+
+    def nat_rules(self, tool: str = "iptables") -> str:
+        return self.exec(*iptables_command(tool), "-t", "nat", "-S").stdout
+
+    def flush_nat(self) -> None:
+        """Remove every nat rule and chain (IPv4 and IPv6) of this namespace."""
+        for tool in ("iptables", "ip6tables"):
+            self.exec(*iptables_command(tool), "-t", "nat", "-F")
+            self.exec(*iptables_command(tool), "-t", "nat", "-X")
+
+    def pids(self) -> list[int]:
+        listed = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                                text=True, timeout=_COMMAND_TIMEOUT)
+        return [int(pid) for pid in listed.stdout.split()]
+
+    # -- cleanup -------------------------------------------------------------------
+
+    def delete(self) -> None:
+        """Kill what still runs inside (TERM, then KILL), delete the namespace and its /etc."""
+        if self.created:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                # never this process: its helper threads may sit in the namespace
+                pids = [pid for pid in self.pids() if pid != os.getpid()]
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                deadline = time.monotonic() + 5
+                while set(self.pids()) - {os.getpid()} and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            subprocess.run(["ip", "netns", "delete", self.name], capture_output=True,
+                           timeout=_COMMAND_TIMEOUT)
+            self.created = False
+        shutil.rmtree(self.etc, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.etc.parent.rmdir()  # /etc/netns itself, when no one else uses it
+
+    @staticmethod
+    def _run(argv: Sequence[str], env: Mapping[str, str] | None = None,
+             timeout: float = _COMMAND_TIMEOUT, check: bool = True,
+             ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(list(argv), capture_output=True, text=True, env=env,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n"
+                               f"{done.stdout}{done.stderr}")
+        return done
+
+
+@contextlib.contextmanager
+def namespaces(*roles: str) -> Iterator[dict[str, Netns]]:
+    """Fresh namespaces, one per role (names unique per run), deleted on every exit path."""
+    run = secrets.token_hex(3)
+    made = {role: Netns(f"kl-{role}-{run}") for role in roles}
+    try:
+        for ns in made.values():
+            ns.create()
+        yield made
+    finally:
+        for ns in made.values():
+            ns.delete()
+
+
+def link(a: Netns, a_address: str, b: Netns, b_addresses: Sequence[str]) -> None:
+    """A veth pair between a and b, created inside a (never in the host's namespace).
+
+    Addresses are CIDRs (e.g. 10.200.0.1/24); b may carry several (one per stand-in server).
+    """
+    a_end, b_end = "veth0", "veth1"
+    a.exec("ip", "link", "add", a_end, "type", "veth", "peer", "name", b_end, "netns", b.name)
+    a.exec("ip", "addr", "add", a_address, "dev", a_end)
+    for address in b_addresses:
+        b.exec("ip", "addr", "add", address, "dev", b_end)
+    a.exec("ip", "link", "set", a_end, "up")
+    b.exec("ip", "link", "set", b_end, "up")
+
+
+class NamespacedKeyless(KeylessProcess):
+    """The real keyless process, run inside `netns` as `uid` (its own, for the iptables
+    exemption). Admin requests (readiness, /metrics) are made from inside the namespace."""
+
+    def __init__(self, netns: Netns, uid: int, workdir: Path, args: list[str],
+                 env: dict[str, str]) -> None:
+        super().__init__(workdir, args, env)
+        self.netns = netns
+        self.uid = uid
+        self.confdir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(self.confdir, uid, uid)
+
+    def start(self, timeout: float = 30.0, wait_ready: bool = True) -> Self:
+        command = self.netns.command(
+            *keyless_command(), "run",
+            "--listen", f"{self.listen_host}:{self.port}",
+            "--admin", f"127.0.0.1:{self.admin_port}",
+            "--confdir", str(self.confdir),
+            *self.args, uid=self.uid)
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KEYLESS_")}
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"keyless exited with {self.process.returncode}:\n{self.log()}")
+            if self.get("/readyz" if wait_ready else "/healthz")[0] == 200:
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"keyless not ready within {timeout}s:\n{self.log()}")
+
+    def get(self, path: str) -> tuple[int, str]:
+        return self.netns.call(super().get, path, timeout=10)
+
+    def uid_running(self) -> int:
+        """The real UID of the running keyless process (ip netns exec and setpriv exec)."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Uid:"))
+                   .split()[1])
+
+
+class RecordingTLSServer:
+    """A TLS server at (address, port) that records, per connection, whether the handshake
+    completed and every byte received after it; answers any request with 200 and `banner`,
+    except that the answers in `queued` ((status, headers), oldest first) go out first.
+
+    Start it inside a namespace with `Netns.call(server.start)`.
+    """
+
+    def __init__(self, address: str, port: int, cert: tuple[str, str], banner: str) -> None:
+        self.address = (address, port)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(*cert)
+        self.banner = banner.encode()
+        self.connections: list[dict[str, Any]] = []
+        self.queued: list[tuple[int, dict[str, str]]] = []
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> Self:
+        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        self._listener = socket.create_server(self.address, family=family)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def _accept(self) -> None:
+        listener = self._listener
+        while listener is not None:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        record: dict[str, Any] = {"handshake": None, "received": b""}
+        with self._lock:
+            self.connections.append(record)
+        raw.settimeout(10)
+        try:
+            conn = self.context.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            record["handshake"] = f"failed: {exc.__class__.__name__}"
+            raw.close()
+            return
+        record["handshake"] = "ok"
+        with conn:
+            try:
+                while b"\r\n\r\n" not in record["received"]:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    record["received"] += chunk
+                with self._lock:
+                    status, headers = self.queued.pop(0) if self.queued else (200, {})
+                extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+                conn.sendall(f"HTTP/1.1 {status} Scripted\r\nContent-Type: text/plain\r\n"
+                             f"Connection: close\r\n{extra}Content-Length: {len(self.banner)}"
+                             "\r\n\r\n".encode() + self.banner)
+            except (OSError, ssl.SSLError):
+                return
+
+    def received(self) -> bytes:
+        with self._lock:
+            return b"".join(c["received"] for c in self.connections)
