@@ -34,7 +34,7 @@ def assert_still_serving(keyless: KeylessProcess, recorder: RecordingServer) -> 
     response = send(keyless, RECORDER_HOST, http(
         "GET", "/control", RECORDER_HOST, [("Authorization", "SharedKey a:QUJD")]))
     assert status_of(response) == 200, response[:200]
-    assert recorder.requests[before]["headers"]["authorization"].startswith("Bearer ")
+    assert (recorder.requests[before].header("authorization") or "").startswith("Bearer ")
 
 
 # (name, headers, path) sent to the Storage catalog recorder; each must arrive converted
@@ -62,14 +62,15 @@ def test_malformed_storage_credentials_are_stripped_and_the_rest_kept(
                                                  [*headers, ("x-ms-meta-keep", "yes")], body))
     assert status_of(response) == 200, response[:300]
     seen = catalog_recorder.requests[before]
-    assert seen["headers"]["authorization"].startswith("Bearer ")
-    assert seen["headers"]["x-ms-meta-keep"] == "yes" and seen["body"] == body
+    assert (seen.header("authorization") or "").startswith("Bearer ")
+    assert seen.header("x-ms-meta-keep") == "yes" and seen.body == body
+    head = seen.raw.removesuffix(body)  # every header line and the path, as received
     for secret in SECRETS:
-        assert secret not in seen["path"] and secret not in str(seen["headers"])
+        assert secret.encode() not in head
     if "?" in path:
         kept = [p for p in path.split("?")[1].split("&")
                 if p.split("=")[0].lower() not in ("sv", "sig", "%73%69%67", "%53v")]
-        assert seen["path"] == "/c/b?" + "&".join(kept)
+        assert seen.path == "/c/b?" + "&".join(kept)
     assert_still_serving(keyless, catalog_recorder)
 
 
@@ -122,7 +123,8 @@ def test_protocol_garbage_inside_a_catalog_tunnel(keyless, catalog_recorder, nam
     if response:
         assert status_of(response) in (400, 414, 421, 431, 501, 502), response[:200]
     for seen in catalog_recorder.requests[before:]:
-        assert not seen["headers"].get("authorization", "").lower().startswith("sharedkey")
+        assert not any(value.lower().startswith("sharedkey")
+                       for value in seen.header_all("authorization"))
     assert_still_serving(keyless, catalog_recorder)
 
 

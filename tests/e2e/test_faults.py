@@ -53,7 +53,8 @@ def call(process: KeylessProcess, path: str = "/c/b", timeout: float = CLIENT_TI
 
 def no_key_forwarded(faulty: FaultyServer) -> None:
     for seen in faulty.requests:
-        assert not seen["headers"].get("authorization", "").lower().startswith("sharedkey")
+        assert not any(value.lower().startswith("sharedkey")
+                       for value in seen.header_all("authorization"))
 
 
 @pytest.mark.parametrize("mode", ["error", "throttle", "slow", "drop", "down"])
@@ -81,7 +82,7 @@ def test_token_endpoint_fault_at_start_refuses_then_recovers(start_keyless, faul
                     time.monotonic() < deadline:
                 time.sleep(0.5)
             assert response.status_code == 200
-            assert faulty.requests[-1]["headers"]["authorization"].startswith("Bearer ")
+            assert (faulty.requests[-1].header("authorization") or "").startswith("Bearer ")
     no_key_forwarded(faulty)
 
 
@@ -130,7 +131,7 @@ def test_upstream_faults_have_bounded_outcomes_and_are_counted(start_keyless, fa
 
         assert call(process).status_code == 200  # still serving
         # Each reached the service once: keyless never sends a request twice.
-        paths = [r["path"].partition("?")[0] for r in faulty.requests]
+        paths = [r.path.partition("?")[0] for r in faulty.requests]
         assert paths.count("/reset") == 1 and paths.count("/stall") == 1, paths
         assert process.metric("keyless_upstream_errors_total", service="storage-blob") >= 1
         assert process.metric("keyless_upstream_responses_total", service="storage-blob",

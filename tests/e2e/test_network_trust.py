@@ -39,7 +39,7 @@ from tests.support import keyless as keyless_support
 from tests.support.identity_endpoint import TOKEN_PATH, FakeIdentityEndpoint
 from tests.support.keyless import KeylessProcess
 from tests.support.rawclient import plain, request, status_of, tunnel
-from tests.support.upstreams import RecordingServer
+from tests.support.upstreams import RecordedRequest, RecordingServer
 
 pytestmark = pytest.mark.e2e
 T = TypeVar("T")
@@ -212,9 +212,9 @@ def app_session(process: KeylessProcess) -> requests.Session:
     return session
 
 
-def authorization(seen: dict[str, Any]) -> str | None:
-    """The Authorization field a recording server saw (aiohttp sends it lower-case)."""
-    return next((v for k, v in seen["headers"].items() if k.lower() == "authorization"), None)
+def authorization(seen: RecordedRequest) -> str | None:
+    """The one Authorization field a recording server saw (a repeat fails the test)."""
+    return seen.header("authorization")
 
 
 # -- 1. DNS rebinding ---------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def rebinding_scenario(tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch
                 request("GET", "/tunnelled", REBIND_TUNNEL))
             assert denied.accepted == [], "keyless connected to the denied address"
             assert (status, status_of(response)) == (200, 200), response[:300]
-            assert [seen["path"] for seen in allowed.requests] == ["/tunnelled"]
+            assert [seen.path for seen in allowed.requests] == ["/tunnelled"]
             assert dns.asked(REBIND_TUNNEL) == 1, "check and connect must share one answer"
             # the next connection gets the denied answer: refused, not dialled
             refused_before = process.metric("keyless_requests_total",
@@ -262,12 +262,13 @@ def rebinding_scenario(tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch
                 answer = app.get(f"https://{REBIND_BLOB}/c/b", headers=KEY, timeout=30)
             assert answer.status_code == 200, answer.text[:300]
             seen = allowed.requests[-1]
-            assert seen["path"] == "/c/b", seen
-            assert authorization(seen) == f"Bearer {identity.issued[-1]}", seen["headers"]
+            assert seen.path == "/c/b", seen.path
+            assert authorization(seen) == f"Bearer {identity.issued[-1]}", \
+                [name for name, _ in seen.headers]  # names only: values hold the token
             assert dns.asked(REBIND_BLOB) == 1
 
             assert denied.accepted == [], "keyless connected to the denied address"
-            assert [seen["path"] for seen in allowed.requests] == ["/tunnelled", "/c/b"]
+            assert [seen.path for seen in allowed.requests] == ["/tunnelled", "/c/b"]
         finally:
             assert process.stop() == 0, process.log()
 
@@ -291,7 +292,7 @@ def test_a_wildcard_connect_to_does_not_divert_keyless_own_token_requests(tmp_pa
                 answer = app.get(f"https://{RECORDER_HOST}/c/b", headers=KEY, timeout=30)
             assert answer.status_code == 200, answer.text[:300]
             assert len(identity.calls_for(STORAGE_SCOPE_RESOURCE)) == 1
-            assert [seen["path"] for seen in upstream.requests] == ["/c/b"]
+            assert [seen.path for seen in upstream.requests] == ["/c/b"]
             assert authorization(upstream.requests[0]) == f"Bearer {identity.issued[0]}"
         finally:
             assert process.stop() == 0, process.log()

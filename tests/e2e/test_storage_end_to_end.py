@@ -137,9 +137,8 @@ def test_non_azure_host_is_tunnelled_with_its_own_certificate(through_keyless, p
         # Trusting only keyless' CA fails: keyless did not intercept.
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(url, proxies=proxies, verify=through_keyless.ca_path, timeout=10)
-    assert upstream.requests and all(
-        "authorization" not in {h.lower() for h in r["headers"]} for r in upstream.requests
-    )
+    assert upstream.requests and not any(r.has_header("authorization")
+                                         for r in upstream.requests)
 
 
 def test_plain_http_to_a_catalog_host_gets_no_token(
@@ -161,8 +160,7 @@ def test_plain_http_to_a_catalog_host_gets_no_token(
     anonymous = requests.get(f"http://{BLOB_HOST}/public/blob",
                              proxies={"http": through_keyless.proxy_url}, timeout=10)
     assert anonymous.status_code == 200
-    headers = {k.lower(): v for k, v in plain_http_recorder.requests[-1]["headers"].items()}
-    assert "authorization" not in headers
+    assert not plain_http_recorder.requests[-1].has_header("authorization")
     assert len(identity.calls) == calls_before
 
 

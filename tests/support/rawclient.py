@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import socket
 import ssl
+from dataclasses import dataclass
+
+from cryptography import x509
 
 
 def _read_all(sock: socket.socket, limit: int = 1 << 20) -> bytes:
@@ -49,10 +52,28 @@ def plain(proxy_port: int, raw: bytes, timeout: float = 10) -> bytes:
         return _read_all(sock)
 
 
-def tunnel(proxy_port: int, target: bytes | str, sni: str | None, raw: bytes,
-           timeout: float = 10, alpn: list[str] | None = None) -> tuple[int, bytes, str | None]:
-    """CONNECT target, TLS with `sni` (None: no SNI), send `raw`; return (CONNECT status,
-    response bytes, negotiated ALPN). Certificates are not checked: the attacker does not care.
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What the app saw of one crafted tunnel."""
+
+    connect_status: int  # keyless' answer to the CONNECT line
+    response: bytes  # the answer inside the tunnel (or to the CONNECT, when refused)
+    alpn: str | None  # the protocol negotiated inside the tunnel
+    peer_certificate: bytes | None  # DER of the certificate the app was shown (None: no TLS)
+
+    def certificate(self) -> x509.Certificate | None:
+        if self.peer_certificate is None:
+            return None
+        return x509.load_der_x509_certificate(self.peer_certificate)
+
+
+def exchange(proxy_port: int, target: bytes | str, sni: str | None, raw: bytes,
+             timeout: float = 10, alpn: list[str] | None = None, tls: bool = True) -> Exchange:
+    """CONNECT target, TLS with `sni` (None: no SNI), send `raw`, read the answer.
+    `tls=False`: send `raw` in the clear inside the tunnel.
+
+    Certificates are not checked (the attacker does not care) but the one shown is kept, so
+    a test can tell whether keyless intercepted (its CA signed it) or tunnelled (the server's own).
     """
     target_bytes = target.encode() if isinstance(target, str) else target
     with socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout) as sock:
@@ -61,7 +82,10 @@ def tunnel(proxy_port: int, target: bytes | str, sni: str | None, raw: bytes,
         head = _read_head(sock)
         status = status_of(head)
         if status != 200:
-            return status, head + _read_body(sock, head), None
+            return Exchange(status, head + _read_body(sock, head), None, None)
+        if not tls:
+            sock.sendall(raw)
+            return Exchange(status, _read_all(sock), None, None)
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -70,10 +94,18 @@ def tunnel(proxy_port: int, target: bytes | str, sni: str | None, raw: bytes,
         try:
             with context.wrap_socket(sock, server_hostname=sni) as tls:
                 negotiated = tls.selected_alpn_protocol()
+                certificate = tls.getpeercert(binary_form=True)
                 tls.sendall(raw)
-                return status, _read_all(tls), negotiated
+                return Exchange(status, _read_all(tls), negotiated, certificate)
         except (ssl.SSLError, ConnectionError) as exc:
-            return status, f"TLS failed: {exc}".encode(), None
+            return Exchange(status, f"TLS failed: {exc}".encode(), None, None)
+
+
+def tunnel(proxy_port: int, target: bytes | str, sni: str | None, raw: bytes,
+           timeout: float = 10, alpn: list[str] | None = None) -> tuple[int, bytes, str | None]:
+    """`exchange`, as (CONNECT status, response bytes, negotiated ALPN)."""
+    seen = exchange(proxy_port, target, sni, raw, timeout, alpn)
+    return seen.connect_status, seen.response, seen.alpn
 
 
 def request(method: str, target: str, host: str, headers: dict[str, str] | None = None) -> bytes:
