@@ -13,6 +13,7 @@ from collections.abc import Callable
 from mitmproxy import addons as mitm_addons
 from mitmproxy import exceptions, master, options
 from mitmproxy.addons import errorcheck
+from mitmproxy.proxy.layers.http import _http1
 
 from addons.azure_auth import AzureAuth
 from addons.diagnose import DiagnoseDenials
@@ -37,6 +38,7 @@ from proxy.connect_to import ConnectToTable
 from proxy.dial import AppDialer
 from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
+from proxy.redact import redact
 from proxy.relay import UpstreamRelay
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
 from proxy.upstream import UpstreamPool
@@ -94,8 +96,24 @@ def keyless_options(settings: Settings) -> dict[str, object]:
     }
 
 
+def redact_mitmproxy_error_pages() -> None:
+    """mitmproxy answers a request it cannot parse itself, before any addon sees it, with an
+    error page quoting the request line (a SAS `sig` included). Redact what it quotes.
+    (`make_error_response` is looked up as a module global on each call in _http1.)"""
+    original = _http1.make_error_response
+    if getattr(original, "keyless_redacted", False):
+        return
+
+    def redacted(status_code: int, message: str = "") -> bytes:
+        return original(status_code, redact(message, limit=1000))
+
+    redacted.keyless_redacted = True  # type: ignore[attr-defined]
+    _http1.make_error_response = redacted
+
+
 def build_master(settings: Settings, tokens: TokenCache, health: Health,
                  calls: CallLog) -> master.Master:
+    redact_mitmproxy_error_pages()
     opts = options.Options()
     m = KeylessMaster(opts)
     catalog = settings.catalog()
