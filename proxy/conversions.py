@@ -15,7 +15,8 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
+from typing import Protocol, runtime_checkable
+from urllib.parse import quote, unquote, urlsplit
 
 from proxy.wire import RequestHead, auth_scheme, remove_query_params
 
@@ -144,10 +145,115 @@ STORAGE_SAS_PARAMS = frozenset(
     ]
 )
 
+# Any Azure Storage endpoint, in every cloud (the catalog's Storage hosts, all five services):
+# only a copy source on such a host is the Storage conversion's business.
+STORAGE_HOST = re.compile(
+    r"[a-z0-9]{3,24}(?:-secondary)?(?:\.privatelink)?\.(?:blob|queue|table|file|dfs)"
+    r"\.(?:core\.windows\.net|core\.chinacloudapi\.cn|core\.usgovcloudapi\.net)"
+    r"|[a-z0-9]{3,24}\.z\d{2}\.(?:blob|queue|table|file|dfs)\.storage\.azure\.net"
+)
+# Headers naming, as a URL, the object an operation reads from: Copy Blob, Copy Blob From
+# URL, Put Blob/Block/Page From URL, Append Block From URL, Copy File, Put Range From URL
+# (x-ms-copy-source); Rename File/Directory (x-ms-file-rename-source).
+SOURCE_URL_HEADERS = ("x-ms-copy-source", "x-ms-file-rename-source")
+# Data Lake Rename Path names its source as "/{filesystem}/{path}" in the same account.
+SOURCE_PATH_HEADERS = ("x-ms-rename-source",)
+SOURCE_AUTHORIZATION = "x-ms-copy-source-authorization"
+SOURCE_TOKEN_VERSION = "2020-10-02"  # x-ms-copy-source-authorization needs this version
+# Operations that read their source themselves and take a token for it: the `comp` of
+# Put Block / Append Block / Put Page (Blob) and Put Range (Files) From URL.
+_FROM_URL_COMPS = frozenset({"block", "appendblock", "page", "range"})
+
+
+@runtime_checkable
+class AttachesToken(Protocol):
+    """A stripper paired with its attach step: it puts the token where it removed a key."""
+
+    def __call__(self, request: RequestHead) -> Found: ...
+    def attach(self, request: RequestHead, token: str, stripped: Stripped) -> None: ...
+
+
+def storage_source_url(value: str) -> bool:
+    """Whether a source URL names an Azure Storage host (anything else is left alone)."""
+    try:
+        parts = urlsplit(value.strip())
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return False
+    return parts.scheme.lower() == "https" and STORAGE_HOST.fullmatch(host) is not None
+
+
+def takes_source_token(request: RequestHead) -> bool:
+    """Whether the operation accepts `x-ms-copy-source-authorization` (REST specs as of
+    2020-10-02; the SDKs send it only for these): the *From URL operations and the
+    synchronous Copy Blob From URL. Asynchronous Copy Blob / Copy File take none."""
+    query = request.path.partition("?")[2]
+    comps = {piece.partition("=")[2].lower() for piece in query.split("&")
+             if piece.partition("=")[0].lower() == "comp"}
+    if comps:
+        return bool(comps & _FROM_URL_COMPS)
+    headers = request.headers
+    return ((headers.get("x-ms-requires-sync") or "").lower() == "true"  # Copy Blob From URL
+            or (headers.get("x-ms-blob-type") or "").lower() == "blockblob")  # Put Blob From URL
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSas:
+    """A Storage SAS on the request's own query, and on the source an operation reads from.
+
+    A SAS on a copy or rename source is removed when the source is an Azure Storage host
+    (any account: the token's scope is the same for all); other sources are left alone.
+    `attach` gives the source the token where the operation takes one.
+    """
+
+    query: KeyQuery
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The SAS parameter names (those of the request's own query)."""
+        return self.query.names
+
+    def __call__(self, request: RequestHead) -> Found:
+        found, facts = self.query(request)
+        labels = list(found)
+        for name in SOURCE_URL_HEADERS:
+            value = request.headers.get(name)
+            if value is None or not storage_source_url(value):
+                continue
+            cleaned, removed = remove_query_params(value, STORAGE_SAS_PARAMS)
+            if removed:
+                request.headers[name] = cleaned
+                labels.append("CopySourceSAS")
+                if name == "x-ms-copy-source":
+                    facts = {**facts, "copy_source_sas": "1"}
+        for name in SOURCE_PATH_HEADERS:
+            value = request.headers.get(name)
+            if value is not None and value.startswith("/"):
+                cleaned, removed = remove_query_params(value, STORAGE_SAS_PARAMS)
+                if removed:
+                    request.headers[name] = cleaned
+                    labels.append("CopySourceSAS")
+        return sorted(set(labels)), facts
+
+    def attach(self, request: RequestHead, token: str, stripped: Stripped) -> None:
+        if not stripped.facts.get("copy_source_sas"):
+            return
+        if not takes_source_token(request):
+            # Asynchronous Copy Blob / Copy File: a source in the same account is read with
+            # the request's own token; one in another account must be public.
+            logger.info("asynchronous copy: source SAS removed; a source in another account "
+                        "must be public (only synchronous copies take a source token)")
+            return
+        request.headers[SOURCE_AUTHORIZATION] = f"Bearer {token}"
+        current = request.headers.get("x-ms-version") or ""
+        if not _VERSION.fullmatch(current) or current < SOURCE_TOKEN_VERSION:
+            request.headers["x-ms-version"] = SOURCE_TOKEN_VERSION
+
+
 # The named strippers: what a custom route may list under `strip`.
 STRIPPERS: dict[str, Stripper] = {
     "SharedKey": AuthorizationScheme({"sharedkey": "SharedKey", "sharedkeylite": "SharedKeyLite"}),
-    "SAS": KeyQuery("SAS", STORAGE_SAS_PARAMS, {"sv": "sas_version"}),
+    "SAS": StorageSas(KeyQuery("SAS", STORAGE_SAS_PARAMS, {"sv": "sas_version"})),
     "SharedAccessSignature": AuthorizationScheme(
         {"sharedaccesssignature": "SharedAccessSignature"}
     ),
@@ -233,6 +339,9 @@ class Conversion:
         request.headers[name] = value
         for fix in self.fixes:
             fix(request, stripped)
+        for stripper in self.strippers:
+            if isinstance(stripper, AttachesToken):
+                stripper.attach(request, token, stripped)
 
 
 def conversion(*stripper_names: str, token_format: str = "bearer",

@@ -23,6 +23,7 @@ from addons.pool import PoolUpstream
 from addons.quickack import QuickAck
 from addons.replay import ReplayUnauthorized
 from addons.resume import ResumeUpstreamTLS
+from addons.storage_batch import ResignBlobBatch
 from addons.stream import StreamBodies
 from proxy import metrics
 from proxy.admin import AdminServer, Health
@@ -93,6 +94,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
         ResumeUpstreamTLS(),
         AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
         ReplayUnauthorized(tokens, upstream),
+        ResignBlobBatch(),  # after AzureAuth/ReplayUnauthorized, before PoolUpstream
         PoolUpstream(upstream, UpstreamRelay(), enabled=settings.upstream_pool),
         ObserveUpstream(),
         DiagnoseDenials(),
