@@ -120,8 +120,6 @@ def _header_lines(lines: list[bytes], where: str) -> list[tuple[bytes, bytes]]:
 
 
 def _parse_part(part: bytes) -> SubRequest:
-    if b"\r" in part.replace(CRLF, b"") or b"\n" in part.replace(CRLF, b""):
-        raise malformed("a line does not end with CRLF")
     mime, sep, message = part.partition(CRLF + CRLF)
     if not sep:
         raise malformed("a part has no blank line after its headers")
@@ -185,18 +183,11 @@ def entra_subrequest(sub: SubRequest, token: str) -> bytes:
     path, _ = remove_query_params(target.decode("ascii"), STORAGE_SAS_PARAMS)
     if b"?" in target and "?" not in path:
         path += "?"  # the SDK's Entra-mode form keeps the empty query
-    bearer = (b"Authorization", b"Bearer " + token.encode("ascii"))
-    headers: list[tuple[bytes, bytes]] = []
-    for name, value in sub.headers:
-        if name.lower() == b"authorization":
-            if bearer not in headers:
-                headers.append(bearer)  # where the app's signature was
-            continue
-        headers.append((name, value))
-    if bearer not in headers:
-        # SAS mode signed nothing: put it where the SDK does, before Content-Length.
-        lengths = [i for i, (name, _) in enumerate(headers) if name.lower() == b"content-length"]
-        headers.insert(lengths[0] if lengths else len(headers), bearer)
+    headers = [(name, value) for name, value in sub.headers if name.lower() != b"authorization"]
+    # Where the Entra-mode SDK puts it: just before Content-Length (else last).
+    lengths = [i for i, (name, _) in enumerate(headers) if name.lower() == b"content-length"]
+    headers.insert(lengths[0] if lengths else len(headers),
+                   (b"Authorization", b"Bearer " + token.encode("ascii")))
     head = [b" ".join((method, path.encode("ascii"), version))]
     head += [name + b": " + value for name, value in headers]
     return sub.mime_headers + CRLF + CRLF + CRLF.join(head) + sub.ending
