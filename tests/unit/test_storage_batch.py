@@ -411,3 +411,15 @@ def test_rename_sources_lose_their_sas():
     assert request.headers["x-ms-rename-source"] == "/fs/old%20name"
     assert request.headers["x-ms-file-rename-source"] == "https://acct.file.core.windows.net/share/old"
     assert "x-ms-copy-source-authorization" not in request.headers
+
+
+@pytest.mark.parametrize(("length", "status"), [(str(MAX_BATCH_BYTES + 1), 413), (None, 411)])
+def test_addon_refuses_before_buffering_what_the_service_would_not_take(length, status):
+    flow, state, _ = batch_flow(sdk_batch("key"))
+    if length is None:
+        del flow.request.headers["content-length"]
+    else:
+        flow.request.headers["content-length"] = length
+    flow.request.stream = True
+    ResignBlobBatch().requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == status and state.refused

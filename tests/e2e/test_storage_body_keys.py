@@ -1,0 +1,316 @@
+"""Key material outside the request's own headers and query: Blob Batch sub-requests and copy
+sources. The legacy app (the real SDK with a WRONG key) goes through the real keyless process,
+to Azurite (it implements Blob Batch and checks every sub-request's auth) or to a fake that
+checks copy-source authorization the way the service does (tests/support/fake_storage_body).
+Each fake is calibrated: the SDK in Entra mode passes it, the SDK with its key or SAS fails.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+import requests
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import HttpResponseError
+from azure.core.pipeline.transport import RequestsTransport
+from azure.storage.blob import BlobClient, ContainerClient, StandardBlobTier
+
+from proxy.storage_batch import rewrite_batch
+from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV, route_app_through
+from tests.support.azurite import ACCOUNT, WRONG_KEY
+from tests.support.fake_azure import FakeAzure
+from tests.support.fake_storage_body import STORAGE_AUDIENCE, FakeBlobBodies
+from tests.support.identity_endpoint import make_token
+from tests.support.keyless import KeylessProcess
+
+pytestmark = pytest.mark.e2e
+LEGACY_BLOB = (
+    f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
+    f"BlobEndpoint=https://{BLOB_HOST}"
+)
+FAKE_ACCOUNT = "keylesscopy"
+FAKE_HOST = f"{FAKE_ACCOUNT}.blob.core.windows.net"
+OTHER_SOURCE = "https://othersource.blob.core.windows.net/src/blob.txt"
+SAME_SOURCE = f"https://{FAKE_HOST}/src/blob.txt"
+# A SAS as the legacy app makes it: signed with its (wrong) key.
+WRONG_SAS = "sv=2025-01-05&se=2030-01-01T00%3A00%3A00Z&sr=b&sp=r&sig=d3Jvbmcta2V5LXNpZw%3D%3D"
+VOLATILE = re.compile(rb"(x-ms-date: [^\r]+|x-ms-client-request-id: [^\r]+|batch_[0-9a-f-]+|"
+                      rb"Bearer [A-Za-z0-9._-]+)")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+class StaticToken:
+    """The SDK's Entra mode: a TokenCredential (with a storage token like Entra's)."""
+
+    def __init__(self) -> None:
+        self.token = make_token(STORAGE_AUDIENCE)
+
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        return AccessToken(self.token, int(time.time()) + 3600)
+
+
+# Blob Batch against Azurite ------------------------------------------------------------------
+
+def test_blob_batch_with_wrong_key_works_through_keyless(through_keyless):
+    container = ContainerClient.from_connection_string(LEGACY_BLOB, unique("batch"))
+    container.create_container()
+    for name in ("a", "b/c d", "ü", "x", "y"):
+        container.upload_blob(name, b"data")
+
+    container.delete_blobs("a", "b/c d", "ü")
+    container.set_standard_blob_tier_blobs(StandardBlobTier.COOL, "x", "y")
+
+    assert sorted(b.name for b in container.list_blobs()) == ["x", "y"]
+    assert {container.get_blob_client(n).get_blob_properties().blob_tier
+            for n in ("x", "y")} == {"Cool"}
+    container.delete_container()
+
+
+def test_same_batch_straight_to_azurite_is_refused(direct, azurite, pki):
+    url = f"https://127.0.0.1:{azurite.blob_port}/{ACCOUNT}"
+    token = ContainerClient(url, unique("batch"), credential=StaticToken(),
+                            connection_verify=pki.ca_pem_path)
+    token.create_container()
+    token.upload_blob("a", b"data")
+    legacy = ContainerClient(url, token.container_name,
+                             credential={"account_name": ACCOUNT, "account_key": WRONG_KEY},
+                             connection_verify=pki.ca_pem_path)
+    with pytest.raises(HttpResponseError) as caught:
+        legacy.delete_blobs("a")
+    # Azurite refuses the wrong key's outer signature (InvalidAuthenticationInfo, 400).
+    assert caught.value.status_code in (400, 403)
+    assert [b.name for b in token.list_blobs()] == ["a"]
+    token.delete_container()
+
+
+class _Keep(RequestsTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list = []
+
+    def send(self, request, **kwargs):  # type: ignore[no-untyped-def]
+        self.kept.append(request)
+        raise ConnectionAbortedError("kept, not sent")
+
+
+def test_azurite_checks_every_sub_requests_auth(direct, azurite, pki):
+    """Calibration: with a valid outer token, sub-requests signed with the wrong key fail
+    inside the batch; the same body re-signed by keyless' rewrite succeeds; and the SDK's
+    own Entra mode succeeds."""
+    url = f"https://127.0.0.1:{azurite.blob_port}/{ACCOUNT}"
+    credential = StaticToken()
+    entra = ContainerClient(url, unique("batch"), credential=credential,
+                            connection_verify=pki.ca_pem_path)
+    entra.create_container()
+    for name in ("a", "b", "c"):
+        entra.upload_blob(name, b"data")
+    keep = _Keep()
+    keyed = ContainerClient(url, entra.container_name, transport=keep,
+                            credential={"account_name": ACCOUNT, "account_key": WRONG_KEY})
+    with pytest.raises(ConnectionAbortedError):
+        keyed.delete_blobs("a", "b")
+    (request,) = keep.kept
+
+    def send(body: bytes) -> requests.Response:
+        return requests.post(request.url, data=body, verify=pki.ca_pem_path, timeout=10,
+                             headers={"content-type": request.headers["Content-Type"],
+                                      "x-ms-version": request.headers["x-ms-version"],
+                                      "x-ms-date": request.headers["x-ms-date"],
+                                      "authorization": f"Bearer {credential.token}"})
+
+    wrong = send(request.body)
+    assert wrong.status_code == 202
+    # Azurite's refusal of a wrong Shared Key signature, once per sub-request:
+    assert wrong.text.count("x-ms-error-code: InvalidAuthenticationInfo") == 2
+    assert "HTTP/1.1 202" not in wrong.text
+    assert sorted(b.name for b in entra.list_blobs()) == ["a", "b", "c"]
+
+    resigned = send(rewrite_batch(request.body, request.headers["Content-Type"],
+                                  credential.token))
+    assert resigned.status_code == 202 and resigned.text.count("HTTP/1.1 202") == 2
+    assert [b.name for b in entra.list_blobs()] == ["c"]
+
+    entra.delete_blobs("c")
+    assert list(entra.list_blobs()) == []
+    entra.delete_container()
+
+
+# The fake Blob endpoint: copy sources, and the batch calibration -----------------------------
+
+@pytest.fixture(scope="module")
+def fake_blob(pki) -> Iterator[tuple[FakeAzure, FakeBlobBodies]]:
+    with FakeAzure(pki.issue_server_cert(FAKE_HOST)) as fake:
+        yield fake, FakeBlobBodies(fake, re.escape(FAKE_HOST))
+
+
+@pytest.fixture(scope="module")
+def body_keyless(tmp_path_factory, pki, module_identity, fake_blob) -> Iterator[KeylessProcess]:
+    fake, _ = fake_blob
+    process = KeylessProcess(
+        tmp_path_factory.mktemp("keyless-bodies"),
+        ["--connect-to", f"{FAKE_HOST}:443:127.0.0.1:{fake.port}",
+         "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
+         "--token-timeout", "5"],
+        {**module_identity.env(), **DEAD_PROXY_ENV},
+    ).start()
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+@pytest.fixture
+def fake_direct(monkeypatch, direct, fake_blob, pki) -> str:
+    """The app straight to the fake (no keyless): FAKE_HOST resolves to it. Returns the
+    account URL, with the fake's port."""
+    fake, _ = fake_blob
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return real("127.0.0.1" if host == FAKE_HOST else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem_path)
+    return f"https://{FAKE_HOST}:{fake.port}"
+
+
+@pytest.fixture
+def through_body_keyless(monkeypatch, body_keyless) -> KeylessProcess:
+    return route_app_through(monkeypatch, body_keyless)
+
+
+def legacy_blob(name: str = "dst.txt") -> BlobClient:
+    return BlobClient.from_connection_string(
+        f"DefaultEndpointsProtocol=https;AccountName={FAKE_ACCOUNT};AccountKey={WRONG_KEY};"
+        f"BlobEndpoint=https://{FAKE_HOST}", "c", name, retry_total=0)
+
+
+def sync_copies(blob: BlobClient, source: str, **auth: str) -> None:
+    """Every copy that reads its source itself, as the SDK sends it."""
+    blob.upload_blob_from_url(source, overwrite=True, **auth)  # Put Blob From URL
+    blob.stage_block_from_url("YmxvY2sx", source, **auth)  # Put Block From URL
+    copied = blob.start_copy_from_url(source, requires_sync=True, **auth)  # Copy From URL
+    assert copied["copy_status"] == "success"
+
+
+def last_requests(fake: FakeAzure, count: int):
+    return fake.requests_for(FAKE_HOST)[-count:]
+
+
+def test_copy_fake_is_calibrated_by_the_sdk_itself(fake_direct, fake_blob):
+    fake, _ = fake_blob
+    entra = BlobClient(fake_direct, "c", "dst.txt", credential=StaticToken(), retry_total=0)
+    token = entra.credential.token
+    sync_copies(entra, OTHER_SOURCE, source_authorization=f"Bearer {token}")
+    assert entra.start_copy_from_url(SAME_SOURCE)["copy_status"] == "pending"
+    assert fake.problems == []
+
+    keyed = BlobClient(fake_direct, "c", "dst.txt", retry_total=0,
+                       credential={"account_name": FAKE_ACCOUNT, "account_key": WRONG_KEY})
+    for call in (lambda: keyed.upload_blob_from_url(f"{OTHER_SOURCE}?{WRONG_SAS}"),
+                 lambda: keyed.stage_block_from_url("YmxvY2sx", f"{OTHER_SOURCE}?{WRONG_SAS}"),
+                 lambda: entra.stage_block_from_url("YmxvY2sx", f"{OTHER_SOURCE}?{WRONG_SAS}"),
+                 lambda: entra.upload_blob_from_url(OTHER_SOURCE)):  # no source token
+        with pytest.raises(HttpResponseError) as caught:
+            call()
+        assert caught.value.status_code == 401
+    assert len(fake.problems) == 4
+    fake.problems.clear()
+
+
+def test_copy_from_a_sas_url_with_wrong_key_works_through_keyless(through_body_keyless,
+                                                                  fake_blob):
+    fake, _ = fake_blob
+    blob = legacy_blob()
+    sync_copies(blob, f"{OTHER_SOURCE}?{WRONG_SAS}&snapshot=2026-01-01")
+    assert fake.problems == []
+    for request in last_requests(fake, 3):
+        assert request.header("x-ms-copy-source") == f"{OTHER_SOURCE}?snapshot=2026-01-01"
+        assert request.header("x-ms-copy-source-authorization") \
+            == request.header("authorization")
+    assert through_body_keyless.metric("keyless_key_material_stripped_total",
+                                       service="storage-blob", scheme="CopySourceSAS") >= 3
+
+
+def test_async_copy_in_the_same_account_works_and_another_account_is_the_services_call(
+        through_body_keyless, fake_blob):
+    fake, _ = fake_blob
+    blob = legacy_blob()
+    assert blob.start_copy_from_url(f"{SAME_SOURCE}?{WRONG_SAS}")["copy_status"] == "pending"
+    with pytest.raises(HttpResponseError) as caught:
+        blob.start_copy_from_url(f"{OTHER_SOURCE}?{WRONG_SAS}")
+    assert caught.value.error_code == "CannotVerifyCopySource"
+    assert fake.problems == []
+    same, other = last_requests(fake, 2)
+    assert same.header("x-ms-copy-source") == SAME_SOURCE
+    assert other.header("x-ms-copy-source") == OTHER_SOURCE
+    assert other.header("x-ms-copy-source-authorization") is None
+
+
+def test_a_source_outside_azure_storage_is_left_alone(through_body_keyless, fake_blob):
+    fake, _ = fake_blob
+    source = "https://downloads.example.com/file.bin?sig=theirs&se=2030"
+    copied = legacy_blob().start_copy_from_url(source, requires_sync=True)
+    assert copied["copy_status"] == "success" and fake.problems == []
+    (request,) = last_requests(fake, 1)
+    assert request.header("x-ms-copy-source") == source
+    assert request.header("x-ms-copy-source-authorization") is None
+
+
+def test_keyless_batch_is_what_the_sdk_in_entra_mode_sends(monkeypatch, fake_direct, fake_blob,
+                                                          body_keyless):
+    fake, blob_bodies = fake_blob
+    entra = ContainerClient(fake_direct, "c", credential=StaticToken(), retry_total=0)
+    entra.delete_blobs("a", "b/c d")
+    (sent_by_entra,) = last_requests(fake, 1)
+    keyed = ContainerClient(fake_direct, "c", retry_total=0,
+                            credential={"account_name": FAKE_ACCOUNT, "account_key": WRONG_KEY})
+    with pytest.raises(HttpResponseError):
+        keyed.delete_blobs("a", "b/c d")  # the fake refuses the wrong key
+    assert blob_bodies.batch_problems == [] and len(fake.problems) == 1
+    fake.problems.clear()
+
+    route_app_through(monkeypatch, body_keyless)
+    legacy = ContainerClient.from_connection_string(
+        f"DefaultEndpointsProtocol=https;AccountName={FAKE_ACCOUNT};AccountKey={WRONG_KEY};"
+        f"BlobEndpoint=https://{FAKE_HOST}", "c", retry_total=0)
+    legacy.delete_blobs("a", "b/c d")
+    (sent_by_keyless,) = last_requests(fake, 1)
+    assert fake.problems == [] and blob_bodies.batch_problems == []
+    assert VOLATILE.sub(b"", sent_by_keyless.body) == VOLATILE.sub(b"", sent_by_entra.body)
+    outer = sent_by_keyless.header("authorization")
+    assert outer is not None and sent_by_keyless.body.count(outer.encode()) == 2
+
+
+def test_a_batch_keyless_cannot_read_is_refused_and_goes_nowhere(through_body_keyless,
+                                                                  fake_blob):
+    fake, _ = fake_blob
+    before = len(fake.requests_for(FAKE_HOST))
+    body = (b"--b1\r\nContent-Type: text/plain\r\n\r\nDELETE /c/a HTTP/1.1\r\n"
+            b"Authorization: SharedKey keylesscopy:c2lnbmF0dXJl\r\n\r\n--b1--\r\n")
+    answer = requests.post(
+        f"https://{FAKE_HOST}/c?restype=container&comp=batch", data=body, timeout=10,
+        proxies={"https": through_body_keyless.proxy_url}, verify=through_body_keyless.ca_path,
+        headers={"content-type": "multipart/mixed; boundary=b1", "x-ms-version": "2026-10-06",
+                 "x-ms-date": datetime.now(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT"),
+                 "authorization": "SharedKey keylesscopy:b3V0ZXI="})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "KeylessBatchMalformed"
+    assert "c2lnbmF0dXJl" not in answer.text
+    assert len(fake.requests_for(FAKE_HOST)) == before
+    too_big = requests.post(
+        f"https://{FAKE_HOST}/c?restype=container&comp=batch", data=b"x" * (4 * 2**20 + 1),
+        proxies={"https": through_body_keyless.proxy_url}, verify=through_body_keyless.ca_path,
+        headers={"content-type": "multipart/mixed; boundary=b1",
+                 "authorization": "SharedKey keylesscopy:b3V0ZXI="}, timeout=10)
+    assert too_big.status_code == 413
+    assert too_big.json()["error"]["code"] == "KeylessBatchTooLarge"
+    assert len(fake.requests_for(FAKE_HOST)) == before
+    assert "c2lnbmF0dXJl" not in through_body_keyless.log()
