@@ -250,13 +250,58 @@ class StorageSas:
             request.headers["x-ms-version"] = SOURCE_TOKEN_VERSION
 
 
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    """One family of key material in its several forms, under one name."""
+
+    parts: tuple[Stripper, ...]
+
+    def __call__(self, request: RequestHead) -> Found:
+        labels: list[str] = []
+        facts: dict[str, str] = {}
+        for part in self.parts:
+            found, part_facts = part(request)
+            labels += found
+            facts.update(part_facts)
+        return sorted(set(labels)), facts
+
+
+# Service Bus entity management with `forward_to` / `forward_dead_lettered_messages_to`: the
+# SDKs add a SAS for the target entity in these headers; in Entra mode they hold a Bearer.
+SUPPLEMENTARY_HEADERS = ("servicebussupplementaryauthorization",
+                         "servicebusdlqsupplementaryauthorization")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedAccessSignature:
+    """`Authorization: SharedAccessSignature …`, and Service Bus' supplementary SAS headers
+    (which get the same token, as the SDK's Entra mode sends them)."""
+
+    authorization: AuthorizationScheme
+
+    def __call__(self, request: RequestHead) -> Found:
+        labels, facts = self.authorization(request)
+        removed = [name for name in SUPPLEMENTARY_HEADERS
+                   if auth_scheme(request.headers.get(name) or "") == "sharedaccesssignature"]
+        for name in removed:
+            del request.headers[name]
+        if removed:
+            labels = [*labels, "SupplementarySAS"]
+            facts = {**facts, "supplementary": ",".join(removed)}
+        return labels, facts
+
+    def attach(self, request: RequestHead, token: str, stripped: Stripped) -> None:
+        for name in filter(None, stripped.facts.get("supplementary", "").split(",")):
+            request.headers[name] = f"Bearer {token}"
+
+
 # The named strippers: what a custom route may list under `strip`.
 STRIPPERS: dict[str, Stripper] = {
     "SharedKey": AuthorizationScheme({"sharedkey": "SharedKey", "sharedkeylite": "SharedKeyLite"}),
     "SAS": StorageSas(KeyQuery("SAS", STORAGE_SAS_PARAMS, {"sv": "sas_version"})),
-    "SharedAccessSignature": AuthorizationScheme(
+    "SharedAccessSignature": SharedAccessSignature(AuthorizationScheme(
         {"sharedaccesssignature": "SharedAccessSignature"}
-    ),
+    )),
     "HMAC-SHA256": AuthorizationScheme({"hmac-sha256": "HMAC-SHA256"}),
     "api-key": KeyHeaders("api-key", ("api-key",)),
     "api-key-query": KeyQuery("api-key", frozenset({"api-key"})),
@@ -264,7 +309,9 @@ STRIPPERS: dict[str, Stripper] = {
         "Ocp-Apim-Subscription-Key", ("ocp-apim-subscription-key",),
         companions=("ocp-apim-subscription-region",),
     ),
-    "aeg-sas-key": KeyHeaders("aeg-sas-key", ("aeg-sas-key",)),
+    # Event Grid topics take the key as `aeg-sas-key`; namespaces as `SharedAccessKey`.
+    "aeg-sas-key": AnyOf((KeyHeaders("aeg-sas-key", ("aeg-sas-key",)),
+                          AuthorizationScheme({"sharedaccesskey": "SharedAccessKey"}))),
     "aeg-sas-key-query": KeyQuery("aeg-sas-key", frozenset({"aeg-sas-key"})),
     "aeg-sas-token": KeyHeaders("aeg-sas-token", ("aeg-sas-token",)),
     "subscription-key": KeyHeaders("subscription-key", ("subscription-key",)),
