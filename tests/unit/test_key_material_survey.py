@@ -87,3 +87,12 @@ def test_event_grid_namespace_key_becomes_what_entra_mode_sends():
     assert target.scope == "https://eventgrid.azure.net/.default"
     assert request.headers["authorization"] == entra.headers["Authorization"]
     assert "dummy-namespace-key" not in str(request.headers)
+
+
+def test_stripping_alone_removes_the_supplementary_sas():
+    service = CATALOG.by_name("servicebus")
+    assert service is not None and service.conversion is not None
+    request = tutils.treq(method=b"PUT", host="bus.servicebus.windows.net", path=b"/q",
+                          headers=((b"ServiceBusDlqSupplementaryAuthorization", SAS.encode()),))
+    assert service.conversion.strip(request) is not None
+    assert "servicebusdlqsupplementaryauthorization" not in request.headers
