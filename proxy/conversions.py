@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import quote, unquote, urlsplit
 
-from proxy.wire import RequestHead, auth_scheme, remove_query_params
+from proxy.wire import RequestHead, auth_scheme, remove_query_params, split_authority
 
 logger = logging.getLogger(__name__)
 
@@ -239,10 +239,16 @@ class StorageSas:
         if not stripped.facts.get("copy_source_sas"):
             return
         if not takes_source_token(request):
-            # Asynchronous Copy Blob / Copy File: a source in the same account is read with
-            # the request's own token; one in another account must be public.
-            logger.info("asynchronous copy: source SAS removed; a source in another account "
-                        "must be public (only synchronous copies take a source token)")
+            # Asynchronous Copy Blob / Copy File / Incremental Copy take no source token: a
+            # source in the same account is read with the request's own token; one in
+            # another account must be public, and the service says CannotVerifyCopySource.
+            source = urlsplit(request.headers.get("x-ms-copy-source") or "").hostname or ""
+            own = split_authority(request.headers.get("host") or "", 443)
+            if own is not None and source.lower() != own[0]:
+                logger.warning("asynchronous copy from another account (%s): its SAS was "
+                               "removed and this operation takes no token for its source; "
+                               "use a synchronous copy (Copy Blob From URL) or a public "
+                               "source", source[:100])
             return
         request.headers[SOURCE_AUTHORIZATION] = f"Bearer {token}"
         current = request.headers.get("x-ms-version") or ""

@@ -1,7 +1,7 @@
 """Key material outside the request's own headers and query: Blob Batch sub-requests and copy
 sources. The legacy app (the real SDK with a WRONG key) goes through the real keyless process,
 to Azurite (it implements Blob Batch and checks every sub-request's auth) or to a fake that
-checks copy-source authorization the way the service does (tests/support/fake_storage_body).
+checks copy-source authorization the way the service does (tests.support.fake_body_keys).
 Each fake is calibrated: the SDK in Entra mode passes it, the SDK with its key or SAS fails.
 """
 
@@ -25,7 +25,14 @@ from proxy.storage_batch import rewrite_batch
 from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV, route_app_through
 from tests.support.azurite import ACCOUNT, WRONG_KEY
 from tests.support.fake_azure import FakeAzure
-from tests.support.fake_storage_body import STORAGE_AUDIENCE, FakeBlobBodies
+from tests.support.fake_body_keys import (
+    EVENTGRID_AUDIENCE,
+    SERVICEBUS_AUDIENCE,
+    STORAGE_AUDIENCE,
+    FakeBlobBodies,
+    FakeEventGridNamespace,
+    FakeServiceBusAdmin,
+)
 from tests.support.identity_endpoint import make_token
 from tests.support.keyless import KeylessProcess
 
@@ -36,6 +43,8 @@ LEGACY_BLOB = (
 )
 FAKE_ACCOUNT = "keylesscopy"
 FAKE_HOST = f"{FAKE_ACCOUNT}.blob.core.windows.net"
+BUS_HOST = "keylessfwd.servicebus.windows.net"
+GRID_HOST = "keylessns.westus2-1.eventgrid.azure.net"
 OTHER_SOURCE = "https://othersource.blob.core.windows.net/src/blob.txt"
 SAME_SOURCE = f"https://{FAKE_HOST}/src/blob.txt"
 # A SAS as the legacy app makes it: signed with its (wrong) key.
@@ -49,10 +58,10 @@ def unique(prefix: str) -> str:
 
 
 class StaticToken:
-    """The SDK's Entra mode: a TokenCredential (with a storage token like Entra's)."""
+    """The SDK's Entra mode: a TokenCredential (with a token like Entra's)."""
 
-    def __init__(self) -> None:
-        self.token = make_token(STORAGE_AUDIENCE)
+    def __init__(self, audience: str = STORAGE_AUDIENCE) -> None:
+        self.token = make_token(audience)
 
     def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
         return AccessToken(self.token, int(time.time()) + 3600)
@@ -148,7 +157,9 @@ def test_azurite_checks_every_sub_requests_auth(direct, azurite, pki):
 
 @pytest.fixture(scope="module")
 def fake_blob(pki) -> Iterator[tuple[FakeAzure, FakeBlobBodies]]:
-    with FakeAzure(pki.issue_server_cert(FAKE_HOST)) as fake:
+    with FakeAzure(pki.issue_server_cert(FAKE_HOST, BUS_HOST, GRID_HOST)) as fake:
+        FakeServiceBusAdmin(fake, re.escape(BUS_HOST))
+        FakeEventGridNamespace(fake, re.escape(GRID_HOST))
         yield fake, FakeBlobBodies(fake, re.escape(FAKE_HOST))
 
 
@@ -158,6 +169,8 @@ def body_keyless(tmp_path_factory, pki, module_identity, fake_blob) -> Iterator[
     process = KeylessProcess(
         tmp_path_factory.mktemp("keyless-bodies"),
         ["--connect-to", f"{FAKE_HOST}:443:127.0.0.1:{fake.port}",
+         "--connect-to", f"{BUS_HOST}:443:127.0.0.1:{fake.port}",
+         "--connect-to", f"{GRID_HOST}:443:127.0.0.1:{fake.port}",
          "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
          "--token-timeout", "5"],
         {**module_identity.env(), **DEAD_PROXY_ENV},
@@ -174,7 +187,8 @@ def fake_direct(monkeypatch, direct, fake_blob, pki) -> str:
     real = socket.getaddrinfo
 
     def resolve(host, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return real("127.0.0.1" if host == FAKE_HOST else host, *args, **kwargs)
+        return real("127.0.0.1" if host in (FAKE_HOST, BUS_HOST, GRID_HOST) else host,
+                    *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem_path)
@@ -252,6 +266,9 @@ def test_async_copy_in_the_same_account_works_and_another_account_is_the_service
     assert same.header("x-ms-copy-source") == SAME_SOURCE
     assert other.header("x-ms-copy-source") == OTHER_SOURCE
     assert other.header("x-ms-copy-source-authorization") is None
+    log = through_body_keyless.log()
+    assert "asynchronous copy from another account (othersource.blob.core.windows.net)" in log
+    assert "d3Jvbmcta2V5LXNpZw" not in log and log.count("asynchronous copy from") == 1
 
 
 def test_a_source_outside_azure_storage_is_left_alone(through_body_keyless, fake_blob):
@@ -314,3 +331,75 @@ def test_a_batch_keyless_cannot_read_is_refused_and_goes_nowhere(through_body_ke
     assert too_big.json()["error"]["code"] == "KeylessBatchTooLarge"
     assert len(fake.requests_for(FAKE_HOST)) == before
     assert "c2lnbmF0dXJl" not in through_body_keyless.log()
+
+
+# Beyond Storage: Service Bus forward_to and Event Grid namespaces ---------------------------
+
+def bus_admin(endpoint: str, credential: object | None = None):
+    from azure.servicebus.management import ServiceBusAdministrationClient
+
+    if credential is None:
+        return ServiceBusAdministrationClient.from_connection_string(
+            f"Endpoint=sb://{endpoint}/;SharedAccessKeyName=RootManageSharedAccessKey;"
+            f"SharedAccessKey={WRONG_KEY}", retry_total=0)
+    return ServiceBusAdministrationClient(endpoint, credential, retry_total=0)
+
+
+def create_forwarding_queue(admin) -> None:  # type: ignore[no-untyped-def]
+    admin.create_queue(unique("src"), forward_to="target",
+                       forward_dead_lettered_messages_to="dlqtarget")
+
+
+def test_service_bus_fake_is_calibrated_by_the_sdk_itself(fake_direct, fake_blob):
+    fake, _ = fake_blob
+    bus = f"{BUS_HOST}:{fake_direct.rsplit(':', 1)[1]}"
+    create_forwarding_queue(bus_admin(bus, StaticToken(SERVICEBUS_AUDIENCE)))
+    assert fake.problems == []
+    with pytest.raises(HttpResponseError):
+        create_forwarding_queue(bus_admin(bus))
+    assert len(fake.problems) == 1
+    fake.problems.clear()
+
+
+def test_service_bus_forward_to_with_wrong_key_works_through_keyless(through_body_keyless,
+                                                                     fake_blob):
+    fake, _ = fake_blob
+    create_forwarding_queue(bus_admin(BUS_HOST))
+    assert fake.problems == []
+    (request,) = fake.requests_for(BUS_HOST)[-1:]
+    outer = request.header("authorization")
+    assert outer is not None and outer.startswith("Bearer ")
+    assert request.header("ServiceBusSupplementaryAuthorization") == outer
+    assert request.header("ServiceBusDlqSupplementaryAuthorization") == outer
+
+
+def publish_to_namespace(endpoint: str, credential: object) -> None:
+    from azure.core.credentials import AzureKeyCredential
+    from azure.eventgrid import EventGridPublisherClient
+
+    if isinstance(credential, str):
+        credential = AzureKeyCredential(credential)
+    client = EventGridPublisherClient(endpoint, credential, namespace_topic="orders",
+                                      retry_total=0)
+    client.send({"id": "1", "source": "keyless", "type": "t", "specversion": "1.0",
+                 "data": {"n": 1}})
+
+
+def test_event_grid_namespace_fake_is_calibrated_by_the_sdk_itself(fake_direct, fake_blob):
+    fake, _ = fake_blob
+    grid = f"https://{GRID_HOST}:{fake_direct.rsplit(':', 1)[1]}"
+    publish_to_namespace(grid, StaticToken(EVENTGRID_AUDIENCE))
+    assert fake.problems == []
+    with pytest.raises(HttpResponseError):
+        publish_to_namespace(grid, WRONG_KEY)
+    assert len(fake.problems) == 1
+    fake.problems.clear()
+
+
+def test_event_grid_namespace_key_with_wrong_key_works_through_keyless(through_body_keyless,
+                                                                       fake_blob):
+    fake, _ = fake_blob
+    publish_to_namespace(f"https://{GRID_HOST}", WRONG_KEY)
+    assert fake.problems == []
+    assert through_body_keyless.metric("keyless_key_material_stripped_total",
+                                       service="eventgrid", scheme="SharedAccessKey") == 1

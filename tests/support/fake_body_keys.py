@@ -160,3 +160,53 @@ class FakeBlobBodies:
 
 def outer_token(request: FakeRequest) -> str | None:
     return token_of(request, "bearer")[0]
+
+
+# Beyond Storage: what the survey found in request headers other than Authorization ---------
+
+SERVICEBUS_AUDIENCE = "https://servicebus.azure.net"
+EVENTGRID_AUDIENCE = "https://eventgrid.azure.net"
+SUPPLEMENTARY = ("ServiceBusSupplementaryAuthorization", "ServiceBusDlqSupplementaryAuthorization")
+
+
+def supplementary_problems(request: FakeRequest) -> list[str]:
+    """Service Bus reads the forward_to targets' authorization from these headers: a SAS
+    (signed with the app's wrong key) fails; in Entra mode each holds the request's token."""
+    problems = []
+    for name in SUPPLEMENTARY:
+        value = request.header(name)
+        if value is None:
+            continue
+        if value.split(" ", 1)[0].lower() == "sharedaccesssignature":
+            problems.append(f"{name} is a SAS (signed with the app's wrong key)")
+        elif value != request.header("authorization"):
+            problems.append(f"{name} is not the request's Bearer token")
+    return problems
+
+
+def no_shared_access_key(request: FakeRequest) -> list[str]:
+    return [f"{name}: SharedAccessKey left" for name, value in request.headers
+            if value.split(" ", 1)[0].lower() == "sharedaccesskey"]
+
+
+class FakeServiceBusAdmin:
+    """Service Bus entity management (ATOM): a created entity is answered as sent."""
+
+    def __init__(self, fake: FakeAzure, host_regex: str) -> None:
+        fake.add(host_regex, Expect(SERVICEBUS_AUDIENCE, extra_checks=(supplementary_problems,)),
+                 self.handle)
+
+    @staticmethod
+    def handle(request: FakeRequest) -> FakeResponse:
+        if request.method != "PUT":
+            return FakeResponse(404, b"", {})
+        return FakeResponse(201, request.body,
+                            {"content-type": "application/atom+xml;type=entry;charset=utf-8"})
+
+
+class FakeEventGridNamespace:
+    """Event Grid namespace publishing (CloudEvents): a Bearer for Event Grid, no key."""
+
+    def __init__(self, fake: FakeAzure, host_regex: str) -> None:
+        fake.add(host_regex, Expect(EVENTGRID_AUDIENCE, extra_checks=(no_shared_access_key,)),
+                 lambda request: FakeResponse.json({}))
