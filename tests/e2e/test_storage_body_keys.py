@@ -295,6 +295,8 @@ def test_keyless_batch_is_what_the_sdk_in_entra_mode_sends(monkeypatch, fake_dir
     fake.problems.clear()
 
     route_app_through(monkeypatch, body_keyless)
+    pooled_before = body_keyless.metric("keyless_upstream_pool_requests_total",
+                                        service="storage-blob", result="pooled")
     legacy = ContainerClient.from_connection_string(
         f"DefaultEndpointsProtocol=https;AccountName={FAKE_ACCOUNT};AccountKey={WRONG_KEY};"
         f"BlobEndpoint=https://{FAKE_HOST}", "c", retry_total=0)
@@ -304,6 +306,10 @@ def test_keyless_batch_is_what_the_sdk_in_entra_mode_sends(monkeypatch, fake_dir
     assert VOLATILE.sub(b"", sent_by_keyless.body) == VOLATILE.sub(b"", sent_by_entra.body)
     outer = sent_by_keyless.header("authorization")
     assert outer is not None and sent_by_keyless.body.count(outer.encode()) == 2
+    # The app connection's first request: it went over keyless' upstream pool, which sends
+    # the (re-signed) body from its own request hook.
+    assert body_keyless.metric("keyless_upstream_pool_requests_total",
+                               service="storage-blob", result="pooled") == pooled_before + 1
 
 
 def test_a_batch_keyless_cannot_read_is_refused_and_goes_nowhere(through_body_keyless,
