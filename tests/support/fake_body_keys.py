@@ -86,7 +86,8 @@ def copy_source_problems(request: FakeRequest) -> list[str]:
     return []
 
 
-def batch_subrequest_problems(request: FakeRequest) -> list[list[str]]:
+def batch_subrequest_problems(request: FakeRequest,
+                              revoked: frozenset[str] = frozenset()) -> list[list[str]]:
     """Per sub-request, what the service would refuse (outer auth is checked by `Expect`)."""
     outer = request.header("authorization")
     message = BytesParser(policy=HTTP).parsebytes(
@@ -105,6 +106,8 @@ def batch_subrequest_problems(request: FakeRequest) -> list[list[str]]:
         if len(auth) != 1:
             problems.append(f"{len(auth)} Authorization headers")
         for value in auth:
+            if value in revoked:
+                problems.append("the sub-request token was revoked")
             if value.split(" ", 1)[0].lower() in KEY_AUTH_SCHEMES:
                 problems.append("a key-signed sub-request (wrong key)")
             problems += storage_token_problems(value, "the sub-request token")
@@ -120,10 +123,18 @@ class FakeBlobBodies:
     def __init__(self, fake: FakeAzure, host_regex: str) -> None:
         self.fake = fake
         self.batch_problems: list[list[str]] = []
+        self.revoke_next = False  # the next token seen is revoked (a 401, as after a reset)
+        self.revoked: set[str] = set()
         fake.add(host_regex, Expect(STORAGE_AUDIENCE, extra_checks=(copy_source_problems,)),
                  self.handle)
 
     def handle(self, request: FakeRequest) -> FakeResponse:
+        token = request.header("authorization") or ""
+        if self.revoke_next:
+            self.revoke_next = False
+            self.revoked.add(token)
+        if token in self.revoked:
+            return FakeResponse(401, b"", {"x-ms-error-code": "InvalidAuthenticationInfo"})
         if _comp(request) == "batch":
             return self._batch(request)
         common = {"x-ms-request-id": str(uuid.uuid4()), "x-ms-version": "2026-10-06",
@@ -143,7 +154,7 @@ class FakeBlobBodies:
 
     def _batch(self, request: FakeRequest) -> FakeResponse:
         boundary = f"batchresponse_{uuid.uuid4()}"
-        per_part = batch_subrequest_problems(request)
+        per_part = batch_subrequest_problems(request, frozenset(self.revoked))
         self.batch_problems.extend(p for p in per_part if p)
         chunks = []
         for index, problems in enumerate(per_part):
