@@ -14,11 +14,13 @@ from typing import Any
 from mitmproxy import http
 
 from addons.answers import keyless_answer
+from proxy import metrics
 from proxy.flowstate import FlowState, converted
-from proxy.storage_batch import BatchError, check_length, is_batch, rewrite_batch
+from proxy.storage_batch import BatchError, check_length, is_batch, resign_batch
 
 logger = logging.getLogger(__name__)
 BLOB_SERVICE = "storage-blob"
+_LABELS = {"sharedkey": "SharedKey", "sharedkeylite": "SharedKeyLite", "SAS": "SAS"}
 
 
 def _batch_state(flow: http.HTTPFlow) -> FlowState | None:
@@ -34,10 +36,11 @@ def _bearer(request: http.Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _resign(request: Any, token: str) -> None:
-    request.raw_content = rewrite_batch(request.raw_content or b"",
-                                        request.headers.get("content-type"), token)
+def _resign(request: Any, token: str) -> list[str]:
+    request.raw_content, found = resign_batch(request.raw_content or b"",
+                                              request.headers.get("content-type"), token)
     request.headers["content-length"] = str(len(request.raw_content))
+    return found
 
 
 class ResignBlobBatch:
@@ -64,10 +67,13 @@ class ResignBlobBatch:
         if state is None or not flow.live:
             return
         try:
-            _resign(flow.request, _bearer(flow.request))
+            found = _resign(flow.request, _bearer(flow.request))
         except BatchError as exc:
             self._refuse(flow, state, exc)
             return
+        for scheme in found:  # e.g. sub-requests signed with SharedKey: "BatchSharedKey"
+            metrics.KEY_MATERIAL_STRIPPED.labels(service=state.service,
+                                                 scheme=f"Batch{_LABELS[scheme]}").inc()
         # A 401 replay attaches a fresh token: the sub-requests get it too.
         outer = state.reattach
 

@@ -193,8 +193,9 @@ def entra_subrequest(sub: SubRequest, token: str) -> bytes:
     return sub.mime_headers + CRLF + CRLF + CRLF.join(head) + sub.ending
 
 
-def rewrite_batch(body: bytes, content_type: str | None, token: str) -> bytes:
-    """The batch body with every sub-request carrying `token` and no key material.
+def resign_batch(body: bytes, content_type: str | None, token: str) -> tuple[bytes, list[str]]:
+    """The batch body with every sub-request carrying `token` and no key material, and
+    the key schemes the sub-requests carried (once each, for metrics).
 
     Idempotent: a rewritten body rewritten with a fresh token carries only the fresh one
     (the 401 replay re-signs this way).
@@ -205,7 +206,11 @@ def rewrite_batch(body: bytes, content_type: str | None, token: str) -> bytes:
     parts = parse_batch(body, boundary)
     dash = b"--" + boundary.encode("ascii")
     out = [dash + CRLF + entra_subrequest(part, token) for part in parts]
-    return CRLF.join(out) + CRLF + dash + b"--" + CRLF
+    return CRLF.join(out) + CRLF + dash + b"--" + CRLF, sorted(set(key_material(parts)))
+
+
+def rewrite_batch(body: bytes, content_type: str | None, token: str) -> bytes:
+    return resign_batch(body, content_type, token)[0]
 
 
 def key_material(parts: list[SubRequest]) -> list[str]:

@@ -75,8 +75,12 @@ def test_blob_batch_with_wrong_key_works_through_keyless(through_keyless):
     for name in ("a", "b/c d", "ü", "x", "y"):
         container.upload_blob(name, b"data")
 
+    stripped_before = through_keyless.metric("keyless_key_material_stripped_total",
+                                             service="storage-blob", scheme="BatchSharedKey")
     container.delete_blobs("a", "b/c d", "ü")
     container.set_standard_blob_tier_blobs(StandardBlobTier.COOL, "x", "y")
+    assert through_keyless.metric("keyless_key_material_stripped_total", service="storage-blob",
+                                  scheme="BatchSharedKey") == stripped_before + 2
 
     assert sorted(b.name for b in container.list_blobs()) == ["x", "y"]
     assert {container.get_blob_client(n).get_blob_properties().blob_tier
