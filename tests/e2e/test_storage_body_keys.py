@@ -30,6 +30,7 @@ from tests.support.fake_body_keys import (
     SERVICEBUS_AUDIENCE,
     STORAGE_AUDIENCE,
     FakeBlobBodies,
+    FakeDataLakeAndFiles,
     FakeEventGridNamespace,
     FakeServiceBusAdmin,
 )
@@ -43,6 +44,8 @@ LEGACY_BLOB = (
 )
 FAKE_ACCOUNT = "keylesscopy"
 FAKE_HOST = f"{FAKE_ACCOUNT}.blob.core.windows.net"
+DFS_HOST = f"{FAKE_ACCOUNT}.dfs.core.windows.net"
+FILE_HOST = f"{FAKE_ACCOUNT}.file.core.windows.net"
 BUS_HOST = "keylessfwd.servicebus.windows.net"
 GRID_HOST = "keylessns.westus2-1.eventgrid.azure.net"
 OTHER_SOURCE = "https://othersource.blob.core.windows.net/src/blob.txt"
@@ -161,7 +164,9 @@ def test_azurite_checks_every_sub_requests_auth(direct, azurite, pki):
 
 @pytest.fixture(scope="module")
 def fake_blob(pki) -> Iterator[tuple[FakeAzure, FakeBlobBodies]]:
-    with FakeAzure(pki.issue_server_cert(FAKE_HOST, BUS_HOST, GRID_HOST)) as fake:
+    with FakeAzure(pki.issue_server_cert(FAKE_HOST, BUS_HOST, GRID_HOST, DFS_HOST,
+                                         FILE_HOST)) as fake:
+        FakeDataLakeAndFiles(fake, re.escape(DFS_HOST), re.escape(FILE_HOST))
         FakeServiceBusAdmin(fake, re.escape(BUS_HOST))
         FakeEventGridNamespace(fake, re.escape(GRID_HOST))
         yield fake, FakeBlobBodies(fake, re.escape(FAKE_HOST))
@@ -175,6 +180,8 @@ def body_keyless(tmp_path_factory, pki, module_identity, fake_blob) -> Iterator[
         ["--connect-to", f"{FAKE_HOST}:443:127.0.0.1:{fake.port}",
          "--connect-to", f"{BUS_HOST}:443:127.0.0.1:{fake.port}",
          "--connect-to", f"{GRID_HOST}:443:127.0.0.1:{fake.port}",
+         "--connect-to", f"{DFS_HOST}:443:127.0.0.1:{fake.port}",
+         "--connect-to", f"{FILE_HOST}:443:127.0.0.1:{fake.port}",
          "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
          "--token-timeout", "5"],
         {**module_identity.env(), **DEAD_PROXY_ENV},
@@ -191,7 +198,8 @@ def fake_direct(monkeypatch, direct, fake_blob, pki) -> str:
     real = socket.getaddrinfo
 
     def resolve(host, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return real("127.0.0.1" if host in (FAKE_HOST, BUS_HOST, GRID_HOST) else host,
+        return real("127.0.0.1" if host in (FAKE_HOST, BUS_HOST, GRID_HOST, DFS_HOST, FILE_HOST)
+                    else host,
                     *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
@@ -413,3 +421,72 @@ def test_event_grid_namespace_key_with_wrong_key_works_through_keyless(through_b
     assert fake.problems == []
     assert through_body_keyless.metric("keyless_key_material_stripped_total",
                                        service="eventgrid", scheme="SharedAccessKey") == 1
+
+
+# Data Lake and Files: rename sources and Put Range From URL (SAS mode: the SAS is the key) ---
+
+FILE_SOURCE = f"https://{FILE_HOST}/share/src.txt"
+
+
+def lake_and_files(credential: object, port: str = "", **file_options: str) -> None:
+    """Rename Path, Rename File, Put Range From URL and Copy File, as the SDKs send them."""
+    from azure.storage.filedatalake import DataLakeFileClient
+    from azure.storage.fileshare import ShareFileClient
+
+    source_sas = f"?{WRONG_SAS}" if isinstance(credential, str) else ""
+    lake = DataLakeFileClient(f"https://{DFS_HOST}{port}", "fs", "old name.txt",
+                              credential=credential, retry_total=0)
+    lake.rename_file("fs/new name.txt")
+    share = ShareFileClient(f"https://{FILE_HOST}{port}", "share", "dir/old.txt",
+                            credential=credential, retry_total=0, **file_options)
+    share.rename_file("dir/new.txt")
+    auth = {} if isinstance(credential, str) else {
+        "source_authorization": f"Bearer {credential.token}"}  # type: ignore[attr-defined]
+    share.upload_range_from_url(FILE_SOURCE + source_sas, offset=0, length=512,
+                                source_offset=0, **auth)
+    share.start_copy_from_url(FILE_SOURCE + source_sas)
+
+
+def test_lake_and_files_fake_is_calibrated_by_the_sdks_themselves(fake_direct, fake_blob, pki):
+    fake, _ = fake_blob
+    port = ":" + fake_direct.rsplit(":", 1)[1]
+    credential = StaticToken()
+    lake_and_files(credential, port, token_intent="backup")
+    assert fake.problems == []
+    with pytest.raises(HttpResponseError):
+        lake_and_files(WRONG_SAS, port)
+    assert len(fake.problems) == 1
+    # Each source check on its own: a valid outer token, but a SAS left on the source (or
+    # Files without the backup intent) is refused.
+    bearer = {"authorization": f"Bearer {credential.token}", "x-ms-version": "2026-10-06"}
+    for host, path, headers in (
+            (DFS_HOST, "/fs/new", {"x-ms-rename-source": f"/fs/old?{WRONG_SAS}"}),
+            (FILE_HOST, "/share/new?comp=rename", {
+                "x-ms-file-rename-source": f"https://{FILE_HOST}/share/old?{WRONG_SAS}",
+                "x-ms-file-request-intent": "backup"}),
+            (FILE_HOST, "/share/f?comp=range", {
+                "x-ms-copy-source": f"{FILE_SOURCE}?{WRONG_SAS}",
+                "x-ms-copy-source-authorization": bearer["authorization"],
+                "x-ms-file-request-intent": "backup"}),
+            (FILE_HOST, "/share/new?comp=rename", {
+                "x-ms-file-rename-source": f"https://{FILE_HOST}/share/old"})):
+        answer = requests.put(f"https://{host}{port}{path}", headers={**bearer, **headers},
+                              verify=pki.ca_pem_path, timeout=10)
+        assert answer.status_code == 401, (host, path)
+    assert len(fake.problems) == 5
+    fake.problems.clear()
+
+
+def test_lake_and_files_with_a_wrong_sas_work_through_keyless(through_body_keyless, fake_blob):
+    fake, _ = fake_blob
+    lake_and_files(WRONG_SAS)
+    assert fake.problems == []
+    (renamed,) = fake.requests_for(DFS_HOST)[-1:]
+    assert renamed.header("x-ms-rename-source") == "/fs/old%20name.txt"
+    rename, put_range, copy = fake.requests_for(FILE_HOST)[-3:]
+    assert rename.header("x-ms-file-rename-source") == f"https://{FILE_HOST}/share/dir/old.txt"
+    assert put_range.header("x-ms-copy-source") == FILE_SOURCE
+    assert put_range.header("x-ms-copy-source-authorization") == put_range.header(
+        "authorization")
+    assert copy.header("x-ms-copy-source") == FILE_SOURCE
+    assert copy.header("x-ms-copy-source-authorization") is None

@@ -33,7 +33,7 @@ from tests.support.identity_endpoint import decode
 STORAGE_AUDIENCE = "https://storage.azure.com"
 SAS_NAMES = frozenset({"sv", "ss", "srt", "sp", "st", "se", "sip", "spr", "sr", "si", "sig",
                        "ses", "skoid", "sktid", "skt", "ske", "sks", "skv", "sdd"})
-FROM_URL_COMPS = {"block", "appendblock", "page"}
+FROM_URL_COMPS = {"block", "appendblock", "page", "range"}  # range: Files Put Range From URL
 
 
 def storage_token_problems(value: str | None, what: str) -> list[str]:
@@ -221,3 +221,53 @@ class FakeEventGridNamespace:
     def __init__(self, fake: FakeAzure, host_regex: str) -> None:
         fake.add(host_regex, Expect(EVENTGRID_AUDIENCE, extra_checks=(no_shared_access_key,)),
                  lambda request: FakeResponse.json({}))
+
+
+# Data Lake and Files: rename sources, Put Range From URL, Copy File -------------------------
+
+def _has_sas(url_or_path: str) -> bool:
+    return bool({k.lower() for k, _ in parse_qsl(urlsplit(url_or_path).query)} & SAS_NAMES)
+
+
+def rename_source_problems(request: FakeRequest) -> list[str]:
+    problems = []
+    for name in ("x-ms-rename-source", "x-ms-file-rename-source"):
+        value = request.header(name)
+        if value is not None and _has_sas(value):
+            problems.append(f"{name} carries a SAS (signed with the app's wrong key)")
+    return problems
+
+
+def files_oauth_problems(request: FakeRequest) -> list[str]:
+    """Files take a token only with the backup intent, from version 2022-11-02 on."""
+    problems = []
+    if (request.header("x-ms-file-request-intent") or "").lower() != "backup":
+        problems.append("Files over OAuth need x-ms-file-request-intent: backup")
+    if (request.header("x-ms-version") or "") < "2022-11-02":
+        problems.append("Files over OAuth need x-ms-version 2022-11-02")
+    return problems
+
+
+class FakeDataLakeAndFiles:
+    """Rename Path (dfs), Rename File, Put Range From URL and Copy File (file)."""
+
+    def __init__(self, fake: FakeAzure, dfs_regex: str, file_regex: str) -> None:
+        checks = (rename_source_problems, copy_source_problems)
+        fake.add(dfs_regex, Expect(STORAGE_AUDIENCE, extra_checks=checks), self.handle)
+        fake.add(file_regex, Expect(STORAGE_AUDIENCE,
+                                    extra_checks=(*checks, files_oauth_problems)), self.handle)
+
+    @staticmethod
+    def handle(request: FakeRequest) -> FakeResponse:
+        common = {"x-ms-request-id": str(uuid.uuid4()), "etag": '"0x8D1"',
+                  "last-modified": "Tue, 01 Dec 2026 21:00:00 GMT"}
+        if request.header("x-ms-rename-source") is not None:
+            return FakeResponse(201, b"", common)
+        if _comp(request) == "rename":
+            return FakeResponse(200, b"", common)
+        if _comp(request) == "range":
+            return FakeResponse(201, b"", {**common, "x-ms-request-server-encrypted": "true"})
+        if request.header("x-ms-copy-source") is not None:
+            return FakeResponse(202, b"", {**common, "x-ms-copy-id": str(uuid.uuid4()),
+                                           "x-ms-copy-status": "pending"})
+        return FakeResponse(404, b"", {"x-ms-error-code": "ResourceNotFound"})
