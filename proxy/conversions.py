@@ -173,14 +173,16 @@ class AttachesToken(Protocol):
     def attach(self, request: RequestHead, token: str, stripped: Stripped) -> None: ...
 
 
-def storage_source_url(value: str) -> bool:
-    """Whether a source URL names an Azure Storage host (anything else is left alone)."""
+def storage_source_scheme(value: str) -> str | None:
+    """The scheme of a source URL on an Azure Storage host; None for anything else (which
+    is left alone)."""
     try:
         parts = urlsplit(value.strip())
         host = (parts.hostname or "").lower()
     except ValueError:
-        return False
-    return parts.scheme.lower() == "https" and STORAGE_HOST.fullmatch(host) is not None
+        return None
+    scheme = parts.scheme.lower()
+    return scheme if scheme in ("https", "http") and STORAGE_HOST.fullmatch(host) else None
 
 
 def takes_source_token(request: RequestHead) -> bool:
@@ -218,13 +220,14 @@ class StorageSas:
         labels = list(found)
         for name in SOURCE_URL_HEADERS:
             value = request.headers.get(name)
-            if value is None or not storage_source_url(value):
+            scheme = storage_source_scheme(value) if value is not None else None
+            if value is None or scheme is None:
                 continue
             cleaned, removed = remove_query_params(value, STORAGE_SAS_PARAMS)
             if removed:
                 request.headers[name] = cleaned
                 labels.append("CopySourceSAS")
-                if name == "x-ms-copy-source":
+                if name == "x-ms-copy-source" and scheme == "https":  # a token only over TLS
                     facts = {**facts, "copy_source_sas": "1"}
         for name in SOURCE_PATH_HEADERS:
             value = request.headers.get(name)

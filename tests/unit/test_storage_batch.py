@@ -378,9 +378,18 @@ def test_a_source_token_raises_an_old_version():
     assert request.headers["x-ms-version"] == "2020-10-02"
 
 
+def test_a_plain_http_storage_source_loses_its_sas_but_gets_no_token():
+    request, stripped = convert("/c/dst", **{
+        "x-ms-copy-source": f"http://source.blob.core.windows.net/c/b?{SAS}",
+        "x-ms-requires-sync": "true", "authorization": "SharedKey a:b"})
+    assert request.headers["x-ms-copy-source"] == "http://source.blob.core.windows.net/c/b"
+    assert "x-ms-copy-source-authorization" not in request.headers
+    assert set(stripped.schemes) == {"SharedKey", "CopySourceSAS"}
+
+
 @pytest.mark.parametrize("source", [
     f"https://example.com/file.txt?{SAS}",  # not Azure Storage: not ours
-    f"http://source.blob.core.windows.net/c/b?{SAS}",  # not TLS: no token for it
+    f"ftp://source.blob.core.windows.net/c/b?{SAS}",
     f"https://source.blob.core.windows.net.evil.example/c/b?{SAS}",
 ])
 def test_other_sources_are_left_alone(source):
