@@ -91,6 +91,8 @@ class ReplayUnauthorized:
             return
         assert state.reattach is not None
         state.reattach(flow.request, token)
+        # reattach may re-sign the body too (Blob Batch sub-requests): send what it left.
+        body = kept_body(flow, state) or b""
         state.replayed = True
         try:
             flow.response = await self._replay(flow, body)

@@ -15,9 +15,10 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
+from typing import Protocol, runtime_checkable
+from urllib.parse import quote, unquote, urlsplit
 
-from proxy.wire import RequestHead, auth_scheme, remove_query_params
+from proxy.wire import RequestHead, auth_scheme, remove_query_params, split_authority
 
 logger = logging.getLogger(__name__)
 
@@ -144,13 +145,172 @@ STORAGE_SAS_PARAMS = frozenset(
     ]
 )
 
+# Any Azure Storage endpoint, in every cloud (the catalog's Storage hosts, all five services):
+# only a copy source on such a host is the Storage conversion's business.
+STORAGE_HOST = re.compile(
+    r"[a-z0-9]{3,24}(?:-secondary)?(?:\.privatelink)?\.(?:blob|queue|table|file|dfs)"
+    r"\.(?:core\.windows\.net|core\.chinacloudapi\.cn|core\.usgovcloudapi\.net)"
+    r"|[a-z0-9]{3,24}\.z\d{2}\.(?:blob|queue|table|file|dfs)\.storage\.azure\.net"
+)
+# Headers naming, as a URL, the object an operation reads from: Copy Blob, Copy Blob From
+# URL, Put Blob/Block/Page From URL, Append Block From URL, Copy File, Put Range From URL
+# (x-ms-copy-source); Rename File/Directory (x-ms-file-rename-source).
+SOURCE_URL_HEADERS = ("x-ms-copy-source", "x-ms-file-rename-source")
+# Data Lake Rename Path names its source as "/{filesystem}/{path}" in the same account.
+SOURCE_PATH_HEADERS = ("x-ms-rename-source",)
+SOURCE_AUTHORIZATION = "x-ms-copy-source-authorization"
+SOURCE_TOKEN_VERSION = "2020-10-02"  # x-ms-copy-source-authorization needs this version
+# Operations that read their source themselves and take a token for it: the `comp` of
+# Put Block / Append Block / Put Page (Blob) and Put Range (Files) From URL.
+_FROM_URL_COMPS = frozenset({"block", "appendblock", "page", "range"})
+
+
+@runtime_checkable
+class AttachesToken(Protocol):
+    """A stripper paired with its attach step: it puts the token where it removed a key."""
+
+    def __call__(self, request: RequestHead) -> Found: ...
+    def attach(self, request: RequestHead, token: str, stripped: Stripped) -> None: ...
+
+
+def storage_source_scheme(value: str) -> str | None:
+    """The scheme of a source URL on an Azure Storage host; None for anything else (which
+    is left alone)."""
+    try:
+        parts = urlsplit(value.strip())
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme if scheme in ("https", "http") and STORAGE_HOST.fullmatch(host) else None
+
+
+def takes_source_token(request: RequestHead) -> bool:
+    """Whether the operation accepts `x-ms-copy-source-authorization` (REST specs as of
+    2020-10-02; the SDKs send it only for these): the *From URL operations and the
+    synchronous Copy Blob From URL. Asynchronous Copy Blob / Copy File take none."""
+    query = request.path.partition("?")[2]
+    comps = {piece.partition("=")[2].lower() for piece in query.split("&")
+             if piece.partition("=")[0].lower() == "comp"}
+    if comps:
+        return bool(comps & _FROM_URL_COMPS)
+    headers = request.headers
+    return ((headers.get("x-ms-requires-sync") or "").lower() == "true"  # Copy Blob From URL
+            or (headers.get("x-ms-blob-type") or "").lower() == "blockblob")  # Put Blob From URL
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSas:
+    """A Storage SAS on the request's own query, and on the source an operation reads from.
+
+    A SAS on a copy or rename source is removed when the source is an Azure Storage host
+    (any account: the token's scope is the same for all); other sources are left alone.
+    `attach` gives the source the token where the operation takes one.
+    """
+
+    query: KeyQuery
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The SAS parameter names (those of the request's own query)."""
+        return self.query.names
+
+    def __call__(self, request: RequestHead) -> Found:
+        found, facts = self.query(request)
+        labels = list(found)
+        for name in SOURCE_URL_HEADERS:
+            value = request.headers.get(name)
+            scheme = storage_source_scheme(value) if value is not None else None
+            if value is None or scheme is None:
+                continue
+            cleaned, removed = remove_query_params(value, STORAGE_SAS_PARAMS)
+            if removed:
+                request.headers[name] = cleaned
+                labels.append("CopySourceSAS")
+                if name == "x-ms-copy-source" and scheme == "https":  # a token only over TLS
+                    facts = {**facts, "copy_source_sas": "1"}
+        for name in SOURCE_PATH_HEADERS:
+            value = request.headers.get(name)
+            if value is not None and value.startswith("/"):
+                cleaned, removed = remove_query_params(value, STORAGE_SAS_PARAMS)
+                if removed:
+                    request.headers[name] = cleaned
+                    labels.append("CopySourceSAS")
+        return sorted(set(labels)), facts
+
+    def attach(self, request: RequestHead, token: str, stripped: Stripped) -> None:
+        if not stripped.facts.get("copy_source_sas"):
+            return
+        if not takes_source_token(request):
+            # Asynchronous Copy Blob / Copy File / Incremental Copy take no source token: a
+            # source in the same account is read with the request's own token; one in
+            # another account must be public, and the service says CannotVerifyCopySource.
+            source = urlsplit(request.headers.get("x-ms-copy-source") or "").hostname or ""
+            own = split_authority(request.headers.get("host") or "", 443)
+            if own is not None and source.lower() != own[0]:
+                logger.warning("asynchronous copy from another account (%s): its SAS was "
+                               "removed and this operation takes no token for its source; "
+                               "use a synchronous copy (Copy Blob From URL) or a public "
+                               "source", source[:100])
+            return
+        request.headers[SOURCE_AUTHORIZATION] = f"Bearer {token}"
+        current = request.headers.get("x-ms-version") or ""
+        if not _VERSION.fullmatch(current) or current < SOURCE_TOKEN_VERSION:
+            request.headers["x-ms-version"] = SOURCE_TOKEN_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    """One family of key material in its several forms, under one name."""
+
+    parts: tuple[Stripper, ...]
+
+    def __call__(self, request: RequestHead) -> Found:
+        labels: list[str] = []
+        facts: dict[str, str] = {}
+        for part in self.parts:
+            found, part_facts = part(request)
+            labels += found
+            facts.update(part_facts)
+        return sorted(set(labels)), facts
+
+
+# Service Bus entity management with `forward_to` / `forward_dead_lettered_messages_to`: the
+# SDKs add a SAS for the target entity in these headers; in Entra mode they hold a Bearer.
+SUPPLEMENTARY_HEADERS = ("servicebussupplementaryauthorization",
+                         "servicebusdlqsupplementaryauthorization")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedAccessSignature:
+    """`Authorization: SharedAccessSignature …`, and Service Bus' supplementary SAS headers
+    (which get the same token, as the SDK's Entra mode sends them)."""
+
+    authorization: AuthorizationScheme
+
+    def __call__(self, request: RequestHead) -> Found:
+        labels, facts = self.authorization(request)
+        removed = [name for name in SUPPLEMENTARY_HEADERS
+                   if auth_scheme(request.headers.get(name) or "") == "sharedaccesssignature"]
+        for name in removed:
+            del request.headers[name]
+        if removed:
+            labels = [*labels, "SupplementarySAS"]
+            facts = {**facts, "supplementary": ",".join(removed)}
+        return labels, facts
+
+    def attach(self, request: RequestHead, token: str, stripped: Stripped) -> None:
+        for name in filter(None, stripped.facts.get("supplementary", "").split(",")):
+            request.headers[name] = f"Bearer {token}"
+
+
 # The named strippers: what a custom route may list under `strip`.
 STRIPPERS: dict[str, Stripper] = {
     "SharedKey": AuthorizationScheme({"sharedkey": "SharedKey", "sharedkeylite": "SharedKeyLite"}),
-    "SAS": KeyQuery("SAS", STORAGE_SAS_PARAMS, {"sv": "sas_version"}),
-    "SharedAccessSignature": AuthorizationScheme(
+    "SAS": StorageSas(KeyQuery("SAS", STORAGE_SAS_PARAMS, {"sv": "sas_version"})),
+    "SharedAccessSignature": SharedAccessSignature(AuthorizationScheme(
         {"sharedaccesssignature": "SharedAccessSignature"}
-    ),
+    )),
     "HMAC-SHA256": AuthorizationScheme({"hmac-sha256": "HMAC-SHA256"}),
     "api-key": KeyHeaders("api-key", ("api-key",)),
     "api-key-query": KeyQuery("api-key", frozenset({"api-key"})),
@@ -158,7 +318,9 @@ STRIPPERS: dict[str, Stripper] = {
         "Ocp-Apim-Subscription-Key", ("ocp-apim-subscription-key",),
         companions=("ocp-apim-subscription-region",),
     ),
-    "aeg-sas-key": KeyHeaders("aeg-sas-key", ("aeg-sas-key",)),
+    # Event Grid topics take the key as `aeg-sas-key`; namespaces as `SharedAccessKey`.
+    "aeg-sas-key": AnyOf((KeyHeaders("aeg-sas-key", ("aeg-sas-key",)),
+                          AuthorizationScheme({"sharedaccesskey": "SharedAccessKey"}))),
     "aeg-sas-key-query": KeyQuery("aeg-sas-key", frozenset({"aeg-sas-key"})),
     "aeg-sas-token": KeyHeaders("aeg-sas-token", ("aeg-sas-token",)),
     "subscription-key": KeyHeaders("subscription-key", ("subscription-key",)),
@@ -233,6 +395,9 @@ class Conversion:
         request.headers[name] = value
         for fix in self.fixes:
             fix(request, stripped)
+        for stripper in self.strippers:
+            if isinstance(stripper, AttachesToken):
+                stripper.attach(request, token, stripped)
 
 
 def conversion(*stripper_names: str, token_format: str = "bearer",

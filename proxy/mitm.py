@@ -27,6 +27,7 @@ from addons.pool import PoolUpstream
 from addons.quickack import QuickAck
 from addons.replay import ReplayUnauthorized
 from addons.resume import ResumeUpstreamTLS
+from addons.storage_batch import ResignBlobBatch
 from addons.stream import StreamBodies
 from proxy import metrics
 from proxy.admin import AdminServer, AdminTokenError, Health, read_admin_token
@@ -155,6 +156,8 @@ def request_chain(settings: Settings, catalog: Catalog, tokens: TokenCache, call
     - FailClosed comes right after it and before anything that sends: the upstream pool
       sends in its request hook and the 401 replay in its response hook, both later.
     - ReplayUnauthorized and PoolUpstream read the record AzureAuth filled.
+    - ResignBlobBatch re-signs a Blob Batch's sub-requests in its request hook, before the
+      pool sends it (and wraps the record's reattach, so a replay re-signs them too).
     - ObserveUpstream and DiagnoseDenials only watch answers.
     """
     return [
@@ -164,6 +167,7 @@ def request_chain(settings: Settings, catalog: Catalog, tokens: TokenCache, call
         AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
         FailClosed(catalog, audit=settings.audit),
         ReplayUnauthorized(tokens, upstream),
+        ResignBlobBatch(),
         PoolUpstream(upstream, UpstreamRelay(), enabled=settings.upstream_pool),
         ObserveUpstream(),
         DiagnoseDenials(),

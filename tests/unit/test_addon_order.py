@@ -7,6 +7,7 @@ from addons.azure_auth import AzureAuth
 from addons.failclosed import FailClosed
 from addons.pool import PoolUpstream
 from addons.replay import ReplayUnauthorized
+from addons.storage_batch import ResignBlobBatch
 from addons.stream import StreamBodies
 from proxy.audit import CallLog
 from proxy.cli import build_parser
@@ -31,3 +32,5 @@ def test_fail_closed_sits_between_the_conversion_and_everything_that_sends():
     # Both send the request later (pool: request hook; replay: response hook).
     assert position[FailClosed] < position[ReplayUnauthorized]
     assert position[FailClosed] < position[PoolUpstream]
+    # the batch is re-signed (request hook) before the pool sends it (request hook)
+    assert position[AzureAuth] < position[ResignBlobBatch] < position[PoolUpstream]
