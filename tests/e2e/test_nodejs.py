@@ -44,7 +44,8 @@ SCRUBBED = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY", "NODE_TLS_REJE
 def node() -> str:
     found = shutil.which("node")
     if found is None:
-        pytest.skip("node is not installed: the Node.js legacy app cannot run (CI has node 20)")
+        pytest.fail("node is missing: the Node.js legacy app cannot run. Install Node.js 20 "
+                    "(the machine's image has it; on Debian `apt-get install -y nodejs npm`)")
     if not (REPO / "node_modules" / "@azure" / "storage-blob").is_dir():
         pytest.fail("@azure/storage-blob is missing: run `npm ci` in the repository root")
     return found
