@@ -28,6 +28,7 @@ from tests.support.upstreams import CountingRelay, RecordingServer
 pytestmark = pytest.mark.e2e
 STORAGE_RESOURCE = "https://storage.azure.com"
 BIG = 64 * 1024 * 1024 + 123  # a single PUT and GET of more than 64 MiB
+PEAK_GROWTH_LIMIT = 8 * 1024 * 1024  # keyless' peak RSS growth while streaming BIG both ways
 LEGACY_BLOB = (
     f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
     f"BlobEndpoint=https://{BLOB_HOST}"
@@ -61,9 +62,10 @@ def test_blob_app_with_wrong_key_works_through_keyless_and_streams_64mib(through
     container.delete_blob("big.bin")
     assert list(container.list_blobs()) == []
     container.delete_container()
-    # Bodies stream: keyless' peak memory grows by far less than one copy of the blob.
+    # Bodies stream: keyless' peak memory grows by a few MiB (README: ~2-3 MiB, measured
+    # 2.3-3.0 MiB on a fresh keyless), not by a copy of the blob (64 MiB) or a part of it.
     print(f"keyless peak RSS growth while streaming {BIG} bytes: {peak_growth / 2**20:.1f} MiB")
-    assert peak_growth < BIG / 2
+    assert peak_growth <= PEAK_GROWTH_LIMIT, f"{peak_growth / 2**20:.1f} MiB"
     metrics = keyless.metrics()
     assert 'keyless_requests_total{outcome="converted",service="storage-blob"}' in metrics
     assert 'keyless_key_material_stripped_total{scheme="SharedKey",service="storage-blob"}' \
