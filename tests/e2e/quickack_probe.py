@@ -2,9 +2,12 @@
 
 Run by tests/e2e/test_proxy_mechanics.py inside a network namespace of its own (unshare),
 where it starts everything it talks to: Azurite, the fake identity endpoint, keyless. The
-kernel's DelayedACKs counter is per network namespace, so only this traffic counts, not the
-rest of the machine's loopback traffic. Prints one JSON line:
-{"uploads": N, "delayed_acks": D, "converted": C}.
+kernel's DelayedACKs counter is per network namespace, so the rest of the machine's traffic
+does not count. Within the namespace, every route but one has the `quickack` attribute, so
+no socket can delay an ACK except keyless' end of the app's connection (the app, at
+APP_ADDRESS, dials keyless at KEYLESS_ADDRESS): the count is that socket's alone, whatever
+Azurite, the identity endpoint or keyless' upstream connections do on a loaded machine.
+Prints one JSON line: {"uploads": N, "delayed_acks": D, "converted": C}.
 
     unshare --net sh -c 'ip link set lo up && exec python -m tests.e2e.quickack_probe DIR'
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -25,6 +29,23 @@ from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.keyless import KeylessProcess
 
 NETSTAT = Path("/proc/net/netstat")  # /proc/self/net: this process' network namespace
+KEYLESS_ADDRESS = "127.0.0.3"  # keyless listens here for the app
+APP_ADDRESS = "127.0.0.5"  # the app's source address towards keyless
+ROUTES = [  # `ip route replace ...` (table local): quick ACKs for all but keyless -> app
+    ["local", "127.0.0.0/8", "dev", "lo", "table", "local", "proto", "kernel", "scope", "host",
+     "src", "127.0.0.1", "quickack", "1"],
+    ["local", "127.0.0.1", "dev", "lo", "table", "local", "proto", "kernel", "scope", "host",
+     "src", "127.0.0.1", "quickack", "1"],
+    ["local", KEYLESS_ADDRESS, "dev", "lo", "table", "local", "scope", "host",
+     "src", APP_ADDRESS, "quickack", "1"],
+    ["local", APP_ADDRESS, "dev", "lo", "table", "local", "scope", "host", "src", APP_ADDRESS],
+]
+
+
+def only_keyless_app_side_may_delay_acks() -> None:
+    for route in ROUTES:
+        subprocess.run(["ip", "route", "replace", *route], check=True, capture_output=True,
+                       timeout=30)
 
 
 def delayed_acks() -> int:
@@ -38,16 +59,17 @@ def delayed_acks() -> int:
 
 
 def uploads_through_keyless(workdir: Path, uploads: int) -> dict[str, int]:
+    only_keyless_app_side_may_delay_acks()
     pki = TestPKI(workdir / "pki")
     with Azurite(workdir / "azurite", pki) as azurite, FakeIdentityEndpoint() as identity:
         keyless = KeylessProcess(workdir / "keyless", [
             "--connect-to", f"{BLOB_HOST}:443:127.0.0.1:{azurite.blob_port}",
             "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
-        ], {**identity.env(), **DEAD_PROXY_ENV}).start()
+        ], {**identity.env(), **DEAD_PROXY_ENV}, listen_host=KEYLESS_ADDRESS).start()
         try:
             for name in ("NO_PROXY", "no_proxy", "https_proxy", "http_proxy"):
                 os.environ.pop(name, None)
-            os.environ.update({"HTTPS_PROXY": keyless.proxy_url,
+            os.environ.update({"HTTPS_PROXY": f"http://{KEYLESS_ADDRESS}:{keyless.port}",
                                "REQUESTS_CA_BUNDLE": keyless.ca_path})
             service = BlobServiceClient.from_connection_string(
                 f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
