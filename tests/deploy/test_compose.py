@@ -5,6 +5,10 @@ service's arguments, the fake identity endpoint with its arguments, keyless with
 environment, and the sample app through its start.sh with its environment. Only addresses
 change (compose's service names and fixed ports become 127.0.0.1 and free ports, volumes
 become directories).
+
+What it cannot show, with no Docker engine on these machines: that the images build and that
+compose's own networking and volumes behave as assumed. The Dockerfile's side is covered by
+test_image_equivalent.py (stage 2 reproduced) and hadolint (test_manifests.py).
 """
 
 from __future__ import annotations
@@ -177,9 +181,9 @@ def test_compose_rehearsal_wrong_key_app_succeeds_through_keyless(
     try:
         azurite_bin = find_azurite()
     except AzuriteError as exc:
-        pytest.skip(f"Azurite (npm) is not installed: {exc}")
+        pytest.fail(f"Azurite (npm) is missing, run `npm ci` in the repository root: {exc}")
     if shutil.which("sh") is None:
-        pytest.skip("no sh for the app's start.sh")
+        pytest.fail("no sh for the app's start.sh: `apt-get install -y dash`")
     services = load()["services"]
     base_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("KEYLESS_", "AZURE_", "IDENTITY_", "MSI_"))

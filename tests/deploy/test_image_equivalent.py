@@ -129,12 +129,13 @@ def test_healthcheck_hits_the_admin_servers_healthz() -> None:
 @pytest.fixture(scope="module")
 def image_root() -> Iterator[Path]:
     if os.geteuid() != 0:
-        pytest.skip("runs keyless as UID 10001 through setpriv, which needs root (CI runs as "
-                    "root); as another user this check cannot switch UID")
+        pytest.fail("this test runs keyless as UID 10001 through setpriv, which needs root: "
+                    "run the tests as root (as CI does), e.g. `sudo make test`")
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+        pytest.fail("setpriv is missing: `apt-get install -y util-linux`")
     if sys.version_info[:2] != (3, 12):
-        pytest.skip(f"the image runs Python 3.12; this is {sys.version.split()[0]}")
+        pytest.fail(f"the image runs Python 3.12; this is {sys.version.split()[0]}: "
+                    "run the tests from the Python 3.12 venv `make test` sets up")
     old_umask = os.umask(0o022)
     saved_ld = os.environ.get("LD_LIBRARY_PATH")
     root = Path(tempfile.mkdtemp(prefix="keyless-image-"))
