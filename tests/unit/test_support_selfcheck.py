@@ -142,14 +142,13 @@ def test_tokens_are_unique_and_lifetime_is_live(endpoint: FakeIdentityEndpoint) 
 
 def test_error_mode_makes_credential_raise(endpoint: FakeIdentityEndpoint) -> None:
     endpoint.mode = "error"
-    started = time.monotonic()
     with pytest.raises(ClientAuthenticationError):
         asyncio.run(_get_token())
-    elapsed = time.monotonic() - started
 
-    assert elapsed < 15
+    # azure-identity retries a 500 a bounded number of times, then gives up (no timing
+    # asserted: the count is what bounds the time)
     statuses = [c["status"] for c in endpoint.calls]
-    assert statuses and set(statuses) == {500}
+    assert len(statuses) == 4 and set(statuses) == {500}  # the first try and 3 retries
     assert endpoint.issued == []
 
 
