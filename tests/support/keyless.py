@@ -52,14 +52,18 @@ class KeylessProcess:
     def ca_path(self) -> str:
         return str(self.confdir / "mitmproxy-ca-cert.pem")
 
-    def start(self, timeout: float = 30.0, wait_ready: bool = True) -> Self:
-        command = [
+    def command(self) -> list[str]:
+        """The command line of `keyless run` (subclasses wrap it, e.g. in a namespace)."""
+        return [
             *keyless_command(), "run",
             "--listen", f"{self.listen_host}:{self.port}",
             "--admin", f"127.0.0.1:{self.admin_port}",
             "--confdir", str(self.confdir),
             *self.args,
         ]
+
+    def start(self, timeout: float = 30.0, wait_ready: bool = True) -> Self:
+        command = self.command()
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KEYLESS_")}
         env.update(self.env)
         with open(self.log_path, "ab") as log:

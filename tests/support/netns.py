@@ -36,7 +36,7 @@ from typing import Any, Self, TypeVar
 
 import pytest
 
-from tests.support.keyless import KeylessProcess, keyless_command
+from tests.support.keyless import KeylessProcess
 
 __all__ = [
     "INSTALL_HINT",
@@ -284,27 +284,8 @@ class NamespacedKeyless(KeylessProcess):
         self.confdir.mkdir(mode=0o700, exist_ok=True)
         os.chown(self.confdir, uid, uid)
 
-    def start(self, timeout: float = 30.0, wait_ready: bool = True) -> Self:
-        command = self.netns.command(
-            *keyless_command(), "run",
-            "--listen", f"{self.listen_host}:{self.port}",
-            "--admin", f"127.0.0.1:{self.admin_port}",
-            "--confdir", str(self.confdir),
-            *self.args, uid=self.uid)
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KEYLESS_")}
-        env.update(self.env)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, cwd=self.workdir)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"keyless exited with {self.process.returncode}:\n{self.log()}")
-            if self.get("/readyz" if wait_ready else "/healthz")[0] == 200:
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"keyless not ready within {timeout}s:\n{self.log()}")
+    def command(self) -> list[str]:
+        return self.netns.command(*super().command(), uid=self.uid)
 
     def get(self, path: str) -> tuple[int, str]:
         return self.netns.call(super().get, path, timeout=10)
