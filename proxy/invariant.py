@@ -32,13 +32,13 @@ class _Head:
 
 
 def leftover_key_material(catalog: Catalog, names: Iterable[str | None], path: str,
-                          headers: CopyableHeaders, converted: bool) -> Leftover | None:
+                          headers: CopyableHeaders) -> Leftover | None:
     """(service, schemes) when a request that goes to any of `names` still carries key material
     one of their catalog services recognises; None when it carries none.
 
     `names` are every name the destination goes by (Host header, TLS server name, CONNECT
     target, request host): a request is checked against each, so no disagreement between them
-    lets a key past. A converted request's Authorization is keyless' own token: left out.
+    lets a key past. The request itself is left as it is (a copy is stripped).
     """
     seen: set[str] = set()
     for name in names:
@@ -49,8 +49,6 @@ def leftover_key_material(catalog: Catalog, names: Iterable[str | None], path: s
         if target is None or target.service.conversion is None:
             continue  # not Azure, or a host keyless reports but never converts
         head = _Head(path, headers.copy())
-        if converted and "authorization" in head.headers:
-            del head.headers["authorization"]
         stripped = target.service.conversion.strip(head)
         schemes = tuple(s for s in stripped.schemes if s != ENTRA_BEARER) if stripped else ()
         if schemes:
