@@ -142,11 +142,22 @@ def entra_env(entra: FakeEntra, pki: TestPKI) -> dict[str, str]:
             "SSL_CERT_FILE": pki.ca_pem_path}
 
 
-def list_azurite_containers(process: KeylessProcess) -> list[str]:
+def legacy_blob_service() -> BlobServiceClient:
     """The legacy app: the Blob SDK with a wrong account key, against (keyless to) Azurite."""
-    service = BlobServiceClient.from_connection_string(
+    return BlobServiceClient.from_connection_string(
         f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
         f"BlobEndpoint=https://{BLOB_HOST}", retry_total=0)
+
+
+def assert_refused_for_want_of_a_token(process: KeylessProcess) -> None:
+    """The legacy app's call gets keyless' 503: no token could be had."""
+    with pytest.raises(HttpResponseError) as refused:
+        list(legacy_blob_service().list_containers())
+    assert refused.value.status_code == 503, process.log()
+
+
+def list_azurite_containers(process: KeylessProcess) -> list[str]:
+    service = legacy_blob_service()
     try:
         name = f"id{uuid.uuid4().hex[:12]}"
         service.create_container(name)
@@ -289,12 +300,7 @@ def test_workload_identity_refused_for_a_subject_without_federated_credential(
            "AZURE_FEDERATED_TOKEN_FILE": str(token_file)}
     with running_keyless(tmp_path / "keyless", pki, azurite, upstream, env) as process:
         route_app_through(monkeypatch, process)
-        service = BlobServiceClient.from_connection_string(
-            f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
-            f"BlobEndpoint=https://{BLOB_HOST}", retry_total=0)
-        with pytest.raises(HttpResponseError) as refused:
-            list(service.list_containers())
-        assert refused.value.status_code == 503, process.log()
+        assert_refused_for_want_of_a_token(process)
         assert "AADSTS700213" in process.log()
     [call] = token_calls(entra, "c3c3c3c3-0000-4000-8000-0000000000c3")
     assert (call["status"], call["code"]) == (400, "AADSTS700213")
@@ -400,12 +406,7 @@ def test_service_principal_certificate_not_registered_is_refused(
            "AZURE_CLIENT_CERTIFICATE_PATH": str(other)}
     with running_keyless(tmp_path / "keyless", pki, azurite, upstream, env) as process:
         route_app_through(monkeypatch, process)
-        service = BlobServiceClient.from_connection_string(
-            f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
-            f"BlobEndpoint=https://{BLOB_HOST}", retry_total=0)
-        with pytest.raises(HttpResponseError) as refused:
-            list(service.list_containers())
-        assert refused.value.status_code == 503, process.log()
+        assert_refused_for_want_of_a_token(process)
     [call] = token_calls(entra, client_id)
     assert (call["status"], call["code"]) == (401, "AADSTS700027")
 
@@ -420,12 +421,7 @@ def test_keyless_trusts_a_private_authority_ca_through_ssl_cert_file_not_request
     env["REQUESTS_CA_BUNDLE"] = pki.ca_pem_path
     with running_keyless(tmp_path / "keyless", pki, azurite, upstream, env) as process:
         route_app_through(monkeypatch, process)
-        service = BlobServiceClient.from_connection_string(
-            f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
-            f"BlobEndpoint=https://{BLOB_HOST}", retry_total=0)
-        with pytest.raises(HttpResponseError) as refused:
-            list(service.list_containers())
-        assert refused.value.status_code == 503
+        assert_refused_for_want_of_a_token(process)
         assert "CERTIFICATE_VERIFY_FAILED" in process.log()
     assert token_calls(entra, client_id) == []  # the TLS handshake failed: no request arrived
 

@@ -39,7 +39,7 @@ from tests.support import keyless as keyless_support
 from tests.support.identity_endpoint import TOKEN_PATH, FakeIdentityEndpoint
 from tests.support.keyless import KeylessProcess
 from tests.support.rawclient import plain, request, status_of, tunnel
-from tests.support.upstreams import RecordedRequest, RecordingServer
+from tests.support.upstreams import RecordedRequest, RecordingServer, SocketServer
 
 pytestmark = pytest.mark.e2e
 T = TypeVar("T")
@@ -175,33 +175,16 @@ class ScriptedDNS:
         return header + question + records
 
 
-class Listener:
+class Listener(SocketServer):
     """A TCP listener that only records who connected (the address keyless must not dial)."""
 
     def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address)
         self.accepted: list[tuple[str, int]] = []
-        self._socket = socket.create_server(address)
-        self._socket.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._socket.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, peer = self._socket.accept()
-            except TimeoutError:
-                continue
-            self.accepted.append(peer)
-            connection.close()
+    def serve(self, conn: socket.socket) -> None:
+        self.accepted.append(conn.getpeername()[:2])
+        conn.close()
 
 
 def app_session(process: KeylessProcess) -> requests.Session:

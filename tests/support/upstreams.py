@@ -149,8 +149,8 @@ class RecordingServer(ThreadedHTTPServer):
 class SocketServer:
     """A loopback TCP listener that hands each accepted connection to `serve` in a thread."""
 
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+        self._listener = socket.create_server(address)
         self.port = self._listener.getsockname()[1]
         self._closed = threading.Event()
 

@@ -4,15 +4,14 @@ azure-eventgrid sends it; its request is made by the SDK itself here)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from azure.core.credentials import AccessToken, AzureKeyCredential
-from azure.core.pipeline.transport import HttpRequest, RequestsTransport
+from azure.core.credentials import AzureKeyCredential
+from azure.core.pipeline.transport import HttpRequest
 from azure.eventgrid import EventGridPublisherClient
 from mitmproxy.test import tutils
 
 from proxy.catalog import Catalog, builtin_services
+from tests.support.sdk_capture import KeepRequests, StaticCredential
 
 CATALOG = Catalog(builtin_services("3a3a3a3a-0000-4000-8000-00000000a71a", True))
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJ4In0.c2ln"
@@ -51,23 +50,8 @@ def test_a_supplementary_header_that_is_not_a_sas_is_left_alone():
     assert request.headers["servicebussupplementaryauthorization"] == "Bearer apps-own"
 
 
-class _Keep(RequestsTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.kept: list[HttpRequest] = []
-
-    def send(self, request, **kwargs):  # type: ignore[no-untyped-def]
-        self.kept.append(request)
-        raise ConnectionAbortedError("kept, not sent")
-
-
-class _Credential:
-    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
-        return AccessToken(TOKEN, int(time.time()) + 3600)
-
-
 def namespace_publish(credential: object) -> HttpRequest:
-    keep = _Keep()
+    keep = KeepRequests()
     client = EventGridPublisherClient("https://ns1.westus2-1.eventgrid.azure.net", credential,
                                       namespace_topic="orders", transport=keep, retry_total=0)
     with pytest.raises(ConnectionAbortedError):
@@ -78,7 +62,7 @@ def namespace_publish(credential: object) -> HttpRequest:
 
 def test_event_grid_namespace_key_becomes_what_entra_mode_sends():
     keyed = namespace_publish(AzureKeyCredential("dummy-namespace-key"))
-    entra = namespace_publish(_Credential())
+    entra = namespace_publish(StaticCredential(TOKEN))
     assert keyed.headers["Authorization"] == "SharedAccessKey dummy-namespace-key"
     path = keyed.url.split(".net", 1)[1]
     target, request, stripped = converted("ns1.westus2-1.eventgrid.azure.net", b"POST", path,

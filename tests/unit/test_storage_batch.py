@@ -7,13 +7,11 @@ replaced by one that keeps the request), in key, SAS and Entra mode.
 from __future__ import annotations
 
 import re
-import time
 from email.parser import BytesParser
 from email.policy import HTTP
 
 import pytest
-from azure.core.credentials import AccessToken
-from azure.core.pipeline.transport import HttpRequest, RequestsTransport
+from azure.core.pipeline.transport import HttpRequest
 from azure.storage.blob import ContainerClient, StandardBlobTier
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,6 +33,7 @@ from proxy.storage_batch import (
     parse_batch,
     rewrite_batch,
 )
+from tests.support.sdk_capture import KeepRequests, StaticCredential
 
 ACCOUNT = "devstoreaccount1"
 HOST = f"{ACCOUNT}.blob.core.windows.net"
@@ -45,28 +44,13 @@ FRESH = "eyJhbGciOiJSUzI1NiJ9.eyJqdGkiOiJmcmVzaCJ9.ZnJlc2g"
 VOLATILE = re.compile(rb"(x-ms-date: [^\r]+|x-ms-client-request-id: [^\r]+|batch_[0-9a-f-]+)")
 
 
-class _Keep(RequestsTransport):
-    def __init__(self, kept: list[HttpRequest]) -> None:
-        super().__init__()
-        self.kept = kept
-
-    def send(self, request, **kwargs):  # type: ignore[no-untyped-def]
-        self.kept.append(request)
-        raise ConnectionAbortedError("kept, not sent")
-
-
-class _Credential:
-    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
-        return AccessToken(TOKEN, int(time.time()) + 3600)
-
-
 def sdk_batch(mode: str, operation: str = "delete") -> HttpRequest:
     """The batch request azure-storage-blob sends in `mode` (key, sas or entra)."""
     credential = {"key": {"account_name": ACCOUNT, "account_key": KEY}, "sas": SAS,
-                  "entra": _Credential()}[mode]
+                  "entra": StaticCredential(TOKEN)}[mode]
     kept: list[HttpRequest] = []
     container = ContainerClient(f"https://{HOST}", "cont", credential=credential,
-                                transport=_Keep(kept), retry_total=0)
+                                transport=KeepRequests(kept), retry_total=0)
     with pytest.raises(Exception):  # noqa: B017 - the transport stops every call
         if operation == "delete":
             container.delete_blobs("a", "b/c d", "ü")
