@@ -156,6 +156,7 @@ class FakeIdentityEndpoint:
         self._lock = threading.Lock()
         self._calls: list[dict[str, Any]] = []
         self._issued: list[str] = []
+        self._queued: dict[str, list[str]] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -234,6 +235,13 @@ class FakeIdentityEndpoint:
         with self._lock:
             return list(self._issued)
 
+    def queue_tokens(self, resource: str, *tokens: str) -> None:
+        """Hand out these tokens (made with `make_token`), in order, for `resource` before
+        minting new ones: a database test sets a user's password to the token keyless will
+        get. The answer's expiry is the token's own `exp`."""
+        with self._lock:
+            self._queued.setdefault(resource, []).extend(tokens)
+
     def calls_for(self, resource: str) -> list[dict[str, Any]]:
         return [c for c in self.calls if c["resource"] == resource]
 
@@ -296,7 +304,13 @@ class FakeIdentityEndpoint:
         client_id = record["client_id"]
         lifetime = self.lifetime_seconds
         now = int(time.time())
-        token = make_token(record["resource"], client_id, lifetime, now=now)
+        with self._lock:
+            queued = self._queued.get(record["resource"] or "")
+            token = queued.pop(0) if queued else None
+        if token is None:
+            token = make_token(record["resource"], client_id, lifetime, now=now)
+        else:
+            lifetime = int(decode(token)["exp"]) - now
         with self._lock:
             self._issued.append(token)
         if self.protocol == "imds":
