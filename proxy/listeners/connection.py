@@ -167,6 +167,8 @@ class Connection:
             raise ValueError(f"unknown login result {result!r}")
         metrics.LISTENER_LOGINS.labels(listener=self.spec.name, protocol=self.spec.protocol,
                                        result=result).inc()
+        if result == "converted":  # the report: this server's logins now use the token
+            self._record("converted")
         level = logging.INFO if result in ("converted", "audited") else logging.WARNING
         logger.log(level, "%s login for %s to %s: %s", self.spec.protocol, self.peer,
                    self.spec.upstream[0], result)
@@ -189,9 +191,13 @@ class Connection:
 
     def record_password_login(self, user: str) -> None:
         """--audit: the app logged in with a password; `keyless report` plans its migration."""
+        self._record("audited")
+        logger.info("audit: %s password login as %r to %s", self.spec.protocol, user[:64],
+                    self.spec.upstream[0])
+
+    def _record(self, handled: str) -> None:
         host = self.spec.upstream[0]
         self.shared.calls.record(CallKey(
             service=self.spec.protocol, resource=host.split(".", 1)[0], host=host,
             scheme="password", operation="login", identity=self.spec.identity.label,
-            handled="audited"))
-        logger.info("audit: %s password login as %r to %s", self.spec.protocol, user[:64], host)
+            handled=handled))
