@@ -78,9 +78,8 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
     try:
         async with asyncio.timeout(LOGIN_TIMEOUT):
             first = await _client_startup(conn, client)
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial or exc.expected:  # a bare connect-and-close (a TCP probe) is no error
-            _client_error(conn, "the client closed the connection during startup")
+    except asyncio.IncompleteReadError:
+        _client_error(conn, "the client closed the connection during startup")
         return
     except (CodecError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
         _client_error(conn, str(exc) or type(exc).__name__)
@@ -115,7 +114,13 @@ async def _client_startup(conn: Connection,
     reader, writer = client
     negotiated: set[type] = set()
     for _ in range(MAX_NEGOTIATIONS + 1):
-        packet = await read_startup(reader)
+        try:
+            header = await reader.readexactly(4)
+        except asyncio.IncompleteReadError as exc:
+            if not negotiated and not exc.partial:
+                return None  # a bare connect-and-close (a TCP probe) is no client error
+            raise
+        packet = await read_startup(reader, header)
         if isinstance(packet, StartupMessage | CancelRequest):
             return packet
         if type(packet) in negotiated:
@@ -136,8 +141,9 @@ async def _client_startup(conn: Connection,
     raise CodecError("too many negotiation requests before the StartupMessage")
 
 
-async def read_startup(reader: asyncio.StreamReader) -> codec.StartupPacket:
-    header = await reader.readexactly(4)
+async def read_startup(reader: asyncio.StreamReader,
+                       header: bytes | None = None) -> codec.StartupPacket:
+    header = header or await reader.readexactly(4)
     length = codec.startup_length(header)  # checked before the body is read
     return codec.decode_startup(header + await reader.readexactly(length - 4))
 
