@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import TYPE_CHECKING
 
+from proxy.listeners.connection import Connection
+from proxy.listeners.relay import relay
+from proxy.listeners.upstream import UpstreamError
 from proxy.postgres import codec
 from proxy.postgres.cancel import CANCEL_KEYS
 from proxy.postgres.codec import (
@@ -34,9 +36,6 @@ from proxy.postgres.codec import (
     StartupMessage,
 )
 from proxy.tokens import TokenUnavailable
-
-if TYPE_CHECKING:
-    from proxy.listeners.connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +65,10 @@ class Refused(Exception):
 class LoginFailed(Exception):
     """The login cannot go on; `sqlstate` and the message go to the client (secret-free)."""
 
-    def __init__(self, sqlstate: str, message: str, result: str) -> None:
+    def __init__(self, sqlstate: str, message: str, result: str | None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
-        self.result = result  # the Connection.login result to count
+        self.result = result  # the Connection.login result to count (None: counted already)
 
 
 async def serve(conn: Connection, reader: asyncio.StreamReader,
@@ -92,7 +91,6 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
     upstream, key = await _login(conn, client, first)
     if upstream is None:
         return
-    from proxy.listeners.relay import relay  # the framework's relay (imported late: see PATCHES)
     try:
         await relay(conn, client, upstream)
     finally:
@@ -165,7 +163,8 @@ def _buffered(reader: asyncio.StreamReader) -> int:
 
 
 async def _refuse(conn: Connection, writer: asyncio.StreamWriter, failure: LoginFailed) -> None:
-    conn.login(failure.result)
+    if failure.result is not None:
+        conn.login(failure.result)
     logger.warning("postgres %s: login refused: %s", conn.peer, failure)
     with contextlib.suppress(ConnectionError, OSError):  # the client may be gone
         await _write(writer, codec.encode_error(failure.sqlstate, str(failure)))
@@ -179,10 +178,8 @@ async def _open_tls_upstream(conn: Connection) -> Streams:
     host, port = conn.spec.upstream
     try:
         upstream = await conn.open_upstream(tls=False)
-    except (OSError, TimeoutError) as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-        raise LoginFailed("08006", f"KeylessUpstreamFailed: cannot reach {host}:{port}: "
-                          f"{reason}", "upstream_failed") from None
+    except UpstreamError as exc:
+        raise LoginFailed("08006", f"KeylessUpstreamFailed: {exc}", "upstream_failed") from None
     reader, writer = upstream
     try:
         await _write(writer, codec.encode_ssl_request())
@@ -196,13 +193,14 @@ async def _open_tls_upstream(conn: Connection) -> Streams:
     except LoginFailed:
         writer.close()
         raise
-    except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+    except UpstreamError as exc:
         writer.close()
-        reason = (f"TLS verification failed: {exc.reason or exc}"
-                  if isinstance(exc, ssl.SSLError) else
-                  "the server closed the connection" if isinstance(exc, asyncio.IncompleteReadError)
-                  else str(exc) or type(exc).__name__)
-        raise LoginFailed("08006", f"KeylessUpstreamFailed: {host}:{port}: {reason}",
+        raise LoginFailed("08006", f"KeylessUpstreamFailed: {exc}", "upstream_failed") from None
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        writer.close()
+        reason = ("closed the connection" if isinstance(exc, asyncio.IncompleteReadError)
+                  else exc.strerror or type(exc).__name__)
+        raise LoginFailed("08006", f"KeylessUpstreamFailed: {host}:{port} {reason} before TLS",
                           "upstream_failed") from None
     return upstream
 
@@ -243,7 +241,9 @@ async def _login(conn: Connection, client: Streams,
         await _refuse(conn, client_writer, failure)
     except (asyncio.IncompleteReadError, CodecError, OSError, TimeoutError) as exc:
         reason = ("closed the connection" if isinstance(exc, asyncio.IncompleteReadError)
-                  else "timed out" if isinstance(exc, TimeoutError) else str(exc))
+                  else "timed out" if isinstance(exc, TimeoutError)
+                  else str(exc) if isinstance(exc, CodecError)
+                  else exc.strerror or type(exc).__name__)
         await _refuse(conn, client_writer, LoginFailed(
             "08006", f"KeylessUpstreamFailed: the server {reason} during login",
             "upstream_failed"))
@@ -276,8 +276,7 @@ async def _token_login(conn: Connection, client: Streams, upstream: Streams, use
                 method = message.method if not password_sent else "a second password"
                 conn.refused(f"the server asked for {method}", UNSUPPORTED_FIX)
                 raise LoginFailed("28000", f"KeylessUnsupportedAuth: the server asked for "
-                                  f"{method}; Entra logins use cleartext over TLS",
-                                  "upstream_refused")
+                                  f"{method}; Entra logins use cleartext over TLS", None)
             await _write(up_writer, codec.encode_password(token))
             password_sent = True
             continue
@@ -332,8 +331,7 @@ async def _pass_refusal(conn: Connection, client_writer: asyncio.StreamWriter, k
         fix = ROLE_FIX.format(user=user)
     else:
         fix = "see the server's message"
-    conn.refused(f"{error.sqlstate} {error.message}", fix)
-    conn.login("upstream_refused")
+    conn.refused(f"{error.sqlstate} {error.message}", fix)  # counts the refusal too
     with contextlib.suppress(ConnectionError, OSError):  # the client may be gone
         await _write(client_writer, codec.encode_message(kind, body))
     raise Refused
@@ -356,4 +354,5 @@ async def _cancel(conn: Connection, request: CancelRequest) -> None:
             finally:
                 writer.close()
     except (LoginFailed, OSError, TimeoutError) as exc:
-        logger.warning("postgres %s: CancelRequest not delivered: %s", conn.peer, exc)
+        logger.warning("postgres %s: CancelRequest not delivered: %s", conn.peer,
+                       str(exc) or type(exc).__name__)

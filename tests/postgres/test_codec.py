@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.listeners.upstream import UpstreamError
 from proxy.postgres import codec, session
 from proxy.postgres.codec import (
     Authentication,
@@ -255,7 +256,7 @@ class RecordingConnection:
 
     async def open_upstream(self, tls):
         self.asked.append("open_upstream")
-        raise ConnectionRefusedError(111, "refused")
+        raise UpstreamError("refused")
 
     def login(self, result):
         self.logins.append(result)
