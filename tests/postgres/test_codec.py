@@ -341,3 +341,17 @@ def test_a_bare_connect_and_close_is_not_counted():
 def test_a_header_then_close_is_a_client_error():
     conn, _ = run_session(codec.encode_startup(STARTUP)[:4])
     assert conn.logins == ["client_error"] and conn.asked == []
+
+
+def test_login_startup_puts_the_listener_user_in_and_keeps_the_apps_database():
+    conn = RecordingConnection(spec=_Spec(user="identity_role"))
+    sent = session.login_startup(conn, STARTUP)  # type: ignore[arg-type]
+    assert sent.parameters == (("user", "identity_role"), *PARAMS[1:])
+    # no database: the server would take the user's name; keep the app's user's name
+    bare = StartupMessage(196608, (("user", "app_user"),))
+    assert session.login_startup(conn, bare).parameters == (  # type: ignore[arg-type]
+        ("user", "identity_role"), ("database", "app_user"))
+    # no listener user, or audit mode: the app's StartupMessage unchanged
+    assert session.login_startup(RecordingConnection(), bare) is bare  # type: ignore[arg-type]
+    audited = RecordingConnection(spec=_Spec(user="identity_role"), audit=True)
+    assert session.login_startup(audited, bare) is bare  # type: ignore[arg-type]
