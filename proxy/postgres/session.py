@@ -356,3 +356,46 @@ async def _cancel(conn: Connection, request: CancelRequest) -> None:
     except (LoginFailed, OSError, TimeoutError) as exc:
         logger.warning("postgres %s: CancelRequest not delivered: %s", conn.peer,
                        str(exc) or type(exc).__name__)
+
+
+# -- keyless check ----------------------------------------------------------------------------
+
+
+class _Discard:
+    """A client writer for a login nobody relays (keyless check)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+
+async def check_login(conn: Connection, user: str, database: str = "postgres") -> None:
+    """Log in upstream as `user` with the token, as an app's login would, then log out: for
+    `keyless check`. Raises LoginFailed whose message is the one-line, secret-free reason (a
+    server refusal is also logged with its fix by conn.refused)."""
+    startup = StartupMessage(codec.PROTOCOL_MAJOR << 16,
+                             (("user", user), ("database", database),
+                              ("application_name", "keyless check")))
+    nobody = (asyncio.StreamReader(), _Discard())
+    upstream: Streams | None = None
+    try:
+        async with asyncio.timeout(LOGIN_TIMEOUT):
+            token = await _token(conn)
+            upstream = await _open_tls_upstream(conn)
+            await _write(upstream[1], codec.encode_startup(startup))
+            key = await _token_login(conn, nobody, upstream, user,  # type: ignore[arg-type]
+                                     token)
+            if key is not None:
+                CANCEL_KEYS.forget(conn.spec.upstream, key.pid, key.secret)
+            await _write(upstream[1], codec.encode_message(b"X", b""))  # Terminate
+    except Refused:
+        raise LoginFailed("28000", f"{conn.spec.upstream[0]} refused the login as {user!r}: "
+                          "see the log for the server's message and the fix", None) from None
+    except (asyncio.IncompleteReadError, CodecError, OSError, TimeoutError) as exc:
+        raise LoginFailed("08006", f"KeylessUpstreamFailed: the server failed during login: "
+                          f"{type(exc).__name__}", "upstream_failed") from None
+    finally:
+        if upstream is not None:
+            upstream[1].close()

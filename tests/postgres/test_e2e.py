@@ -269,3 +269,12 @@ def test_node_postgres_direct_with_the_wrong_password_is_refused(node, postgres_
         "ROWS": "1", "POOL": "1"}, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert completed.returncode != 0
     assert "password authentication failed" in completed.stderr
+
+
+def test_an_app_demanding_tls_from_the_plain_listener_is_told_so(keyless, ports):
+    # what docs/databases/postgres.md tells such an app: client-tls=true, or sslmode=prefer
+    with pytest.raises(psycopg.OperationalError,
+                       match="server does not support SSL, but SSL was required"):
+        psycopg.connect(app_dsn(ports.plain, sslmode="require"))
+    with psycopg.connect(app_dsn(ports.tls, sslmode="require")) as conn:
+        assert conn.pgconn.ssl_in_use is True
