@@ -19,10 +19,12 @@ Each side keeps its own sequence ids. With --audit keyless forwards the app's ow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import string
 from dataclasses import replace
+from typing import NoReturn
 
 from proxy.listeners.connection import Connection
 from proxy.listeners.relay import relay
@@ -66,10 +68,8 @@ class Side:
         await self.writer.drain()
 
     async def error(self, code: int, sqlstate: str, message: str) -> None:
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.write(codec.encode_err(Err(code, sqlstate, message)))
-        except (ConnectionError, OSError):
-            pass
 
 
 class Failed(Exception):
@@ -136,7 +136,7 @@ async def upstream_greeting(conn: Connection, app: Side, server: Side) -> codec.
     if not greeting.capabilities & codec.CLIENT_SSL:
         await upstream_failed(conn, app, "the server does not offer TLS, and keyless never "
                               "sends a token over plain TCP")
-    if not greeting.capabilities & codec.REQUIRED_UPSTREAM == codec.REQUIRED_UPSTREAM:
+    if greeting.capabilities & codec.REQUIRED_UPSTREAM != codec.REQUIRED_UPSTREAM:
         await upstream_failed(conn, app, "the server lacks protocol 4.1 or plugin auth")
     return greeting
 
@@ -223,7 +223,6 @@ async def token_exchange(conn: Connection, app: Side, server: Side, plugin: str,
         except ProtocolError as exc:
             await upstream_failed(conn, app, str(exc))
     await upstream_failed(conn, app, "the server's login did not end")
-    return False
 
 
 async def audited_login(conn: Connection, app: Side, server: Side, greeting: codec.Handshake,
@@ -248,7 +247,6 @@ async def audited_login(conn: Connection, app: Side, server: Side, greeting: cod
             continue  # the server's OK follows without an answer
         await server.write(await app.read())
     await upstream_failed(conn, app, "the login did not end")
-    return False
 
 
 def refusal_fix(conn: Connection, user: str) -> str:
@@ -259,7 +257,7 @@ def refusal_fix(conn: Connection, user: str) -> str:
             "server identity that may read Microsoft Graph); see docs/databases/mysql.md")
 
 
-async def upstream_failed(conn: Connection, app: Side, reason: str) -> None:
+async def upstream_failed(conn: Connection, app: Side, reason: str) -> NoReturn:
     await app.error(2013, "HY000", f"KeylessUpstreamFailed: {redact(reason, limit=300)}")
     conn.login("upstream_failed")
     raise Failed

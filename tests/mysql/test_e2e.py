@@ -110,7 +110,7 @@ def test_pool_of_20_threads(keyless):
                 barrier.wait()  # all 20 open at once
                 cursor.execute("SELECT CONNECTION_ID(), SLEEP(0.1)")
                 ids.append(cursor.fetchone()[0])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(20)]
