@@ -145,7 +145,7 @@ def _user() -> str:
 
 # -- the fake server ------------------------------------------------------------------------
 
-FakeMode = Literal["clear", "caching_sha2", "refuse", "reset"]
+FakeMode = Literal["clear", "caching_sha2", "refuse", "reset", "no_tls"]
 
 FAKE_CAPABILITIES = (
     codec.CLIENT_LONG_PASSWORD | codec.CLIENT_FOUND_ROWS | codec.CLIENT_LONG_FLAG
@@ -232,11 +232,14 @@ class FakeMySQLServer:
             self.connections += 1
         mode = self.mode
         plugin = codec.CACHING_SHA2 if mode == "caching_sha2" else codec.NATIVE
-        greeting = codec.Handshake("8.0.21-fake-azure", 7, FAKE_NONCE, FAKE_CAPABILITIES, 45,
+        capabilities = FAKE_CAPABILITIES & ~(codec.CLIENT_SSL if mode == "no_tls" else 0)
+        greeting = codec.Handshake("8.0.21-fake-azure", 7, FAKE_NONCE, capabilities, 45,
                                    0x0002, plugin)
         _send(sock, 0, codec.encode_handshake(greeting))
         seq, payload = _recv(sock)
         if not codec.is_ssl_request(payload):
+            with self._lock:  # a login in the clear: recorded, refused
+                self.logins.append(_plain_login(payload))
             _send(sock, seq + 1, codec.encode_err(INSECURE_TRANSPORT))
             return
         tls = self.context.wrap_socket(sock, server_side=True)
@@ -290,6 +293,16 @@ class FakeMySQLServer:
                     _send(tls, seq + 1 + offset, packet)
             else:
                 _send(tls, seq + 1, codec.encode_err(codec.Err(1047, "08S01", "Unknown command")))
+
+
+def _plain_login(payload: bytes) -> Login:
+    try:
+        response = codec.decode_handshake_response(payload)
+    except codec.ProtocolError:
+        return Login("?", None, None, 0, None, payload, ["not a handshake response"])
+    return Login(response.user, response.database, response.auth_plugin,
+                 response.capabilities, response.attributes, response.auth_response,
+                 ["login without TLS"])
 
 
 def _one_cell(value: str, deprecate_eof: bool) -> list[bytes]:
