@@ -24,13 +24,14 @@ import logging
 import secrets
 import string
 from dataclasses import replace
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from proxy.listeners.connection import Connection
 from proxy.listeners.relay import relay
 from proxy.listeners.upstream import UpstreamError
 from proxy.mysql import codec
 from proxy.mysql.codec import Err, HandshakeResponse, ProtocolError
+from proxy.mysql.tls import TLSReader, TLSWriter, accept_tls
 from proxy.redact import redact
 from proxy.tokens import TokenUnavailable
 
@@ -51,8 +52,14 @@ class Side:
     """One end of the session: its streams and its own next sequence id."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+        self.reader: asyncio.StreamReader | TLSReader = reader
+        self.writer: asyncio.StreamWriter | TLSWriter = writer
         self.seq = 0
+
+    @property
+    def streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # TLSReader/TLSWriter have what the relay uses of the asyncio streams
+        return cast(asyncio.StreamReader, self.reader), cast(asyncio.StreamWriter, self.writer)
 
     async def read(self, limit: int = codec.MAX_AUTH_PACKET) -> bytes:
         header = await asyncio.wait_for(self.reader.readexactly(codec.HEADER_SIZE),
@@ -88,7 +95,7 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
     server = Side(*upstream)
     try:
         if await login(conn, app, server):
-            await relay(conn, (reader, writer), upstream)
+            await relay(conn, app.streams, upstream)
     except Failed:
         pass
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
@@ -161,7 +168,8 @@ async def app_login(conn: Connection, app: Side, greeting: codec.Handshake
         if codec.is_ssl_request(payload):
             if not offered & codec.CLIENT_SSL:
                 raise ProtocolError("TLS requested, but not offered")
-            await app.writer.start_tls(conn.client_tls_context())
+            # not StreamWriter.start_tls: the ClientHello may already be in the reader's buffer
+            app.reader, app.writer = await accept_tls(*app.streams, conn.client_tls_context())
             payload = await app.read()
         return codec.decode_handshake_response(payload)
     except ProtocolError as exc:

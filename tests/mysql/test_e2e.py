@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import threading
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from proxy.mysql import codec
 from tests.mysql.conftest import FAKE_HOST, MYSQL_HOST
 from tests.support.azurite import free_port
 from tests.support.identity_endpoint import make_token
@@ -44,16 +47,17 @@ def token(mysql_identity) -> str:
 @pytest.fixture(scope="module")
 def keyless(tmp_path_factory, pki, mariadb, fake_mysql, mysql_identity, token):
     mariadb.create_token_user(APP_USER, token)
-    maria_port, fake_port = free_port(), free_port()
+    maria_port, fake_port, tls_port = free_port(), free_port(), free_port()
     process = KeylessProcess(tmp_path_factory.mktemp("keyless-mysql"), [
         "--mysql", f"{maria_port}={MYSQL_HOST}",
+        "--mysql", f"{tls_port}={MYSQL_HOST}?client-tls=true",
         "--mysql", f"{fake_port}={FAKE_HOST}?user={ENTRA_USER}",
         "--connect-to", f"{MYSQL_HOST}:3306:127.0.0.1:{mariadb.port}",
         "--connect-to", f"{FAKE_HOST}:3306:127.0.0.1:{fake_mysql.port}",
         "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
         "--token-margin", "0",
     ], mysql_identity.env()).start()
-    process.maria_port, process.fake_port = maria_port, fake_port
+    process.maria_port, process.fake_port, process.tls_port = maria_port, fake_port, tls_port
     yield process
     assert process.stop() == 0, process.log()
     assert token not in process.log()
@@ -163,3 +167,30 @@ def test_the_token_in_clear_when_the_server_asks(keyless, fake, token, mode):
     assert login.user == ENTRA_USER  # ?user= replaces the app's user
     assert login.client_plugin == ("caching_sha2_password" if mode == "caching_sha2"
                                    else "mysql_native_password")
+
+
+def test_the_app_is_greeted_like_its_server(keyless, mariadb):
+    with socket.create_connection(("127.0.0.1", keyless.maria_port), timeout=10) as sock:
+        header = sock.recv(4, socket.MSG_WAITALL)
+        length, seq = codec.decode_header(header)
+        greeting = codec.decode_handshake(sock.recv(length, socket.MSG_WAITALL))
+    [(version,)] = mariadb.sql("SELECT VERSION()")
+    assert seq == 0 and greeting.server_version == f"5.5.5-{version}"
+    assert greeting.auth_plugin == codec.NATIVE and len(greeting.nonce) == 20
+    # plain on loopback by default; nothing keyless cannot relay
+    assert not greeting.capabilities & (codec.CLIENT_SSL | codec.CLIENT_COMPRESS)
+    assert greeting.capabilities & codec.CLIENT_DEPRECATE_EOF  # MariaDB's, passed on
+
+
+def test_client_tls_with_keyless_ca(keyless):
+    with contextlib.closing(app_connect(keyless.tls_port, ssl_ca=keyless.ca_path,
+                                        ssl_verify_cert=True)) as db, db.cursor() as cursor:
+        assert isinstance(db._sock, ssl.SSLSocket)  # the app's own hop is TLS too
+        names = [value for kind, value in db._sock.getpeercert()["subjectAltName"]]
+        assert MYSQL_HOST in names
+        cursor.execute("SHOW STATUS LIKE 'Ssl_cipher'")
+        assert cursor.fetchone()[1]
+        # many TLS records each way, through both TLS hops
+        cursor.execute("SELECT LENGTH(%s), REPEAT('z', 3000000)", ("y" * 1_500_000,))
+        length, text = cursor.fetchone()
+        assert length == 1_500_000 and text == "z" * 3_000_000
