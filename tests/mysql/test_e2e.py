@@ -25,7 +25,7 @@ import pytest
 from proxy.mysql import codec
 from tests.mysql.conftest import FAKE_HOST, MYSQL_HOST
 from tests.support.azurite import free_port
-from tests.support.identity_endpoint import make_token
+from tests.support.identity_endpoint import FakeIdentityEndpoint, make_token
 from tests.support.keyless import KeylessProcess
 from tests.support.mysql_server import OSSRDBMS_RESOURCE, TEST_DATABASE
 
@@ -194,3 +194,34 @@ def test_client_tls_with_keyless_ca(keyless):
         cursor.execute("SELECT LENGTH(%s), REPEAT('z', 3000000)", ("y" * 1_500_000,))
         length, text = cursor.fetchone()
         assert length == 1_500_000 and text == "z" * 3_000_000
+
+
+def test_audit_mode_forwards_the_apps_own_login_and_records_it(tmp_path, pki, mariadb):
+    real_password = "the-apps-real-password"
+    mariadb.create_token_user("audited_app", real_password)
+    port = free_port()
+    with FakeIdentityEndpoint() as identity:
+        process = KeylessProcess(tmp_path / "keyless", [
+            "--audit", "--mysql", f"{port}={MYSQL_HOST}",
+            "--connect-to", f"{MYSQL_HOST}:3306:127.0.0.1:{mariadb.port}",
+            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
+        ], identity.env()).start()
+        try:
+            with contextlib.closing(pymysql.connect(
+                    host="127.0.0.1", port=port, user="audited_app", password=real_password,
+                    connect_timeout=10)) as db, db.cursor() as cursor:
+                cursor.execute("SHOW STATUS LIKE 'Ssl_cipher'")
+                assert cursor.fetchone()[1], "audit mode still logs in over TLS upstream"
+            with pytest.raises(pymysql.err.OperationalError) as refused:
+                app_connect(port, user="audited_app")  # the wrong password stays wrong
+            assert refused.value.args[0] == 1045
+            assert process.metric("keyless_listener_logins_total", protocol="mysql",
+                                  result="audited") == 1
+            report = json.loads(process.get("/report")[1])
+        finally:
+            assert process.stop() == 0, process.log()
+        assert identity.calls == []  # audit mode fetches no token
+    [entry] = report["inventory"]
+    assert (entry["service"], entry["hosts"], entry["schemes"], entry["calls"]) == (
+        "mysql", [MYSQL_HOST], {"password": 1}, 1)
+    assert real_password not in process.log() + json.dumps(report)
