@@ -54,6 +54,24 @@ CLIENT_REMEMBER_OPTIONS = 1 << 31
 # (AuthNextFactor) keyless cannot answer with a token; TLS is per side, never end to end.
 NOT_RELAYABLE = (CLIENT_COMPRESS | CLIENT_ZSTD_COMPRESSION_ALGORITHM
                  | CLIENT_MULTI_FACTOR_AUTHENTICATION | CLIENT_SSL | CLIENT_SSL_VERIFY_SERVER_CERT)
+# What keyless offers an app before it knows the server (transparent mode: the app's TLS
+# server name names it): what every MySQL >= 5.7 and MariaDB >= 10.2 has.
+OFFERED_BLIND = (
+    CLIENT_LONG_PASSWORD | CLIENT_FOUND_ROWS | CLIENT_LONG_FLAG | CLIENT_CONNECT_WITH_DB
+    | CLIENT_NO_SCHEMA | CLIENT_ODBC | CLIENT_LOCAL_FILES | CLIENT_IGNORE_SPACE
+    | CLIENT_PROTOCOL_41 | CLIENT_INTERACTIVE | CLIENT_IGNORE_SIGPIPE | CLIENT_TRANSACTIONS
+    | CLIENT_RESERVED | CLIENT_SECURE_CONNECTION | CLIENT_MULTI_STATEMENTS
+    | CLIENT_MULTI_RESULTS | CLIENT_PS_MULTI_RESULTS | CLIENT_PLUGIN_AUTH
+    | CLIENT_CONNECT_ATTRS | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+    | CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS | CLIENT_SESSION_TRACK | CLIENT_DEPRECATE_EOF)
+BLIND_VERSION = "8.0.0-keyless"
+# Flags that only shape the login (or mean nothing to the server): an app may have chosen
+# them although the server lacks them. Any other flag changes what the relayed bytes mean.
+LOGIN_ONLY = (CLIENT_LONG_PASSWORD | CLIENT_CONNECT_WITH_DB | CLIENT_NO_SCHEMA | CLIENT_ODBC
+              | CLIENT_IGNORE_SPACE | CLIENT_SSL | CLIENT_IGNORE_SIGPIPE | CLIENT_RESERVED
+              | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH | CLIENT_CONNECT_ATTRS
+              | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA | CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS
+              | CLIENT_SSL_VERIFY_SERVER_CERT | CLIENT_REMEMBER_OPTIONS | CLIENT_INTERACTIVE)
 # What keyless needs from the server (and sets itself in its response upstream).
 REQUIRED_UPSTREAM = CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH | CLIENT_SSL
 
@@ -88,6 +106,15 @@ class ProtocolError(ValueError):
 
 class PacketTooLarge(ProtocolError):
     """A length prefix above the limit: refused before any of the payload is read."""
+
+
+FLAG_NAMES = {value: name.removeprefix("CLIENT_") for name, value in dict(globals()).items()
+              if name.startswith("CLIENT_") and isinstance(value, int)}
+
+
+def flag_names(flags: int) -> str:
+    return ", ".join(FLAG_NAMES.get(1 << bit, f"bit {bit}") for bit in range(32)
+                     if flags & (1 << bit))
 
 
 # -- framing ------------------------------------------------------------------------------------

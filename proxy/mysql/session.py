@@ -31,7 +31,7 @@ from proxy.listeners.relay import relay
 from proxy.listeners.upstream import UpstreamError
 from proxy.mysql import codec
 from proxy.mysql.codec import Err, HandshakeResponse, ProtocolError
-from proxy.mysql.tls import TLSReader, TLSWriter, accept_tls
+from proxy.mysql.tls import TLSReader, TLSWriter, UpgradableWriter
 from proxy.redact import redact
 from proxy.tokens import TokenUnavailable
 
@@ -86,29 +86,46 @@ class Failed(Exception):
 async def serve(conn: Connection, reader: asyncio.StreamReader,
                 writer: asyncio.StreamWriter) -> None:
     app = Side(reader, writer)
+    server: Side | None = None
     try:
-        upstream = await conn.open_upstream(tls=False)
-    except UpstreamError as exc:
-        await app.error(2003, "HY000", f"KeylessUpstreamFailed: {exc}")
-        conn.login("upstream_failed")
-        return
-    server = Side(*upstream)
-    try:
-        if await login(conn, app, server):
-            await relay(conn, app.streams, upstream)
+        if conn.spec.upstream[0]:
+            # the server is known: greet the app with the server's own greeting
+            server = await dial(conn, app)
+            greeting = await upstream_greeting(conn, app, server)
+            response = await app_login(conn, app, mirrored(conn, greeting))
+        else:
+            # transparent mode: the app's TLS server name names the server, so keyless
+            # greets first and meets the server after the app's TLS handshake
+            response = await app_login(conn, app, blind_greeting())
+            server = await dial(conn, app)
+            greeting = await upstream_greeting(conn, app, server)
+            await require_compatible(conn, app, response, greeting)
+            if conn.audit:
+                response = await resync_scramble(conn, app, response, greeting)
+        if await login(conn, app, server, greeting, response):
+            await relay(conn, app.streams, server.streams)
     except Failed:
         pass
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
         logger.info("mysql connection from %s ended during the login: %s", conn.peer,
                     type(exc).__name__)
     finally:
-        server.writer.close()
+        if server is not None:
+            server.writer.close()
 
 
-async def login(conn: Connection, app: Side, server: Side) -> bool:
-    """The whole login; True when both sides are logged in and ready to relay."""
-    greeting = await upstream_greeting(conn, app, server)
-    response = await app_login(conn, app, greeting)
+async def dial(conn: Connection, app: Side) -> Side:
+    try:
+        return Side(*await conn.open_upstream(tls=False))
+    except UpstreamError as exc:
+        await app.error(2003, "HY000", f"KeylessUpstreamFailed: {redact(str(exc), limit=300)}")
+        conn.login("upstream_failed")
+        raise Failed from None
+
+
+async def login(conn: Connection, app: Side, server: Side, greeting: codec.Handshake,
+                response: HandshakeResponse) -> bool:
+    """The upstream login; True when both sides are logged in and ready to relay."""
     if conn.audit:
         return await audited_login(conn, app, server, greeting, response)
     try:
@@ -148,34 +165,85 @@ async def upstream_greeting(conn: Connection, app: Side, server: Side) -> codec.
     return greeting
 
 
-async def app_login(conn: Connection, app: Side, greeting: codec.Handshake
-                    ) -> HandshakeResponse:
-    """Greet the app like its server would and read its login (over TLS if it asks)."""
-    offered = greeting.capabilities & ~codec.NOT_RELAYABLE
-    if conn.spec.client_tls:
-        offered |= codec.CLIENT_SSL
+def mirrored(conn: Connection, greeting: codec.Handshake) -> codec.Handshake:
+    """The app's greeting: the server's version, connection id (KILL QUERY from another
+    connection finds this one) and flags, minus what keyless cannot relay."""
     if conn.audit:  # the app's scramble must be for the server's own nonce and plugin
         nonce, plugin = greeting.nonce, greeting.auth_plugin
     else:
         nonce = fresh_nonce()
         plugin = (greeting.auth_plugin if greeting.auth_plugin in codec.FIRST_RESPONSE
                   else codec.NATIVE)
-    await app.write(codec.encode_handshake(codec.Handshake(
-        greeting.server_version, greeting.connection_id, nonce, offered, greeting.charset,
-        greeting.status, plugin)))
+    return codec.Handshake(greeting.server_version, greeting.connection_id, nonce,
+                           greeting.capabilities & ~codec.NOT_RELAYABLE, greeting.charset,
+                           greeting.status, plugin)
+
+
+def blind_greeting() -> codec.Handshake:
+    # connection id 0: no real id is known yet, and a KILL of 0 matches no session
+    return codec.Handshake(codec.BLIND_VERSION, 0, fresh_nonce(), codec.OFFERED_BLIND, 45,
+                           0x0002, codec.NATIVE)
+
+
+async def app_login(conn: Connection, app: Side, greeting: codec.Handshake
+                    ) -> HandshakeResponse:
+    """Greet the app and read its login (over TLS if it asks and may)."""
+    offered = greeting.capabilities & ~codec.CLIENT_SSL
+    if conn.spec.client_tls:
+        offered |= codec.CLIENT_SSL
+    await app.write(codec.encode_handshake(replace(greeting, capabilities=offered)))
     try:
         payload = await app.read()
         if codec.is_ssl_request(payload):
             if not offered & codec.CLIENT_SSL:
                 raise ProtocolError("TLS requested, but not offered")
-            # not StreamWriter.start_tls: the ClientHello may already be in the reader's buffer
-            app.reader, app.writer = await accept_tls(*app.streams, conn.client_tls_context())
+            await client_tls(conn, app)
             payload = await app.read()
         return codec.decode_handshake_response(payload)
     except ProtocolError as exc:
         await app.error(codec.ER_HANDSHAKE, "08S01", f"Bad handshake: {exc}")
         conn.login("client_error")
         raise Failed from None
+
+
+async def client_tls(conn: Connection, app: Side) -> None:
+    # not StreamWriter.start_tls: the app's ClientHello follows its SSLRequest unasked and
+    # may already be in the reader's buffer (proxy/mysql/tls.py)
+    upgrade = UpgradableWriter(*app.streams)
+    try:
+        await conn.start_client_tls(cast(asyncio.StreamWriter, upgrade))
+    except ConnectionError as exc:  # no TLS, or (transparent) a server name keyless refuses
+        logger.warning("mysql client %s: %s", conn.peer, exc)
+        conn.login("client_error")
+        raise Failed from None
+    except UpstreamError as exc:
+        if upgrade.tls is not None:
+            app.reader, app.writer = upgrade.tls
+        await app.error(2003, "HY000", f"KeylessUpstreamFailed: {exc}")
+        conn.login("upstream_failed")
+        raise Failed from None
+    assert upgrade.tls is not None
+    app.reader, app.writer = upgrade.tls
+
+
+async def require_compatible(conn: Connection, app: Side, response: HandshakeResponse,
+                             greeting: codec.Handshake) -> None:
+    """Blind greeting: the flags the app chose must mean the same to the server."""
+    missing = response.capabilities & ~greeting.capabilities & ~codec.LOGIN_ONLY
+    if missing:
+        await upstream_failed(conn, app, "the server lacks capabilities the app chose: "
+                              f"{codec.flag_names(missing)}")
+
+
+async def resync_scramble(conn: Connection, app: Side, response: HandshakeResponse,
+                          greeting: codec.Handshake) -> HandshakeResponse:
+    """--audit after a blind greeting: the app scrambled keyless' nonce; an AuthSwitchRequest
+    with the server's nonce and plugin has it answer for the server."""
+    if not response.capabilities & codec.CLIENT_PLUGIN_AUTH:
+        await upstream_failed(conn, app, "the app cannot switch auth plugins (CLIENT_PLUGIN_AUTH)")
+    await app.write(codec.encode_auth_switch(codec.AuthSwitch(greeting.auth_plugin,
+                                                              greeting.nonce + b"\0")))
+    return response.with_auth(greeting.auth_plugin, await app.read())
 
 
 def upstream_capabilities(app_flags: int, server_flags: int) -> int:

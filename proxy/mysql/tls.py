@@ -132,3 +132,21 @@ async def accept_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     stream = TLSStream(reader, writer, context)
     await stream.handshake()
     return TLSReader(stream), TLSWriter(stream)
+
+
+class UpgradableWriter:
+    """The app's writer before TLS, for `Connection.start_client_tls`, which calls
+    `start_tls(context)` and then reads `get_extra_info("ssl_object")`: the TLS here is the
+    memory-BIO one above, so it works with the framework's contexts (a leaf for the listener's
+    host, or transparent mode's choice by server name)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.raw = reader, writer
+        self.tls: tuple[TLSReader, TLSWriter] | None = None
+
+    async def start_tls(self, sslcontext: ssl.SSLContext, **_ignored: Any) -> None:
+        self.tls = await accept_tls(*self.raw, sslcontext)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        writer = self.tls[1] if self.tls else self.raw[1]
+        return writer.get_extra_info(name, default)
