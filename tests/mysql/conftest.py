@@ -43,6 +43,7 @@ def fake_mysql(pki: TestPKI) -> Iterator[FakeMySQLServer]:  # noqa: F811
 def fake(fake_mysql: FakeMySQLServer) -> Iterator[FakeMySQLServer]:
     """The session's fake, reset to the clear-password mode with empty records."""
     fake_mysql.mode = "clear"
+    fake_mysql.expected_password = None
     fake_mysql.reset()
     yield fake_mysql
     fake_mysql.mode = "clear"

@@ -80,3 +80,16 @@ def test_fake_caching_sha2_full_auth_takes_the_token(fake, pki):
     assert rows == (("1",),)
     assert [(login.client_plugin, login.accepted) for login in fake.logins] == [
         ("caching_sha2_password", True)]
+
+
+@pytest.mark.parametrize("mode", ["sha2_fast", "switch_native"])
+def test_fake_scramble_modes_check_the_password(fake, pki, mode):
+    fake.mode = mode
+    fake.expected_password = b"the-right-password"
+    with contextlib.closing(connect(fake.port, "app", "the-right-password",
+                                    pki.ca_pem_path)) as db:
+        db.ping()
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        connect(fake.port, "app", "wrong-password", pki.ca_pem_path)
+    assert refused.value.args[0] == 1045
+    assert [login.accepted for login in fake.logins] == [True, False]

@@ -225,3 +225,15 @@ def test_audit_mode_forwards_the_apps_own_login_and_records_it(tmp_path, pki, ma
     assert (entry["service"], entry["hosts"], entry["schemes"], entry["calls"]) == (
         "mysql", [MYSQL_HOST], {"password": 1}, 1)
     assert real_password not in process.log() + json.dumps(report)
+
+
+@pytest.mark.parametrize("mode", ["sha2_fast", "switch_native"])
+def test_the_scramble_the_server_asks_for(keyless, fake, token, mode):
+    """caching_sha2_password's fast path (scramble, 0x01 0x03, OK) and an AuthSwitchRequest
+    to mysql_native_password with a new nonce: the scramble is of the token."""
+    fake.mode = mode
+    fake.expected_password = token.encode()
+    with contextlib.closing(app_connect(keyless.fake_port)) as db:
+        db.ping()
+    [login] = fake.logins
+    assert login.accepted, login.problems

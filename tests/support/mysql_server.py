@@ -145,7 +145,12 @@ def _user() -> str:
 
 # -- the fake server ------------------------------------------------------------------------
 
-FakeMode = Literal["clear", "caching_sha2", "refuse", "reset", "no_tls"]
+# clear: AuthSwitch to mysql_clear_password; caching_sha2: its full auth (0x01 0x04);
+# sha2_fast: the caching_sha2 scramble checked against `expected_password`, 0x01 0x03, OK;
+# switch_native: AuthSwitch to mysql_native_password with a new nonce, scramble checked;
+# refuse: ERR 1045 whatever comes; reset: closed after the response; no_tls: no CLIENT_SSL.
+FakeMode = Literal["clear", "caching_sha2", "sha2_fast", "switch_native", "refuse", "reset",
+                   "no_tls"]
 
 FAKE_CAPABILITIES = (
     codec.CLIENT_LONG_PASSWORD | codec.CLIENT_FOUND_ROWS | codec.CLIENT_LONG_FLAG
@@ -155,6 +160,7 @@ FAKE_CAPABILITIES = (
     | codec.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA | codec.CLIENT_DEPRECATE_EOF
 )
 FAKE_NONCE = b"0123456789abcdefghij"
+SWITCH_NONCE = b"ABCDEFGHIJ0123456789"
 INSECURE_TRANSPORT = codec.Err(3159, "HY000", "Connections using insecure transport are "
                                "prohibited while --require_secure_transport=ON.")
 COM_QUIT, COM_QUERY, COM_PING = 0x01, 0x03, 0x0E
@@ -184,6 +190,7 @@ class FakeMySQLServer:
         self.mode: FakeMode = mode
         self.audience = audience
         self.client_id = client_id
+        self.expected_password: bytes | None = None  # for the scramble modes
         self.connections = 0
         self.logins: list[Login] = []
         self._lock = threading.Lock()
@@ -231,7 +238,8 @@ class FakeMySQLServer:
         with self._lock:
             self.connections += 1
         mode = self.mode
-        plugin = codec.CACHING_SHA2 if mode == "caching_sha2" else codec.NATIVE
+        plugin = (codec.CACHING_SHA2 if mode in ("caching_sha2", "sha2_fast", "switch_native")
+                  else codec.NATIVE)
         capabilities = FAKE_CAPABILITIES & ~(codec.CLIENT_SSL if mode == "no_tls" else 0)
         greeting = codec.Handshake("8.0.21-fake-azure", 7, FAKE_NONCE, capabilities, 45,
                                    0x0002, plugin)
@@ -252,6 +260,9 @@ class FakeMySQLServer:
         if mode == "reset":
             tls.close()
             return
+        if mode in ("sha2_fast", "switch_native"):
+            self._scrambled(tls, seq, response, login)
+            return
         if mode == "caching_sha2" and response.auth_plugin == codec.CACHING_SHA2:
             # the scramble cannot be checked without the password: ask for it in clear
             _send(tls, seq + 1, codec.encode_auth_more_data(codec.PERFORM_FULL_AUTH))
@@ -267,6 +278,33 @@ class FakeMySQLServer:
         if mode == "refuse" and not login.problems:
             login.problems = ["this server refuses every login (mode refuse)"]
         if login.problems:
+            _send(tls, seq + 1, codec.encode_err(codec.Err(
+                codec.ER_ACCESS_DENIED, "28000",
+                f"Access denied for user '{response.user}'@'127.0.0.1' (using password: YES)")))
+            return
+        login.accepted = True
+        _send(tls, seq + 1, codec.encode_ok())
+        self._commands(tls, response)
+
+    def _scrambled(self, tls: ssl.SSLSocket, seq: int, response: codec.HandshakeResponse,
+                   login: Login) -> None:
+        """The scramble paths: checked against the password the test says is right."""
+        expected = self.expected_password or b""
+        if self.mode == "switch_native":
+            _send(tls, seq + 1, codec.encode_auth_switch(
+                codec.AuthSwitch(codec.NATIVE, SWITCH_NONCE + b"\0")))
+            seq, answer = _recv(tls)
+            right = expected and answer == codec.scramble_native(expected, SWITCH_NONCE)
+        else:
+            answer = response.auth_response
+            right = (expected and response.auth_plugin == codec.CACHING_SHA2
+                     and answer == codec.scramble_caching_sha2(expected, FAKE_NONCE))
+            if right:
+                seq += 1
+                _send(tls, seq, codec.encode_auth_more_data(codec.FAST_AUTH_OK))
+        login.password = answer
+        if not right:
+            login.problems = ["wrong scramble"]
             _send(tls, seq + 1, codec.encode_err(codec.Err(
                 codec.ER_ACCESS_DENIED, "28000",
                 f"Access denied for user '{response.user}'@'127.0.0.1' (using password: YES)")))
