@@ -237,3 +237,18 @@ def test_the_scramble_the_server_asks_for(keyless, fake, token, mode):
         db.ping()
     [login] = fake.logins
     assert login.accepted, login.problems
+
+
+def test_the_mariadb_command_line_client(keyless):
+    client = shutil.which("mariadb") or shutil.which("mysql")
+    if client is None:
+        pytest.fail("the mariadb client is missing: apt-get install -y mariadb-client")
+    done = subprocess.run(
+        [client, "--no-defaults", "-h", "127.0.0.1", "-P", str(keyless.maria_port),
+         "-u", APP_USER, f"-p{WRONG_PASSWORD}", "--skip-ssl", "-N", "-e",
+         "SELECT CURRENT_USER(); SHOW STATUS LIKE 'Ssl_cipher'"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0] == f"{APP_USER}@%"
+    assert lines[1].startswith("Ssl_cipher\t") and lines[1] != "Ssl_cipher\t"
