@@ -1,6 +1,6 @@
 """MySQL through keyless ÷ direct with the token, side by side in one run (mysqlslap).
 
-    python -m bench.mysql_bench [--rounds 3] [--json FILE]
+    python -m bench.mysql_bench [--rounds 3] [--json FILE] [--smoke]
 
 A real MariaDB (tests/support/mysql_server.py) with TLS for the Azure name and a user whose
 password is the token; a fake identity endpoint that hands keyless that token; keyless with a
@@ -9,7 +9,9 @@ password: what the app would do without keyless) and through keyless (plain TCP 
 a wrong password), alternating, `--rounds` times; the ratio of the medians is printed
 (> 1: keyless is faster). Every run is bounded by mysqlslap's own counts and a timeout.
 
-- steady:   8 clients, 1,000 `SELECT 1` each on one connection (keyless' relay cost);
+- steady:   8 clients, 1,000 `SELECT 1` each on one connection (keyless' relay cost per
+            round trip: two more sends and receives, the most a query can pay);
+- rows:     8 clients, 250 queries of 200 rows (~22 KB) each on one connection;
 - connect:  4 clients, a new connection for every query (`--detach=1`: the login cost,
             keyless' own TLS upstream, its token cache: one token fetch for the whole run).
 """
@@ -33,9 +35,12 @@ from tests.support.mysql_server import OSSRDBMS_RESOURCE, TEST_DATABASE, MariaDB
 
 HOST = "benchmysql.mysql.database.azure.com"
 USER = "bench_app"
+SELECT_1 = "SELECT 1"
+ROWS = "SELECT seq, REPEAT('x', 100) FROM seq_1_to_200"  # MariaDB's SEQUENCE engine
 SCENARIOS = {
-    "steady": ["--concurrency=8", "--number-of-queries=8000"],
-    "connect": ["--concurrency=4", "--number-of-queries=2000", "--detach=1"],
+    "steady": (SELECT_1, ["--concurrency=8", "--number-of-queries=8000"]),
+    "rows": (ROWS, ["--concurrency=8", "--number-of-queries=2000"]),
+    "connect": (SELECT_1, ["--concurrency=4", "--number-of-queries=2000", "--detach=1"]),
 }
 RUN_TIMEOUT = 300
 AVERAGE = re.compile(r"Average number of seconds to run all queries: ([0-9.]+) seconds")
@@ -48,10 +53,12 @@ def mysqlslap() -> str:
     return found
 
 
-def run(binary: str, port: int, password: str, tls: list[str], scenario: list[str]) -> float:
+def run(binary: str, port: int, password: str, tls: list[str],
+        scenario: tuple[str, list[str]]) -> float:
+    query, options = scenario
     command = [binary, "--no-defaults", "--host=127.0.0.1", f"--port={port}", f"--user={USER}",
                f"--password={password}", f"--create-schema={TEST_DATABASE}", "--no-drop",
-               "--query=SELECT 1", "--iterations=1", *tls, *scenario]
+               f"--query={query}", "--iterations=1", *tls, *options]
     done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     match = AVERAGE.search(done.stdout)
     if done.returncode != 0 or match is None:
@@ -60,12 +67,23 @@ def run(binary: str, port: int, password: str, tls: list[str], scenario: list[st
     return float(match.group(1))
 
 
+def smaller(option: str) -> str:
+    if option.startswith("--number-of-queries="):
+        return f"--number-of-queries={int(option.split('=')[1]) // 10}"
+    return option
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--smoke", action="store_true",
+                        help="one round of a tenth of the queries (the test suite's check)")
     args = parser.parse_args(argv)
+    scenarios = {name: (query, [smaller(option) for option in options])
+                 for name, (query, options) in SCENARIOS.items()} if args.smoke else SCENARIOS
+    rounds = 1 if args.smoke else args.rounds
     binary = mysqlslap()
     results: dict[str, dict[str, float | list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="keyless-mysql-bench-") as tmp, \
@@ -85,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             ], identity.env()).start()
             try:
                 direct_tls = [f"--ssl-ca={pki.ca_pem_path}", "--ssl-verify-server-cert"]
-                for name, scenario in SCENARIOS.items():
+                for name, scenario in scenarios.items():
                     direct, through = [], []
-                    for _ in range(args.rounds):
+                    for _ in range(rounds):
                         direct.append(run(binary, db.port, token, direct_tls, scenario))
                         through.append(run(binary, listen, "wrong-password", ["--skip-ssl"],
                                            scenario))
