@@ -26,7 +26,7 @@ from proxy.mysql import codec
 from tests.mysql.conftest import FAKE_HOST, MYSQL_HOST
 from tests.support.azurite import free_port
 from tests.support.identity_endpoint import FakeIdentityEndpoint, make_token
-from tests.support.keyless import KeylessProcess
+from tests.support.keyless import KeylessProcess, keyless_command
 from tests.support.mysql_server import OSSRDBMS_RESOURCE, TEST_DATABASE
 
 pytestmark = pytest.mark.e2e
@@ -252,3 +252,27 @@ def test_the_mariadb_command_line_client(keyless):
     lines = done.stdout.split("\n")
     assert lines[0] == f"{APP_USER}@%"
     assert lines[1].startswith("Ssl_cipher\t") and lines[1] != "Ssl_cipher\t"
+
+
+def test_keyless_check_logs_in_through_the_mysql_listener(tmp_path, pki, mariadb):
+    token = make_token(OSSRDBMS_RESOURCE)
+    mariadb.create_token_user("checked_app", token)
+    with FakeIdentityEndpoint() as identity:
+        identity.queue_tokens(OSSRDBMS_RESOURCE, token)
+
+        def check(user: str) -> subprocess.CompletedProcess[str]:
+            env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KEYLESS_")}
+            return subprocess.run(
+                [*keyless_command(), "check", "--confdir", str(tmp_path / "confdir"),
+                 "--mysql", f"{free_port()}={MYSQL_HOST}?user={user}",
+                 "--connect-to", f"{MYSQL_HOST}:3306:127.0.0.1:{mariadb.port}",
+                 "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}"],
+                env={**env, **identity.env()}, capture_output=True, text=True, timeout=120)
+
+        passed = check("checked_app")
+        assert passed.returncode == 0, passed.stdout + passed.stderr
+        assert "logged in with the token" in passed.stdout
+        refused = check("nobody_created_me")
+        assert refused.returncode != 0
+        assert "Access denied for user 'nobody_created_me'" in refused.stdout + refused.stderr
+    assert token not in passed.stdout + passed.stderr + refused.stdout + refused.stderr
