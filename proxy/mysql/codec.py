@@ -108,6 +108,11 @@ class PacketTooLarge(ProtocolError):
     """A length prefix above the limit: refused before any of the payload is read."""
 
 
+def unrelayable_choices(app_flags: int, server_flags: int) -> int:
+    """Flags the app chose that the server lacks and that change what relayed bytes mean."""
+    return app_flags & ~server_flags & ~LOGIN_ONLY
+
+
 FLAG_NAMES = {value: name.removeprefix("CLIENT_") for name, value in dict(globals()).items()
               if name.startswith("CLIENT_") and isinstance(value, int)}
 

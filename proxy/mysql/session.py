@@ -229,8 +229,7 @@ async def client_tls(conn: Connection, app: Side) -> None:
 async def require_compatible(conn: Connection, app: Side, response: HandshakeResponse,
                              greeting: codec.Handshake) -> None:
     """Blind greeting: the flags the app chose must mean the same to the server."""
-    missing = response.capabilities & ~greeting.capabilities & ~codec.LOGIN_ONLY
-    if missing:
+    if missing := codec.unrelayable_choices(response.capabilities, greeting.capabilities):
         await upstream_failed(conn, app, "the server lacks capabilities the app chose: "
                               f"{codec.flag_names(missing)}")
 

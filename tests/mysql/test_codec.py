@@ -154,6 +154,21 @@ def test_auth_response_per_plugin():
         codec.auth_response("client_ed25519", TOKEN, NONCE)
 
 
+def test_unrelayable_choices_of_a_blind_greeting():
+    pymysql_flags = (codec.CLIENT_LONG_PASSWORD | codec.CLIENT_LONG_FLAG | codec.CLIENT_PROTOCOL_41
+                     | codec.CLIENT_TRANSACTIONS | codec.CLIENT_SECURE_CONNECTION
+                     | codec.CLIENT_MULTI_RESULTS | codec.CLIENT_PLUGIN_AUTH
+                     | codec.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA | codec.CLIENT_CONNECT_ATTRS)
+    mariadb = 0x81FFFFFE  # MariaDB 10.11's flags: no CLIENT_LONG_PASSWORD ("not MySQL")
+    assert codec.unrelayable_choices(pymysql_flags, mariadb) == 0
+    assert codec.unrelayable_choices(codec.OFFERED_BLIND, mariadb) == 0
+    old = mariadb & ~codec.CLIENT_DEPRECATE_EOF & ~codec.CLIENT_CONNECT_ATTRS
+    missing = codec.unrelayable_choices(pymysql_flags | codec.CLIENT_DEPRECATE_EOF, old)
+    assert missing == codec.CLIENT_DEPRECATE_EOF  # attributes only shape the login
+    assert codec.flag_names(missing) == "DEPRECATE_EOF"
+    assert not codec.OFFERED_BLIND & codec.NOT_RELAYABLE
+
+
 DECODERS = [codec.decode_handshake, codec.decode_handshake_response, codec.decode_auth_switch,
             codec.decode_ok, codec.decode_err, codec.decode_auth_more_data]
 
