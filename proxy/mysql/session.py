@@ -31,6 +31,7 @@ from proxy.listeners.relay import relay
 from proxy.listeners.upstream import UpstreamError
 from proxy.mysql import codec
 from proxy.mysql.codec import Err, HandshakeResponse, ProtocolError
+from proxy.mysql.commands import AppCommands
 from proxy.mysql.tls import TLSReader, TLSWriter, UpgradableWriter
 from proxy.redact import redact
 from proxy.tokens import TokenUnavailable
@@ -103,7 +104,10 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
             if conn.audit:
                 response = await resync_scramble(conn, app, response, greeting)
         if await login(conn, app, server, greeting, response):
-            await relay(conn, app.streams, server.streams)
+            reader, writer = app.streams
+            if not conn.audit:  # a new login on the connection would carry the app's password
+                reader = cast(asyncio.StreamReader, AppCommands(reader, writer, conn.peer))
+            await relay(conn, (reader, writer), server.streams)
     except Failed:
         pass
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:

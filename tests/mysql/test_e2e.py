@@ -276,3 +276,30 @@ def test_keyless_check_logs_in_through_the_mysql_listener(tmp_path, pki, mariadb
         assert refused.returncode != 0
         assert "Access denied for user 'nobody_created_me'" in refused.stdout + refused.stderr
     assert token not in passed.stdout + passed.stderr + refused.stdout + refused.stderr
+
+
+def test_change_user_is_refused_and_the_session_goes_on(keyless):
+    """COM_CHANGE_USER would carry the app's own password upstream: keyless answers it."""
+    def packet(sock: socket.socket) -> tuple[int, bytes]:
+        length, seq = codec.decode_header(sock.recv(4, socket.MSG_WAITALL))
+        return seq, sock.recv(length, socket.MSG_WAITALL)
+
+    with socket.create_connection(("127.0.0.1", keyless.maria_port), timeout=20) as sock:
+        _, greeting = packet(sock)
+        flags = (codec.CLIENT_PROTOCOL_41 | codec.CLIENT_SECURE_CONNECTION
+                 | codec.CLIENT_PLUGIN_AUTH | codec.CLIENT_CONNECT_WITH_DB)
+        hello = codec.HandshakeResponse(
+            flags, 1 << 24, 45, APP_USER,
+            codec.scramble_native(WRONG_PASSWORD.encode(), codec.decode_handshake(greeting).nonce),
+            TEST_DATABASE, codec.NATIVE)
+        sock.sendall(codec.encode_packet(1, codec.encode_handshake_response(hello)))
+        assert packet(sock)[1][:1] == b"\x00"
+        secret = b"the-apps-own-password"
+        sock.sendall(codec.encode_packet(0, b"\x11root\0" + bytes((len(secret) + 1,)) + secret
+                                         + b"\0" + TEST_DATABASE.encode() + b"\0" + b"\x2d\x00"
+                                         + b"mysql_clear_password\0"))
+        seq, answer = packet(sock)
+        assert seq == 1 and codec.decode_err(answer).code == 1235
+        sock.sendall(codec.encode_packet(0, b"\x03SELECT CURRENT_USER()"))
+        replies = [packet(sock)[1] for _ in range(4)]  # count, column, EOF, row
+        assert replies[3] == codec.lenenc_bytes(f"{APP_USER}@%".encode())
