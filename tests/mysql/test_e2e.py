@@ -301,5 +301,8 @@ def test_change_user_is_refused_and_the_session_goes_on(keyless):
         seq, answer = packet(sock)
         assert seq == 1 and codec.decode_err(answer).code == 1235
         sock.sendall(codec.encode_packet(0, b"\x03SELECT CURRENT_USER()"))
-        replies = [packet(sock)[1] for _ in range(4)]  # count, column, EOF, row
+        replies = [packet(sock)[1] for _ in range(5)]  # count, column, EOF, row, EOF
         assert replies[3] == codec.lenenc_bytes(f"{APP_USER}@%".encode())
+        sock.sendall(codec.encode_packet(0, b"\x1f"))  # COM_RESET_CONNECTION: relayed
+        seq, reset = packet(sock)
+        assert seq == 1 and reset[:1] == b"\x00"
