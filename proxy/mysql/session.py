@@ -110,6 +110,9 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
             await relay(conn, (reader, writer), server.streams)
     except Failed:
         pass
+    except ProtocolError as exc:  # the server's side of the login made no sense
+        await app.error(2013, "HY000", f"KeylessUpstreamFailed: {exc}")
+        conn.login("upstream_failed")
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
         logger.info("mysql connection from %s ended during the login: %s", conn.peer,
                     type(exc).__name__)

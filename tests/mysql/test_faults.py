@@ -124,6 +124,19 @@ def test_server_without_tls_gets_no_token(keyless, fake):
     assert fake.logins == []
 
 
+def test_a_plugin_no_token_can_answer(keyless, fake, bystander):
+    fake.mode = "ed25519"
+    before = logins(keyless, "upstream_failed")
+    with pytest.raises(pymysql.err.OperationalError) as failed:
+        app_connect(keyless.ports["fake"])
+    assert "KeylessUpstreamFailed" in failed.value.args[1]
+    assert "client_ed25519" in failed.value.args[1]
+    assert logins(keyless, "upstream_failed") == before + 1
+    assert fake.logins[-1].password == b""  # keyless sent nothing for it
+    fake.mode = "clear"
+    still_serving(keyless, bystander)
+
+
 def test_unverifiable_upstream_certificate_gets_no_token(keyless, fake):
     with pytest.raises(pymysql.err.OperationalError) as failed:
         app_connect(keyless.ports["badcert"])

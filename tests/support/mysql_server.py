@@ -149,8 +149,9 @@ def _user() -> str:
 # sha2_fast: the caching_sha2 scramble checked against `expected_password`, 0x01 0x03, OK;
 # switch_native: AuthSwitch to mysql_native_password with a new nonce, scramble checked;
 # refuse: ERR 1045 whatever comes; reset: closed after the response; no_tls: no CLIENT_SSL.
+# ed25519: AuthSwitch to MariaDB's client_ed25519, which no token can answer.
 FakeMode = Literal["clear", "caching_sha2", "sha2_fast", "switch_native", "refuse", "reset",
-                   "no_tls"]
+                   "no_tls", "ed25519"]
 
 FAKE_CAPABILITIES = (
     codec.CLIENT_LONG_PASSWORD | codec.CLIENT_FOUND_ROWS | codec.CLIENT_LONG_FLAG
@@ -259,6 +260,12 @@ class FakeMySQLServer:
             self.logins.append(login)
         if mode == "reset":
             tls.close()
+            return
+        if mode == "ed25519":
+            _send(tls, seq + 1, codec.encode_auth_switch(
+                codec.AuthSwitch("client_ed25519", SWITCH_NONCE[:32] + b"\0")))
+            with contextlib.suppress(OSError, codec.ProtocolError):
+                _, login.password = _recv(tls)  # nothing should come
             return
         if mode in ("sha2_fast", "switch_native"):
             self._scrambled(tls, seq, response, login)
