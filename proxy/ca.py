@@ -323,7 +323,9 @@ def configured_zones(settings: Settings) -> tuple[str, ...]:
         zones = settings.catalog().permitted_zones()
     except ValueError as exc:
         raise CAError(str(exc)) from None
-    return fold_zones([*zones, *(host for _, host in settings.reverse)])
+    # Listeners that offer TLS to the app show it a leaf for their upstream's name.
+    listener_hosts = [spec.upstream[0] for spec in settings.listeners if spec.client_tls]
+    return fold_zones([*zones, *(host for _, host in settings.reverse), *listener_hosts])
 
 
 def prepare_ca_for(settings: Settings, replace: bool = True) -> Path:

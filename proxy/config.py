@@ -22,6 +22,7 @@ from typing import Any
 
 from proxy.catalog import Catalog, Service, builtin_services
 from proxy.connect_to import ConnectTo
+from proxy.listeners.spec import ListenerSpec, parse_listener, parse_protocol_routes
 from proxy.routes import parse_routes
 
 HostPort = tuple[str, int]
@@ -149,6 +150,21 @@ FLAGS: tuple[Flag, ...] = (
          "Reverse mode: serve plain HTTP on 127.0.0.1:PORT and forward to the Azure endpoint "
          "URL (https://HOST), converting as in forward mode; the app needs no proxy setting "
          "and no CA. Repeatable.", repeatable=True),
+    Flag("postgres", "[ADDR:]PORT=HOST[:PORT][?OPTS]", (), str,
+         "A PostgreSQL listener: apps connect to ADDR:PORT (default 127.0.0.1) with any "
+         "password; keyless logs in to HOST (an Azure Database for PostgreSQL server, port "
+         "5432) over verified TLS with the identity's Entra token. OPTS: user=NAME (log in "
+         "as NAME, not the app's user), client-id=GUID (a user-assigned identity), "
+         "client-tls=true (offer TLS to the app with keyless' CA). Repeatable.",
+         repeatable=True),
+    Flag("mysql", "[ADDR:]PORT=HOST[:PORT][?OPTS]", (), str,
+         "A MySQL listener, as --postgres, for Azure Database for MySQL (port 3306). "
+         "Repeatable.", repeatable=True),
+    Flag("redis", "[ADDR:]PORT=HOST[:PORT][?OPTS]", (), str,
+         "A Redis listener for Azure Cache for Redis (port 6380) or Azure Managed Redis "
+         "(*.redis.azure.net, port 10000): the app's AUTH becomes AUTH <oid> <token>, and "
+         "live connections re-authenticate before the token expires. OPTS: user=OID (instead "
+         "of the token's oid claim), client-id=GUID. Repeatable.", repeatable=True),
     Flag("transparent", "BOOL", "false", parse_bool,
          "Transparent mode: --listen receives connections redirected by iptables (see "
          "`keyless iptables`) instead of proxy requests.", switch=True),
@@ -210,6 +226,9 @@ class Settings:
     ca_validity: float
     drain_timeout: float
     reverse: tuple[tuple[int, str], ...]
+    postgres: tuple[str, ...]
+    mysql: tuple[str, ...]
+    redis: tuple[str, ...]
     transparent: bool
     connect_to: tuple[ConnectTo, ...]
     set: tuple[tuple[str, str], ...]
@@ -226,6 +245,7 @@ class Settings:
     log_level: str
     log_format: str
     routes: tuple[Service, ...] = ()
+    listeners: tuple[ListenerSpec, ...] = ()
 
     def catalog(self) -> Catalog:
         services = builtin_services(self.maps_client_id, self.keyvault_swap_bearer)
@@ -313,15 +333,43 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
     if not isinstance(routes, list):
         raise ConfigError(f"{config_path}: route must be an array of tables ([[route]])")
     try:
-        settings = replace(settings, routes=parse_routes(routes, settings.catalog()))
+        http_routes, routed_hosts = parse_protocol_routes(routes)
+        settings = replace(settings, routes=parse_routes(http_routes, settings.catalog()))
     except ValueError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
+    settings = replace(settings, listeners=listener_specs(settings, routed_hosts))
     catalog = settings.catalog()
     for port, host in settings.reverse:
         if not catalog.intercepts(host):
             raise ConfigError(f"--reverse {port}={host}: not an Azure host keyless knows "
                               "(add a [[route]] for it)")
     return settings
+
+
+def listener_specs(settings: Settings, routed_hosts: Mapping[str, frozenset[str]]
+                   ) -> tuple[ListenerSpec, ...]:
+    specs: list[ListenerSpec] = []
+    for protocol in ("postgres", "mysql", "redis"):
+        for text in getattr(settings, protocol):
+            try:
+                specs.append(parse_listener(protocol, text, routed_hosts.get(protocol,
+                                                                            frozenset())))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    taken = {settings.listen[1]: "--listen", settings.admin[1]: "--admin",
+             **{port: "--reverse" for port, _ in settings.reverse}}
+    for spec in specs:
+        port = spec.listen[1]
+        if port in taken:
+            raise ConfigError(f"--{spec.protocol} {spec.listen[0]}:{port}: port {port} is "
+                              f"already used by {taken[port]}")
+        taken[port] = f"--{spec.protocol}"
+        if not spec.loopback and not settings.allow_clients:
+            raise ConfigError(
+                f"refusing to listen on {spec.listen[0]}:{port} for {spec.protocol} off "
+                "loopback without --allow-clients: anyone who reaches it could log in with "
+                "this identity's token")
+    return tuple(specs)
 
 
 def check_not_open_proxy(settings: Settings) -> None:

@@ -103,6 +103,38 @@ ADDED_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+LISTENER_CONNECTIONS = Counter(
+    "keyless_listener_connections",
+    "App connections accepted by a database/cache listener (listener = protocol:port).",
+    ["listener", "protocol"],
+    registry=REGISTRY,
+)
+LISTENER_OPEN = Gauge(
+    "keyless_listener_open_connections",
+    "App connections a database/cache listener holds open now.",
+    ["listener", "protocol"],
+    registry=REGISTRY,
+)
+LISTENER_LOGINS = Counter(
+    "keyless_listener_logins",
+    "Upstream logins by a listener, by result: converted (logged in with the token), "
+    "token_unavailable, upstream_refused (the server refused the token), upstream_failed "
+    "(unreachable, TLS, reset), client_error (bad input from the app), audited.",
+    ["listener", "protocol", "result"],
+    registry=REGISTRY,
+)
+LISTENER_REAUTHS = Counter(
+    "keyless_listener_reauths",
+    "Re-authentications of live connections with a fresh token (Redis), by result.",
+    ["listener", "result"],
+    registry=REGISTRY,
+)
+LISTENER_BYTES = Counter(
+    "keyless_listener_bytes",
+    "Bytes a listener relayed, by direction (to_upstream, to_client).",
+    ["listener", "direction"],
+    registry=REGISTRY,
+)
 
 CA_EXPIRY = Gauge(
     "keyless_ca_expiry_timestamp_seconds",

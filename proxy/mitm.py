@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -39,6 +40,9 @@ from proxy.connect_to import ConnectToTable
 from proxy.dial import AppDialer
 from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
+from proxy.listeners.connection import ClientTLS, Shared
+from proxy.listeners.server import Listener, Listeners, ListenerStartError
+from proxy.listeners.upstream import UpstreamDialer, UpstreamError, upstream_tls_context
 from proxy.redact import redact
 from proxy.relay import UpstreamRelay
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
@@ -112,6 +116,29 @@ def redact_mitmproxy_error_pages() -> None:
     _http1.make_error_response = redacted
 
 
+def build_listeners(settings: Settings, tokens: TokenCache, calls: CallLog,
+                    dialer: AppDialer) -> Listeners:
+    """The --postgres/--mysql/--redis listeners (proxy/listeners/), sharing the token cache,
+    the app dialer (--connect-to, deny list) and mitmproxy's upstream trust options."""
+    try:
+        trust = upstream_tls_context(settings.set)
+    except UpstreamError as exc:
+        raise StartupError(str(exc)) from None
+    shared = Shared(tokens, UpstreamDialer(dialer, trust), calls,
+                    ClientTLS(settings.confdir / CA_KEY_AND_CERT), audit=settings.audit)
+    return Listeners([
+        Listener(dataclasses.replace(spec, identity=listener_identity(spec.identity)), shared,
+                 settings.allow_clients)
+        for spec in settings.listeners])
+
+
+def app_dialer(settings: Settings, guard: DenyDestinations) -> AppDialer:
+    # The one way keyless connects for the app (--connect-to, one resolution, deny list);
+    # keyless' own traffic (Entra tokens) never goes through it.
+    return AppDialer(ConnectToTable(settings.connect_to), guard.denied,
+                     own_port=settings.admin[1])
+
+
 def build_master(settings: Settings, tokens: TokenCache, health: Health,
                  calls: CallLog) -> master.Master:
     redact_mitmproxy_error_pages()
@@ -123,10 +150,7 @@ def build_master(settings: Settings, tokens: TokenCache, health: Health,
     m.addons.add(ClientAllowlist(settings.allow_clients), guard)
     m.addons.add(InterceptOnlyAzure(catalog))
     m.addons.add(*mitm_addons.default_addons())
-    # The one way keyless connects for the app (--connect-to, one resolution, deny list);
-    # keyless' own traffic (Entra tokens) never goes through it.
-    dialer = AppDialer(ConnectToTable(settings.connect_to), guard.denied,
-                       own_port=settings.admin[1])
+    dialer = app_dialer(settings, guard)
     upstream = UpstreamPool(dialer)  # pooled requests and 401 replays
     m.addons.add(errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
                  # after mitmproxy's TlsConfig: the app sees a leaf for its host alone
@@ -178,14 +202,27 @@ def default_identity() -> Identity:
     return Identity(os.environ.get("AZURE_CLIENT_ID") or None)
 
 
-async def warm_up(tokens: TokenCache, scopes: tuple[str, ...]) -> None:
-    """Fetch the --ready-scopes tokens at start (retrying), so /readyz can wait for them."""
-    pending = list(scopes)
+def ready_keys(settings: Settings) -> set[tuple[Identity, str]]:
+    """The tokens /readyz waits for: each --ready-scopes scope for the default identity, and
+    for every listener whose scope it names, that listener's identity."""
+    keys = {(default_identity(), scope) for scope in settings.ready_scopes}
+    keys |= {(listener_identity(spec.identity), spec.scope) for spec in settings.listeners
+             if spec.scope in settings.ready_scopes}
+    return keys
+
+
+def listener_identity(identity: Identity) -> Identity:
+    return identity if identity.client_id else default_identity()
+
+
+async def warm_up(tokens: TokenCache, keys: set[tuple[Identity, str]]) -> None:
+    """Fetch the readiness tokens at start (retrying), so /readyz can wait for them."""
+    pending = sorted(keys, key=lambda key: (key[0].label, key[1]))
     while pending:
-        for scope in list(pending):
+        for identity, scope in list(pending):
             try:
-                await tokens.get(default_identity(), scope)
-                pending.remove(scope)
+                await tokens.get(identity, scope)
+                pending.remove((identity, scope))
             except TokenUnavailable as exc:
                 logger.warning("not ready yet: %s", exc)
         if pending:
@@ -209,12 +246,14 @@ async def serve(settings: Settings) -> int:
         source, expiry_margin=settings.token_margin, wait_timeout=settings.token_timeout,
         forget=source.forget,
     )
-    cached = {(default_identity(), scope) for scope in settings.ready_scopes}
+    cached = ready_keys(settings)
     health = Health(tokens_ready=lambda: cached <= set(tokens.peek()))
     calls = CallLog(settings.confdir / STATE_FILE)
     collector = metrics.TokenExpiryCollector(tokens.peek, time.time)
     metrics.REGISTRY.register(collector)
     proxy_master = build_master(settings, tokens, health, calls)
+    guard = proxy_master.addons.get("denydestinations")
+    listeners = build_listeners(settings, tokens, calls, app_dialer(settings, guard))
     try:
         report_token = read_admin_token(settings.admin_token_file)
     except AdminTokenError as exc:
@@ -228,9 +267,16 @@ async def serve(settings: Settings) -> int:
             f"cannot listen on admin address {settings.admin[0]}:{settings.admin[1]}: "
             f"{exc.strerror}"
         ) from None
+    try:
+        await listeners.start()
+    except ListenerStartError as exc:
+        await listeners.stop()
+        await admin.stop()
+        raise StartupError(str(exc)) from None
     loop = asyncio.get_running_loop()
+    http_in_flight = proxy_master.addons.get("reporthealth").in_flight
     drain = Drain(proxy_master, health, settings.drain_timeout,
-                  proxy_master.addons.get("reporthealth").in_flight)
+                  lambda: http_in_flight() + listeners.in_flight, listeners)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drain.start)
     logger.info(
@@ -238,13 +284,14 @@ async def serve(settings: Settings) -> int:
         *settings.listen, *settings.admin, settings.confdir / "mitmproxy-ca-cert.pem",
     )
     background = [asyncio.create_task(save_periodically(calls)),
-                  asyncio.create_task(warm_up(tokens, settings.ready_scopes))]
+                  asyncio.create_task(warm_up(tokens, cached))]
     try:
         await proxy_master.run()
     finally:
         health.listening = False
         for task in background:
             task.cancel()
+        await listeners.stop()
         calls.save()
         metrics.REGISTRY.unregister(collector)
         await admin.stop()
@@ -258,9 +305,10 @@ class Drain:
     then stop. A second signal stops at once."""
 
     def __init__(self, proxy_master: master.Master, health: Health, timeout: float,
-                 in_flight: Callable[[], int]) -> None:
+                 in_flight: Callable[[], int], listeners: Listeners | None = None) -> None:
         self.master, self.health, self.timeout = proxy_master, health, timeout
         self.in_flight = in_flight
+        self.listeners = listeners
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -269,11 +317,14 @@ class Drain:
             self.master.shutdown()
             return
         self.health.draining = True
+        if self.listeners is not None:
+            self.listeners.stop_accepting()
         self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.timeout
-        logger.info("draining: %d request(s) in flight, up to %gs", self.in_flight(),
+        logger.info("draining: %d request(s)/connection(s) in flight, up to %gs",
+                    self.in_flight(),
                     self.timeout)
         while self.in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

@@ -90,13 +90,18 @@ class TokenCache:
 
     async def get(self, identity: Identity, scope: str) -> str:
         """A token valid for more than the margin, from the cache or a (shared) fetch."""
+        return (await self.get_token(identity, scope)).value
+
+    async def get_token(self, identity: Identity, scope: str) -> Token:
+        """`get` with the token's expiry and refresh time (a listener schedules its
+        re-authentication by them)."""
         key = (identity, scope)
         token = self._cache.get(key)
         if token is not None:
             metrics.TOKEN_CACHE.labels(result="hit").inc()
             if self._clock() >= token.refresh_on:
                 self._refresh(key)
-            return token.value
+            return token
         metrics.TOKEN_CACHE.labels(result="miss").inc()
         task = self._inflight.get(key) or self._start_fetch(key)
         try:
@@ -106,7 +111,7 @@ class TokenCache:
                 f"no token for scope {scope} (identity {identity.label}) "
                 f"within {self._wait_timeout:g}s"
             ) from None
-        return token.value
+        return token
 
     def invalidate(self, identity: Identity, scope: str, min_interval: float = 30.0) -> bool:
         """Forget a token the service rejected, so the next request fetches afresh.

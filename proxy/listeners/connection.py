@@ -1,0 +1,141 @@
+"""The one record per client connection a listener accepted, and what a session may ask of it.
+
+A protocol session (`proxy/<protocol>/session.py serve(conn, reader, writer)`) gets its token,
+its upstream and its TLS contexts from here, and reports what happened through it, so the
+metrics, logs and audit records look the same for every protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cachetools import TTLCache
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from proxy import metrics
+from proxy.audit import CallKey, CallLog
+from proxy.ca import leaf_certificate
+from proxy.listeners.spec import ListenerSpec
+from proxy.listeners.upstream import Streams, UpstreamDialer
+from proxy.redact import redact
+from proxy.tokens import Token, TokenCache
+
+logger = logging.getLogger("proxy.listeners")
+LOGIN_RESULTS = ("converted", "token_unavailable", "upstream_refused", "upstream_failed",
+                 "client_error", "audited")
+
+
+class ClientTLS:
+    """Server-side TLS contexts for apps that ask a listener for TLS (`client-tls=true`): a
+    leaf for the Azure host from keyless' CA, the one the app already trusts for HTTPS."""
+
+    def __init__(self, ca_file: Path) -> None:
+        self.ca_file = ca_file
+        self._contexts: TTLCache[str, ssl.SSLContext] = TTLCache(64, ttl=24 * 3600)
+
+    def context(self, host: str) -> ssl.SSLContext:
+        context = self._contexts.get(host)
+        if context is None:
+            context = self._contexts[host] = self._build(host)
+        return context
+
+    def _build(self, host: str) -> ssl.SSLContext:
+        raw = self.ca_file.read_bytes()
+        key = serialization.load_pem_private_key(raw, None)
+        ca = x509.load_pem_x509_certificate(raw)
+        leaf = leaf_certificate(key, ca, host,  # type: ignore[arg-type]
+                                datetime.datetime.now(datetime.UTC))
+        pem = (leaf.public_bytes(serialization.Encoding.PEM)
+               + ca.public_bytes(serialization.Encoding.PEM)
+               + key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # load_cert_chain reads files only: a private temporary file, removed at once
+        fd, path = tempfile.mkstemp(prefix=".keyless-leaf-", suffix=".pem")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(pem)
+            context.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+        return context
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What every connection of every listener shares (built once in serve)."""
+
+    tokens: TokenCache
+    dialer: UpstreamDialer
+    calls: CallLog
+    client_tls: ClientTLS
+    audit: bool = False
+
+
+@dataclass(slots=True)
+class Connection:
+    spec: ListenerSpec
+    peer: str
+    shared: Shared = field(repr=False)
+
+    @property
+    def audit(self) -> bool:
+        return self.shared.audit
+
+    async def token(self) -> Token:
+        """The identity's token for the listener's scope (raises TokenUnavailable)."""
+        return await self.shared.tokens.get_token(self.spec.identity, self.spec.scope)
+
+    async def open_upstream(self, tls: bool) -> Streams:
+        return await self.shared.dialer.open(*self.spec.upstream, tls=tls)
+
+    async def start_upstream_tls(self, writer: asyncio.StreamWriter) -> None:
+        await self.shared.dialer.start_tls(writer, self.spec.upstream[0])
+
+    def client_tls_context(self) -> ssl.SSLContext:
+        return self.shared.client_tls.context(self.spec.upstream[0])
+
+    def login(self, result: str) -> None:
+        if result not in LOGIN_RESULTS:
+            raise ValueError(f"unknown login result {result!r}")
+        metrics.LISTENER_LOGINS.labels(listener=self.spec.name, protocol=self.spec.protocol,
+                                       result=result).inc()
+        level = logging.INFO if result in ("converted", "audited") else logging.WARNING
+        logger.log(level, "%s login for %s to %s: %s", self.spec.protocol, self.peer,
+                   self.spec.upstream[0], result)
+
+    def reauth(self, result: str) -> None:
+        if result not in ("ok", "failed"):
+            raise ValueError(f"unknown re-auth result {result!r}")
+        metrics.LISTENER_REAUTHS.labels(listener=self.spec.name, result=result).inc()
+        if result == "failed":
+            logger.warning("%s re-authentication for %s to %s failed", self.spec.protocol,
+                           self.peer, self.spec.upstream[0])
+
+    def refused(self, message: str, fix: str) -> None:
+        """The upstream refused keyless' token login: say why and what fixes it."""
+        metrics.LISTENER_LOGINS.labels(listener=self.spec.name, protocol=self.spec.protocol,
+                                       result="upstream_refused").inc()
+        logger.warning("%s at %s refused the Entra login of identity %s: %s. Fix: %s",
+                       self.spec.protocol, self.spec.upstream[0], self.spec.identity.label,
+                       redact(message, limit=500), fix)
+
+    def record_password_login(self, user: str) -> None:
+        """--audit: the app logged in with a password; `keyless report` plans its migration."""
+        host = self.spec.upstream[0]
+        self.shared.calls.record(CallKey(
+            service=self.spec.protocol, resource=host.split(".", 1)[0], host=host,
+            scheme="password", operation="login", identity=self.spec.identity.label,
+            handled="audited"))
+        logger.info("audit: %s password login as %r to %s", self.spec.protocol, user[:64], host)

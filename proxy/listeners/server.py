@@ -1,0 +1,140 @@
+"""The listeners' servers: accept, check the client, run the protocol session, count, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from proxy import metrics
+from proxy.listeners.connection import Connection, Shared
+from proxy.listeners.spec import ListenerSpec
+from proxy.redact import redact
+
+logger = logging.getLogger("proxy.listeners")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Session = Callable[[Connection, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class ListenerStartError(Exception):
+    pass
+
+
+def session_for(protocol: str) -> Session:
+    """`proxy/<protocol>/session.py serve`: each protocol's code lives in its own package."""
+    module = importlib.import_module(f"proxy.{protocol}.session")
+    serve: Session = module.serve
+    return serve
+
+
+class Listener:
+    def __init__(self, spec: ListenerSpec, shared: Shared, allow: Iterable[Network] = (),
+                 session: Session | None = None) -> None:
+        self.spec, self.shared = spec, shared
+        self.allow = tuple(allow)
+        self.session = session or session_for(spec.protocol)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.open_gauge = metrics.LISTENER_OPEN.labels(listener=spec.name,
+                                                       protocol=spec.protocol)
+        self.accepted = metrics.LISTENER_CONNECTIONS.labels(listener=spec.name,
+                                                            protocol=spec.protocol)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        host, port = self.spec.listen
+        try:
+            self._server = await asyncio.start_server(self._accept, host, port,
+                                                      limit=256 * 1024, reuse_address=True)
+        except OSError as exc:
+            raise ListenerStartError(
+                f"--{self.spec.protocol}: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        logger.info("%s listener on %s:%s for %s:%s (identity %s)", self.spec.protocol, host,
+                    port, *self.spec.upstream, self.spec.identity.label)
+
+    def allowed(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return address.is_loopback or any(address in network for network in self.allow)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername") or ("?", 0)
+        if not self.allowed(str(peername[0])):
+            logger.warning("%s listener refused client %s: not in --allow-clients",
+                           self.spec.name, peername[0])
+            writer.close()
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.accepted.inc()
+        self.open_gauge.inc()
+        conn = Connection(self.spec, f"{peername[0]}:{peername[1]}", self.shared)
+        try:
+            await self.session(conn, reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # one bad connection never stops the listener
+            logger.warning("%s connection from %s ended with an error: %s", self.spec.name,
+                           conn.peer, redact(f"{type(exc).__name__}: {exc}", limit=300))
+        finally:
+            self._tasks.discard(task)
+            self.open_gauge.dec()
+            writer.close()
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def stop(self) -> None:
+        self.stop_accepting()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+class Listeners:
+    """All configured listeners, started and drained together."""
+
+    def __init__(self, listeners: list[Listener]) -> None:
+        self.listeners = listeners
+
+    @property
+    def in_flight(self) -> int:
+        return sum(listener.in_flight for listener in self.listeners)
+
+    async def start(self) -> None:
+        for listener in self.listeners:
+            await listener.start()
+
+    def stop_accepting(self) -> None:
+        for listener in self.listeners:
+            listener.stop_accepting()
+
+    async def drain(self, deadline: float) -> None:
+        """Refuse new connections; let open ones finish until `deadline` (monotonic)."""
+        self.stop_accepting()
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        for listener in self.listeners:
+            await listener.stop()
