@@ -201,23 +201,22 @@ class ReplyScanner:
 
 # -- client commands ---------------------------------------------------------------------------
 
-# Commands whose arguments keyless reads (all of them) and may rewrite; they are held until
-# complete. Every other command streams through once its name is known.
-CAPTURE_ALL = frozenset((b"auth", b"hello"))
+# Commands whose arguments keyless reads (all of them) and may rewrite or act on (AUTH, HELLO,
+# CLIENT REPLY); they are held until complete. Every other command streams through once its
+# name is known.
+CAPTURE_ALL = frozenset((b"auth", b"hello", b"client"))
 MAX_CAPTURE = 64 * 1024  # an AUTH or HELLO longer than this is not a login
 MAX_NAME = 64 * 1024  # a first argument longer than this is no command name keyless knows
-CAPTURE_FIRST = 3  # of any other command, keep this many short arguments (CLIENT REPLY OFF)
-CAPTURE_SHORT = 64
 
 
 @dataclass(slots=True)
 class Command:
     """A complete client command and what keyless needs of it.
 
-    `args` holds every argument after the name for AUTH and HELLO; for other commands only the
-    first few short ones (`argc` counts the name and all arguments). `raw` is set when the
-    command was held back (AUTH, HELLO, inline commands): its exact bytes, which the caller
-    forwards or replaces; other commands' bytes are in the scanner's pass-through slices.
+    `args` holds every argument after the name for held commands (AUTH, HELLO, CLIENT, inline
+    ones), none for others (`argc` counts the name and all arguments). `raw` is set when the
+    command was held back: its exact bytes, which the caller forwards or replaces; other
+    commands' bytes follow their `Command` in the scanner's pass-through slices.
     """
 
     name: bytes  # lower-case; b"" for an empty command (no reply) or an unknown long name
@@ -230,18 +229,14 @@ class Command:
 class _Streaming:
     """The rest of a command whose bytes stream through: count its bulk strings."""
 
-    __slots__ = ("arg", "argc", "args", "bulks_left", "crlf", "header", "mode", "name", "skip")
+    __slots__ = ("bulks_left", "crlf", "header", "mode", "skip")
 
-    def __init__(self, name: bytes, argc: int, args: list[bytes], bulks_left: int) -> None:
-        self.name = name
-        self.argc = argc
-        self.args = args
+    def __init__(self, bulks_left: int) -> None:
         self.bulks_left = bulks_left
         self.mode = 0  # 0 bulk header, 1 payload, 2 CRLF
         self.header = b""
         self.skip = 0
         self.crlf = 0
-        self.arg: bytearray | None = None
 
     def advance(self, data: bytes, pos: int) -> int:
         """Consume `data` from `pos`; the offset just past the command's end, or -1."""
@@ -259,14 +254,10 @@ class _Streaming:
                 pos = nl + 1
                 length = _bulk_header(header)
                 self.skip = length
-                keep = len(self.args) < CAPTURE_FIRST and length <= CAPTURE_SHORT
-                self.arg = bytearray() if keep else None
                 self.mode = 1 if length else 2
                 self.crlf = 0
             elif self.mode == 1:
                 take = min(self.skip, size - pos)
-                if self.arg is not None:
-                    self.arg += data[pos:pos + take]
                 self.skip -= take
                 pos += take
                 if self.skip == 0:
@@ -279,9 +270,6 @@ class _Streaming:
                 if self.crlf == 2:
                     self.crlf = 0
                     self.mode = 0
-                    if self.arg is not None:
-                        self.args.append(bytes(self.arg))
-                        self.arg = None
                     self.bulks_left -= 1
                     if self.bulks_left == 0:
                         return pos
@@ -300,11 +288,11 @@ def _bulk_header(header: bytes) -> int:
 class CommandScanner:
     """Client commands in a byte stream: multibulk arrays of bulk strings, or inline lines.
 
-    `feed(data)` returns, in stream order, `bytes` to forward as they are and `Command`s
-    (each after its own bytes, or carrying them in `raw` when held). The caller forwards the
-    bytes, and for a held command its `raw` or a replacement. Bytes of a command whose name is
-    not known yet are carried over to the next feed, so nothing of an AUTH or HELLO is ever in
-    the pass-through bytes.
+    `feed(data)` returns, in stream order, `bytes` to forward as they are and `Command`s: a
+    held command carries its bytes in `raw`; any other comes just before its own bytes (so the
+    caller may put something in front of it). Bytes of a command whose name is not known yet
+    are carried over to the next feed, so nothing of an AUTH or HELLO is ever in the
+    pass-through bytes.
     """
 
     def __init__(self) -> None:
@@ -327,11 +315,9 @@ class CommandScanner:
             end = self._stream.advance(data, 0)
             if end < 0:
                 return [data]
-            stream, self._stream = self._stream, None
-            out.append(data[:end])
-            out.append(Command(stream.name, stream.argc, stream.args))
+            self._stream = None
             pos = end
-        forward_from = pos  # start of pass-through bytes not yet put in `out`
+        forward_from = 0  # start of pass-through bytes not yet put in `out`
         while pos < size:
             if data[pos] == 42:  # "*"
                 result = self._multibulk(data, pos)
@@ -341,16 +327,16 @@ class CommandScanner:
                     self._carry = data[pos:]
                     return out
                 command, end = result
+                if forward_from < pos:
+                    out.append(data[forward_from:pos])
+                out.append(command)
                 if command.raw:
-                    if forward_from < pos:
-                        out.append(data[forward_from:pos])
-                    out.append(command)
                     forward_from = end
                 elif end < 0:  # streams on into the next feed
-                    out.append(data[forward_from:])
+                    out.append(data[pos:])
                     return out
                 else:
-                    out.append(command)  # its bytes go out with the slice that holds them
+                    forward_from = pos  # its bytes go out with the next slice
                 pos = end
             else:
                 nl = data.find(b"\n", pos)
@@ -372,8 +358,6 @@ class CommandScanner:
                 pos = forward_from = nl + 1
         if forward_from < size:
             out.append(data[forward_from:])
-        # Pass-through slices before their Command markers keep stream order; callers only
-        # rely on held commands being in place.
         return out
 
     def _multibulk(self, data: bytes, pos: int) -> tuple[Command, int] | None:
@@ -402,10 +386,10 @@ class CommandScanner:
                     raise ProtocolError("bulk header too long")
                 if name is None or capture_all:
                     return None
-                stream = _Streaming(name, argc, args, argc - index)
+                stream = _Streaming(argc - index)
                 stream.header = data[p:]
                 self._stream = stream
-                return Command(name, argc, args), -1
+                return Command(name, argc, []), -1
             length = _bulk_header(data[p:nl])
             start = nl + 1
             end = start + length
@@ -416,28 +400,23 @@ class CommandScanner:
                     return None
                 if name is None:
                     name = b""  # a name this long is no command keyless acts on
-                stream = _Streaming(name, argc, args, argc - index)
+                stream = _Streaming(argc - index)
                 stream.skip = max(0, end - size)
-                taken = size - start
                 if stream.skip:
                     stream.mode = 1
-                    keep = len(args) < CAPTURE_FIRST and length <= CAPTURE_SHORT and index > 0
-                    stream.arg = bytearray(data[start:]) if keep else None
                 else:  # the payload is here; part of its CRLF is not
                     stream.mode = 2
-                    stream.crlf = taken - length
+                    stream.crlf = size - start - length
                     if stream.crlf == 1 and data[end] != 13:
                         raise ProtocolError("bulk argument not followed by CRLF")
-                    if index > 0 and len(args) < CAPTURE_FIRST and length <= CAPTURE_SHORT:
-                        stream.arg = bytearray(data[start:end])
                 self._stream = stream
-                return Command(name, argc, args), -1
+                return Command(name, argc, []), -1
             if data[end:end + 2] != b"\r\n":
                 raise ProtocolError("bulk argument not followed by CRLF")
             if name is None:
                 name = bytes(data[start:end]).lower() if length <= MAX_NAME else b""
                 capture_all = name in CAPTURE_ALL
-            elif capture_all or (len(args) < CAPTURE_FIRST and length <= CAPTURE_SHORT):
+            elif capture_all:
                 args.append(bytes(data[start:end]))
             p = end + 2
             if capture_all and p - pos > MAX_CAPTURE:

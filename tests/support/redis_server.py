@@ -24,6 +24,7 @@ from typing import Self
 import redis
 
 from tests.support.azurite import TestPKI, free_port
+from tests.support.entra import ISSUER, KEY_ID, SYSTEM_ASSIGNED_CLIENT_ID, TENANT_ID, sign_rs256
 
 INSTALL_HINT = "install Debian's redis-server (apt-get install redis-server) or set PATH"
 ADMIN_USER = "keyless-test-admin"
@@ -146,3 +147,18 @@ class RedisServer:
 
     def client_count(self) -> int:
         return len(self.admin().client_list())
+
+
+def mint_token(object_id: str, lifetime: int, *, now: int | None = None,
+               audience: str = "https://redis.azure.com") -> str:
+    """An Entra-style access token for Redis whose `oid` claim is `object_id` (one per token
+    generation in the re-auth tests: each generation logs in as its own ACL user, so deleting
+    the previous user shows which connections re-authenticated)."""
+    issued_at = int(time.time()) if now is None else now
+    payload = {
+        "aud": audience, "iss": ISSUER, "iat": issued_at, "nbf": issued_at - 300,
+        "exp": issued_at + lifetime, "appid": SYSTEM_ASSIGNED_CLIENT_ID, "oid": object_id,
+        "sub": object_id, "tid": TENANT_ID, "idtyp": "app", "ver": "1.0",
+        "jti": secrets.token_hex(8),
+    }
+    return sign_rs256({"alg": "RS256", "typ": "JWT", "kid": KEY_ID}, payload)

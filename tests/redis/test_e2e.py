@@ -1,0 +1,72 @@
+"""Legacy Redis apps with a WRONG access key, through the real keyless process, to a real
+redis-server that accepts only the identity's Entra token (ACL user = the token's oid)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from tests.redis.conftest import WRONG_KEY, Through
+from tests.support.entra import OBJECT_ID
+
+pytestmark = pytest.mark.e2e
+
+
+def test_direct_with_the_wrong_key_is_refused(through: Through) -> None:
+    for username in (None, "default", OBJECT_ID):
+        direct = through.server.client(username, WRONG_KEY)
+        with pytest.raises(redis.AuthenticationError):
+            direct.ping()
+
+
+@pytest.mark.parametrize("style", ["auth-key", "auth-user-key", "hello3-auth"])
+def test_get_set_with_the_wrong_key(through: Through, style: str) -> None:
+    app = {
+        "auth-key": lambda: through.client(WRONG_KEY),
+        "auth-user-key": lambda: through.client(WRONG_KEY, username="default"),
+        "hello3-auth": lambda: through.client(WRONG_KEY, username="default", protocol=3),
+    }[style]()
+    converted = through.logins("converted")
+    assert app.set(f"k-{style}", "v1")
+    assert app.get(f"k-{style}") == b"v1"
+    assert app.execute_command("ACL", "WHOAMI") == OBJECT_ID.encode()
+    if style == "hello3-auth":
+        assert app.hgetall("missing") == {}
+        assert app.execute_command("HELLO")[b"proto"] == 3  # the switch happened upstream
+    assert through.logins("converted") == converted + 1
+    app.close()
+
+
+def test_pipeline_and_multi_exec(through: Through) -> None:
+    app = through.client()
+    with app.pipeline(transaction=False) as pipe:
+        for i in range(200):
+            pipe.set(f"p{i}", i)
+            pipe.get(f"p{i}")
+        results = pipe.execute()
+    assert results[1::2] == [str(i).encode() for i in range(200)]
+    with app.pipeline(transaction=True) as tx:
+        tx.incr("counter").incr("counter").get("counter")
+        assert tx.execute() == [1, 2, b"2"]
+
+
+def test_pubsub_and_blpop(through: Through) -> None:
+    app = through.client()
+    sub = app.pubsub()
+    sub.subscribe("news")
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    through.client().publish("news", "hello")
+    message = sub.get_message(timeout=5)
+    assert message["data"] == b"hello"
+    sub.close()
+
+    def push_later() -> None:
+        time.sleep(1)
+        through.client().rpush("queue", "job")
+    pusher = threading.Thread(target=push_later)
+    pusher.start()
+    assert app.blpop(["queue"], timeout=10) == (b"queue", b"job")
+    pusher.join()
