@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.e2e.conftest import identity, module_identity, pki
 from tests.support.azurite import TestPKI, free_port
@@ -44,6 +46,7 @@ class Through:
     def client(self, password: str | None = WRONG_KEY, username: str | None = None,
                **kwargs: object) -> redis.Redis:
         """An app's redis-py client: plain TCP to the listener, with the app's (wrong) key."""
+        kwargs.setdefault("retry", Retry(NoBackoff(), 0))  # a dropped connection must show
         return redis.Redis(host="127.0.0.1", port=self.port, username=username,
                            password=password, socket_timeout=15, **kwargs)  # type: ignore[arg-type]
 
@@ -58,6 +61,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iter
         yield server
 
 
+def start_keyless(workdir: Path, server: RedisServer, identity: FakeIdentityEndpoint,
+                  *extra: str, listener: str = "") -> Through:
+    port = free_port()
+    keyless = KeylessProcess(workdir, keyless_args(port, server, *extra, listener=listener),
+                             identity.env()).start()
+    return Through(keyless, port, server, identity)
+
+
 @pytest.fixture(scope="module")
 def through(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
             module_identity: FakeIdentityEndpoint) -> Iterator[Through]:
@@ -65,11 +76,9 @@ def through(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
     token = make_token(RESOURCE, lifetime=3600)
     module_identity.queue_tokens(RESOURCE, token)
     redis_server.add_token_user(OBJECT_ID, token)
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("keyless-redis")
-    keyless = KeylessProcess(workdir, keyless_args(port, redis_server),
-                             module_identity.env()).start()
+    running = start_keyless(tmp_path_factory.mktemp("keyless-redis"), redis_server,
+                            module_identity)
     try:
-        yield Through(keyless, port, redis_server, module_identity)
+        yield running
     finally:
-        keyless.stop()
+        running.keyless.stop()
