@@ -3,8 +3,12 @@ redis-server that accepts only the identity's Entra token (ACL user = the token'
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -70,3 +74,18 @@ def test_pubsub_and_blpop(through: Through) -> None:
     pusher.start()
     assert app.blpop(["queue"], timeout=10) == (b"queue", b"job")
     pusher.join()
+
+
+@pytest.mark.parametrize("username", [None, "default"])
+def test_node_ioredis_app_with_the_wrong_key(through: Through, username: str | None) -> None:
+    node = shutil.which("node")
+    assert node, "Node.js is needed: apt-get install nodejs, then npm ci"
+    args = [node, str(Path(__file__).with_name("ioredis_app.js")), str(through.port), WRONG_KEY]
+    done = subprocess.run(args + ([username] if username else []), capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    (error1, first), (error2, second) = result.pop("multi")
+    assert error1 is None and error2 is None and second == first + 1
+    assert result == {"get": "node-value", "whoami": OBJECT_ID, "pipeline": ["OK", 2, "2"],
+                      "message": "hello from node", "blpop": ["node-queue", "job"]}
