@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.redis.conftest import WRONG_KEY, Through
+from tests.redis.conftest import WRONG_KEY, Through, start_keyless
 from tests.support.entra import OBJECT_ID
+from tests.support.identity_endpoint import FakeIdentityEndpoint
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -89,3 +91,25 @@ def test_node_ioredis_app_with_the_wrong_key(through: Through, username: str | N
     assert error1 is None and error2 is None and second == first + 1
     assert result == {"get": "node-value", "whoami": OBJECT_ID, "pipeline": ["OK", 2, "2"],
                       "message": "hello from node", "blpop": ["node-queue", "job"]}
+
+
+def test_audit_mode_forwards_the_apps_password_and_records_the_login(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    redis_server.admin().execute_command("ACL", "SETUSER", "legacy-app", "on", ">app-password",
+                                         "~*", "+@all")
+    with FakeIdentityEndpoint() as identity:
+        running = start_keyless(tmp_path / "keyless", redis_server, identity, "--audit")
+        try:
+            app = running.client("app-password", username="legacy-app")
+            assert app.set("audited", "1") and app.execute_command("ACL", "WHOAMI") == \
+                b"legacy-app"
+            with pytest.raises(redis.AuthenticationError):  # forwarded as sent: refused
+                running.client(WRONG_KEY).ping()
+            assert running.logins("audited") == 2
+        finally:
+            running.keyless.stop()
+        assert identity.calls == []  # audit mode changes nothing: no token was fetched
+    state = json.loads((running.keyless.confdir / "keyless-state.json").read_text())
+    logins = {(c["service"], c["scheme"], c["handled"]): c["count"] for c in state["calls"]}
+    assert logins == {("redis", "password", "audited"): 2}
+    assert "app-password" not in running.keyless.log()
