@@ -19,6 +19,7 @@ Inline commands (telnet style) are lines of at most 64 KiB.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,6 +364,9 @@ class CommandScanner:
     def _multibulk(self, data: bytes, pos: int) -> tuple[Command, int] | None:
         """The command at `pos`: complete (end offset), streaming (end -1; state kept), or
         None when its head is incomplete."""
+        fast = _complete_command(data, pos)
+        if fast is not None:
+            return fast
         size = len(data)
         nl = data.find(b"\n", pos)
         if nl < 0:
@@ -423,6 +427,39 @@ class CommandScanner:
                 raise ProtocolError("AUTH or HELLO command too long")
         assert name is not None
         return Command(name, argc, args, bytes(data[pos:p]) if capture_all else b""), p
+
+
+_MULTIBULK = re.compile(rb"\*([1-9][0-9]{0,6})\r\n\$([0-9]{1,5})\r\n")
+_BULK = re.compile(rb"\$([0-9]{1,9})\r\n")
+
+
+def _complete_command(data: bytes, pos: int) -> tuple[Command, int] | None:
+    """The common case, fast: a whole well-formed command that keyless does not hold, in
+    `data` at `pos`. None for anything else (the careful parser then decides)."""
+    head = _MULTIBULK.match(data, pos)
+    if head is None:
+        return None
+    argc = int(head.group(1))
+    length = int(head.group(2))
+    start = head.end()
+    end = start + length
+    if argc > MAX_AGGREGATE or length > MAX_NAME or data[end:end + 2] != b"\r\n":
+        return None
+    name = data[start:end].lower()
+    if name in CAPTURE_ALL:
+        return None
+    p = end + 2
+    match = _BULK.match
+    for _ in range(argc - 1):
+        bulk = match(data, p)
+        if bulk is None:
+            return None
+        length = int(bulk.group(1))
+        end = bulk.end() + length
+        if length > MAX_BULK or data[end:end + 2] != b"\r\n":
+            return None
+        p = end + 2
+    return Command(name, argc, []), p
 
 
 def split_inline(line: bytes) -> list[bytes]:

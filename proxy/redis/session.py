@@ -73,6 +73,10 @@ PUBSUB_ALLOWED = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubs
                             b"punsubscribe", b"sunsubscribe", b"ping", b"quit", b"reset"))
 SUBSCRIBE = frozenset((b"subscribe", b"psubscribe", b"ssubscribe"))
 UNSUBSCRIBE = frozenset((b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
+# Commands the session acts on; any other is one command, one reply.
+SPECIAL = SUBSCRIBE | UNSUBSCRIBE | frozenset((b"", b"auth", b"hello", b"client", b"ping",
+                                               b"multi", b"exec", b"discard", b"monitor",
+                                               b"reset"))
 FIX_CACHE = ("assign a data access policy to the identity's object id {oid}: "
              "`az redis access-policy-assignment create --name <cache> --resource-group <rg> "
              "--access-policy-name \"Data Contributor\" --object-id {oid} "
@@ -195,6 +199,16 @@ class Session:
 
     def on_command(self, command: Command, out: list[bytes]) -> None:
         name = command.name
+        if name not in SPECIAL and not self.lifted:  # most commands: one reply, passed on
+            if self.auth_due is not None:
+                self.maybe_inject(out)
+            last = self.replies[-1] if self.replies else None
+            if last is not None and last.kind == FORWARD and last.then is None and \
+                    not self.skip_next and not self.replies_off:
+                last.count += 1
+            else:
+                self.expect(FORWARD)
+            return
         if not name:
             return  # an empty command: redis-server sends nothing back
         self.maybe_inject(out)
