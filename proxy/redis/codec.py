@@ -203,9 +203,9 @@ class ReplyScanner:
 # -- client commands ---------------------------------------------------------------------------
 
 # Commands whose arguments keyless reads (all of them) and may rewrite or act on (AUTH, HELLO,
-# CLIENT REPLY); they are held until complete. Every other command streams through once its
-# name is known.
-CAPTURE_ALL = frozenset((b"auth", b"hello", b"client"))
+# CLIENT REPLY) or follow with its own (RESET); they are held until complete. Every other
+# command streams through once its name is known.
+CAPTURE_ALL = frozenset((b"auth", b"hello", b"client", b"reset"))
 MAX_CAPTURE = 64 * 1024  # an AUTH or HELLO longer than this is not a login
 MAX_NAME = 64 * 1024  # a first argument longer than this is no command name keyless knows
 

@@ -46,6 +46,14 @@ def test_get_set_with_the_wrong_key(through: Through, style: str) -> None:
     app.close()
 
 
+def test_reset_keeps_the_connection_logged_in(through: Through) -> None:
+    app = through.client(single_connection_client=True)
+    assert app.set("before-reset", "1")
+    assert app.execute_command("RESET") in ("RESET", b"RESET")  # redis-server logs the connection out
+    assert app.get("before-reset") == b"1"  # keyless logged it in again behind the RESET
+    assert app.execute_command("ACL", "WHOAMI") == OBJECT_ID.encode()
+
+
 def test_pipeline_and_multi_exec(through: Through) -> None:
     app = through.client()
     with app.pipeline(transaction=False) as pipe:

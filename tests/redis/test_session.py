@@ -1,0 +1,133 @@
+"""The Redis session's stream logic with in-memory streams: what goes upstream for what the
+app sends, and what the app gets back, in order, when keyless answers or injects commands of
+its own (the e2e tests run the same against redis-server; these pin the exact bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from proxy.redis.codec import encode_command as cmd
+from proxy.redis.session import Session
+from proxy.tokens import Token
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def take(self) -> bytes:
+        out = bytes(self.data)
+        self.data.clear()
+        return out
+
+
+def session(audit: bool = False) -> tuple[Session, Sink, Sink]:
+    conn: Any = SimpleNamespace(audit=audit, spec=SimpleNamespace(name="redis:6380", user=None),
+                                record_password_login=lambda user: None)
+    to_app, to_server = Sink(), Sink()
+    token = Token("old-token", 2e9, 1e9)
+    s = Session(conn, (None, to_app), (None, to_server),  # type: ignore[arg-type]
+                user="oid-1", token=token)
+    return s, to_app, to_server
+
+
+def app_sends(s: Session, to_server: Sink, data: bytes) -> bytes:
+    out: list[bytes] = []
+    if s.commands.at_boundary:
+        s.maybe_inject(out)
+    for item in s.commands.feed(data):
+        if isinstance(item, bytes):
+            out.append(item)
+        else:
+            s.on_command(item, out)
+    if s.commands.at_boundary:
+        s.maybe_inject(out)
+    return b"".join(out) + to_server.take()
+
+
+def server_sends(s: Session, to_app: Sink, *chunks: bytes) -> bytes:
+    got = b"".join(b"".join(s.on_server_data(chunk)) for chunk in chunks)
+    return to_app.take() + got
+
+
+def test_the_apps_auth_is_answered_locally_in_pipeline_order() -> None:
+    s, to_app, to_server = session()
+    sent = app_sends(s, to_server, cmd("GET", "a") + cmd("AUTH", "the-key") + cmd("GET", "b"))
+    assert sent == cmd("GET", "a") + cmd("GET", "b")  # the key never goes upstream
+    assert server_sends(s, to_app, b"$1\r\n1\r\n", b"$1\r\n2\r\n") == \
+        b"$1\r\n1\r\n+OK\r\n$1\r\n2\r\n"
+
+
+def test_hello_auth_goes_upstream_without_its_auth_part() -> None:
+    s, _, to_server = session()
+    sent = app_sends(s, to_server, cmd("HELLO", "3", "AUTH", "default", "the-key",
+                                       "SETNAME", "app"))
+    assert sent == cmd("HELLO", "3", "SETNAME", "app")
+    assert s.client_resp == 3
+
+
+def test_reauth_is_swallowed_even_split_across_reads_and_waits_for_exec() -> None:
+    s, to_app, to_server = session()
+    assert app_sends(s, to_server, cmd("MULTI") + cmd("INCR", "x")) == \
+        cmd("MULTI") + cmd("INCR", "x")
+
+    async def scenario() -> bool:
+        result = s.request_auth("oid-2", Token("new-token", 3e9, 2e9))
+        assert to_server.take() == b""  # inside MULTI: not now
+        sent = app_sends(s, to_server, cmd("EXEC") + cmd("GET", "y"))
+        assert sent == cmd("EXEC") + cmd("AUTH", "oid-2", "new-token") + cmd("GET", "y")
+        got = server_sends(s, to_app, b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n+O", b"K\r\n$1\r\nv\r\n")
+        assert got == b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n$1\r\nv\r\n"  # the +OK was keyless'
+        return await result
+
+    assert asyncio.run(scenario()) is True
+
+
+def test_reauth_with_replies_switched_off() -> None:
+    s, to_app, to_server = session()
+    assert app_sends(s, to_server, cmd("CLIENT", "REPLY", "OFF") + cmd("SET", "k", "v")) == \
+        cmd("CLIENT", "REPLY", "OFF") + cmd("SET", "k", "v")
+
+    async def scenario() -> bool:
+        result = s.request_auth("oid-2", Token("new-token", 3e9, 2e9))
+        assert to_server.take() == cmd("CLIENT", "REPLY", "ON") + \
+            cmd("AUTH", "oid-2", "new-token") + cmd("CLIENT", "REPLY", "OFF")
+        assert server_sends(s, to_app, b"+OK\r\n-WRONGPASS nope\r\n") == b""
+        return await result
+
+    assert asyncio.run(scenario()) is False  # a refused re-auth is reported, not forwarded
+
+
+def test_a_resp2_subscriber_is_lifted_to_resp3_upstream_and_gets_resp2() -> None:
+    s, to_app, to_server = session()
+    assert app_sends(s, to_server, cmd("SUBSCRIBE", "ch")) == cmd("HELLO", "3") + \
+        cmd("SUBSCRIBE", "ch")
+    hello = b"%1\r\n$5\r\nproto\r\n:3\r\n"
+    push = b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    assert server_sends(s, to_app, hello + push[:5], push[5:]) == b"*" + push[1:]
+    assert app_sends(s, to_server, cmd("PING")) == cmd("PING")
+    assert server_sends(s, to_app, b"+PONG\r\n") == b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+
+    async def scenario() -> bool:
+        result = s.request_auth("oid-2", Token("new-token", 3e9, 2e9))
+        assert to_server.take() == cmd("AUTH", "oid-2", "new-token")  # allowed in RESP3
+        message = b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n"
+        assert server_sends(s, to_app, message + b"+OK\r\n") == b"*" + message[1:]
+        return await result
+
+    assert asyncio.run(scenario()) is True
+    # a command outside subscribed mode: back to RESP2 first, as the app speaks
+    assert app_sends(s, to_server, cmd("GET", "k")) == cmd("HELLO", "2") + cmd("GET", "k")
+    assert server_sends(s, to_app, b"*2\r\n$5\r\nproto\r\n:2\r\n", b"$-1\r\n") == b"$-1\r\n"
+
+
+def test_reset_logs_in_again_behind_it() -> None:
+    s, to_app, to_server = session()
+    assert app_sends(s, to_server, cmd("RESET")) == cmd("RESET") + cmd("AUTH", "oid-1",
+                                                                        "old-token")
+    assert server_sends(s, to_app, b"+RESET\r\n+OK\r\n") == b"+RESET\r\n"
