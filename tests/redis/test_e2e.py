@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.redis.conftest import WRONG_KEY, Through, start_keyless
+from tests.redis.conftest import RESOURCE, WRONG_KEY, Through, start_keyless
 from tests.support.entra import OBJECT_ID
-from tests.support.identity_endpoint import FakeIdentityEndpoint
+from tests.support.identity_endpoint import FakeIdentityEndpoint, make_token
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +49,8 @@ def test_get_set_with_the_wrong_key(through: Through, style: str) -> None:
 def test_reset_keeps_the_connection_logged_in(through: Through) -> None:
     app = through.client(single_connection_client=True)
     assert app.set("before-reset", "1")
-    assert app.execute_command("RESET") in ("RESET", b"RESET")  # redis-server logs the connection out
+    # redis-server logs the connection out on RESET
+    assert app.execute_command("RESET") in ("RESET", b"RESET")
     assert app.get("before-reset") == b"1"  # keyless logged it in again behind the RESET
     assert app.execute_command("ACL", "WHOAMI") == OBJECT_ID.encode()
 
@@ -121,3 +122,18 @@ def test_audit_mode_forwards_the_apps_password_and_records_the_login(
     logins = {(c["service"], c["scheme"], c["handled"]): c["count"] for c in state["calls"]}
     assert logins == {("redis", "password", "audited"): 2}
     assert "app-password" not in running.keyless.log()
+
+
+def test_the_listener_user_option_names_the_auth_user(tmp_path: Path,
+                                                      redis_server: RedisServer) -> None:
+    with FakeIdentityEndpoint() as identity:
+        token = make_token(RESOURCE, lifetime=3600)
+        identity.queue_tokens(RESOURCE, token)
+        redis_server.add_token_user("keyless-named-user", token)
+        running = start_keyless(tmp_path / "keyless", redis_server, identity,
+                                listener="?user=keyless-named-user")
+        try:
+            app = running.client(WRONG_KEY, username="default")
+            assert app.execute_command("ACL", "WHOAMI") == b"keyless-named-user"
+        finally:
+            running.keyless.stop()

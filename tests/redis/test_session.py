@@ -11,6 +11,7 @@ from typing import Any
 from proxy.redis.codec import encode_command as cmd
 from proxy.redis.session import Session
 from proxy.tokens import Token
+from tests.support.entra import OBJECT_ID
 
 
 class Sink:
@@ -131,3 +132,20 @@ def test_reset_logs_in_again_behind_it() -> None:
     assert app_sends(s, to_server, cmd("RESET")) == cmd("RESET") + cmd("AUTH", "oid-1",
                                                                         "old-token")
     assert server_sends(s, to_app, b"+RESET\r\n+OK\r\n") == b"+RESET\r\n"
+
+
+def test_the_auth_user_is_the_tokens_object_id() -> None:
+    from proxy.redis.session import object_id
+    from proxy.tokens import TokenUnavailable
+    from tests.support.identity_endpoint import make_token
+    from tests.support.redis_server import mint_token
+
+    assert object_id(mint_token("the-oid", 60)) == "the-oid"
+    assert object_id(make_token("https://redis.azure.com")) == OBJECT_ID
+    for bad in ("not-a-jwt", "a.b.c", "a." + "e30" + ".c"):  # e30: {} (no oid claim)
+        try:
+            object_id(bad)
+        except TokenUnavailable as exc:
+            assert "?user=" in str(exc) and bad not in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} gave an object id")
