@@ -148,6 +148,7 @@ class Session:
     first: int = 0  # type byte of the frame being read
 
     async def run(self) -> None:
+        """Both directions and the re-auth timer, until either side closes."""
         tasks = [asyncio.ensure_future(self.client_pump()),
                  asyncio.ensure_future(self.upstream_pump())]
         if self.token is not None:
@@ -182,6 +183,7 @@ class Session:
             try:
                 items = self.commands.feed(data)
             except ProtocolError as exc:
+                self.conn.login("client_error")
                 self.local(error_reply(f"ERR Protocol error: {exc}"))
                 raise
             for item in items:

@@ -128,6 +128,7 @@ def test_an_app_sending_a_1_gib_length_prefix_gets_a_protocol_error(
         two_listeners: tuple[Through, int]) -> None:
     through, _ = two_listeners
     rss_before = through.keyless.rss_bytes()
+    client_errors = through.logins("client_error")
     with socket.create_connection(("127.0.0.1", through.port), timeout=10) as raw:
         raw.sendall(b"*2\r\n$3\r\nGET\r\n$1073741824\r\n" + b"x" * 65536)
         answer = b""
@@ -135,6 +136,7 @@ def test_an_app_sending_a_1_gib_length_prefix_gets_a_protocol_error(
             answer += chunk
     assert answer.startswith(b"-ERR Protocol error: bulk length 1073741824 exceeds the limit")
     assert through.keyless.rss_bytes() - rss_before < 64 * 1024 * 1024
+    assert through.logins("client_error") == client_errors + 1
     assert through.client().ping()
 
 
