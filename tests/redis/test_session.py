@@ -5,12 +5,18 @@ its own (the e2e tests run the same against redis-server; these pin the exact by
 from __future__ import annotations
 
 import asyncio
+import itertools
 from types import SimpleNamespace
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.redis.codec import Frame, encode
 from proxy.redis.codec import encode_command as cmd
 from proxy.redis.session import Session
 from proxy.tokens import Token
+from tests.redis.test_codec import split
 from tests.support.entra import OBJECT_ID
 
 
@@ -149,3 +155,78 @@ def test_the_auth_user_is_the_tokens_object_id() -> None:
             assert "?user=" in str(exc) and bad not in str(exc)
         else:
             raise AssertionError(f"{bad!r} gave an object id")
+
+
+reply_frames = st.one_of(
+    st.builds(Frame, st.just("$"), st.binary(max_size=30)),
+    st.builds(Frame, st.just(":"), st.integers(-1000, 1000)),
+    st.builds(Frame, st.just("-"), st.just(b"ERR no")),
+    st.builds(Frame, st.just("*"), st.lists(st.builds(Frame, st.just("$"),
+                                                      st.binary(max_size=8)), max_size=3)),
+)
+push_frame = st.builds(lambda data: Frame(">", [Frame("$", b"message"), Frame("$", b"ch"),
+                                                Frame("$", data)]), st.binary(max_size=12))
+operations = st.lists(st.one_of(
+    st.tuples(st.just("command"), reply_frames),  # an app command and the server's reply
+    st.tuples(st.just("auth"), st.none()),  # the app's AUTH: answered locally
+    st.tuples(st.just("reauth"), st.none()),  # keyless' own AUTH: its reply is swallowed
+), min_size=1, max_size=12)
+
+
+@given(operations, st.lists(st.tuples(st.integers(0, 12), push_frame), max_size=4),
+       st.lists(st.integers(0, 2000), max_size=10))
+def test_the_app_gets_exactly_its_replies_in_order_however_the_server_splits_them(
+        ops: list[tuple[str, Frame | None]], pushes: list[tuple[int, Frame]],
+        cuts: list[int]) -> None:
+    s, to_app, to_server = session()
+    s.client_resp = 3
+    sent = b""
+    server_frames: list[tuple[bytes, bool]] = []  # (frame, is keyless' own)
+
+    async def scenario() -> bytes:
+        nonlocal sent
+        results = []
+        for kind, reply in ops:
+            if kind == "command":
+                assert reply is not None
+                sent += app_sends(s, to_server, cmd("GET", "k"))
+                server_frames.append((encode(reply), False))
+            elif kind == "auth":
+                sent += app_sends(s, to_server, cmd("AUTH", "the-key"))
+            else:
+                results.append(s.request_auth("oid-2", Token("new-token", 3e9, 2e9)))
+                sent += to_server.take()
+                server_frames.append((b"+OK\r\n", True))
+        assert b"the-key" not in sent
+        assert sent.count(b"new-token") == len(results)
+        # The server's stream: replies in order, pushes wherever they fall between them.
+        stream = b""
+        early = to_app.take()  # local answers due before any reply went out at once
+        assert early == b"+OK\r\n" * len(list(itertools.takewhile(
+            lambda op: op[0] == "auth", ops)))
+        expected = b""
+        local_after: list[int] = []
+        count = 0
+        for kind, _ in ops:  # how many local answers follow each server frame
+            if kind == "auth":
+                if count:
+                    local_after[-1] += 1
+            else:
+                count += 1
+                local_after.append(0)
+        for index, (frame, own) in enumerate(server_frames):
+            for at, push in pushes:
+                if at == index:
+                    stream += encode(push)
+                    expected += encode(push)
+            stream += frame
+            if not own:
+                expected += frame
+            expected += b"+OK\r\n" * local_after[index]
+        got = server_sends(s, to_app, *split(stream, cuts))
+        assert got == expected
+        assert all(r.done() and r.result() is True for r in results)
+        assert not s.replies
+        return got
+
+    asyncio.run(scenario())
