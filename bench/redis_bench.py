@@ -84,7 +84,8 @@ async def relay(listen_port: int, upstream_port: int, cafile: str) -> None:
 def start_relay(server: RedisServer) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "bench.redis_bench", "--relay",
-                                str(port), str(server.port), server.pki.ca_pem_path])
+                                str(port), str(server.port), server.pki.ca_pem_path],
+                               stderr=subprocess.DEVNULL)  # its tasks are cut at kill
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:

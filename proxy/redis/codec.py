@@ -294,19 +294,26 @@ class CommandScanner:
     caller may put something in front of it). Bytes of a command whose name is not known yet
     are carried over to the next feed, so nothing of an AUTH or HELLO is ever in the
     pass-through bytes.
+
+    `feed(data, exact=False)` cuts the bytes only before held commands and those named in
+    `positioned`, and exactly after the first of those: other commands' `Command`s still come
+    in stream order, but their bytes stay in one slice with their neighbours' (fewer, larger
+    writes). For callers that put nothing in front of such commands.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, positioned: frozenset[bytes] = frozenset()) -> None:
         self._carry = b""
         self._stream: _Streaming | None = None
+        self._positioned = positioned
 
     @property
     def at_boundary(self) -> bool:
         """No command is partly read (nor partly forwarded)."""
         return not self._carry and self._stream is None
 
-    def feed(self, data: bytes) -> list[bytes | Command]:
+    def feed(self, data: bytes, exact: bool = True) -> list[bytes | Command]:
         out: list[bytes | Command] = []
+        positioned = self._positioned
         if self._carry:
             data = self._carry + data
             self._carry = b""
@@ -328,9 +335,15 @@ class CommandScanner:
                     self._carry = data[pos:]
                     return out
                 command, end = result
+                if not exact and end > 0 and not command.raw and \
+                        command.name not in positioned:
+                    out.append(command)  # its bytes stay in the slice being gathered
+                    pos = end
+                    continue
                 if forward_from < pos:
                     out.append(data[forward_from:pos])
                 out.append(command)
+                exact = True  # what the caller does here may change what it needs after it
                 if command.raw:
                     forward_from = end
                 elif end < 0:  # streams on into the next feed

@@ -131,7 +131,7 @@ class Session:
     user: str = ""
     token: Token | None = None
     replies: deque[Entry] = field(default_factory=deque)
-    commands: CommandScanner = field(default_factory=CommandScanner)
+    commands: CommandScanner = field(default_factory=lambda: CommandScanner(SPECIAL))
     frames: ReplyScanner = field(default_factory=ReplyScanner)
     client_resp: int = 2
     lifted: bool = False  # a RESP2 app's subscribed connection runs RESP3 upstream
@@ -177,27 +177,34 @@ class Session:
         counter = metrics.LISTENER_BYTES.labels(listener=self.conn.spec.name,
                                                 direction="to_upstream")
         while data := await reader.read(CHUNK):
-            out: list[bytes] = []
-            if self.commands.at_boundary:
-                self.maybe_inject(out)
-            try:
-                items = self.commands.feed(data)
-            except ProtocolError as exc:
-                self.conn.login("client_error")
-                self.local(error_reply(f"ERR Protocol error: {exc}"))
-                raise
-            for item in items:
-                if isinstance(item, bytes):
-                    out.append(item)
-                else:
-                    self.on_command(item, out)
-            if self.commands.at_boundary:
-                self.maybe_inject(out)
-            payload = b"".join(out)
+            payload = b"".join(self.on_client_data(data))
             if payload:
                 writer.write(payload)
                 counter.inc(len(payload))
                 await writer.drain()
+
+    def on_client_data(self, data: bytes) -> list[bytes]:
+        """What goes upstream for `data` from the app (the same bytes, in as few slices as
+        possible, without the app's key; keyless' own commands where they belong)."""
+        out: list[bytes] = []
+        if self.commands.at_boundary:
+            self.maybe_inject(out)
+        try:
+            # Exact positions only when keyless may put a command in front of any one of
+            # the app's (a re-auth is due; RESP2 pub/sub lifted to RESP3).
+            items = self.commands.feed(data, self.auth_due is not None or self.lifted)
+        except ProtocolError as exc:
+            self.conn.login("client_error")
+            self.local(error_reply(f"ERR Protocol error: {exc}"))
+            raise
+        for item in items:
+            if isinstance(item, bytes):
+                out.append(item)
+            else:
+                self.on_command(item, out)
+        if self.commands.at_boundary:
+            self.maybe_inject(out)
+        return out
 
     def on_command(self, command: Command, out: list[bytes]) -> None:
         name = command.name

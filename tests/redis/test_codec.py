@@ -269,3 +269,26 @@ def test_command_limits_are_clear_errors(data: bytes, problem: str) -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 1024 * 1024
+
+
+@given(st.lists(commands, min_size=1, max_size=8), st.lists(st.integers(0, 10_000), max_size=8))
+def test_gathered_slices_keep_the_stream_and_the_order(cmds: list[list[bytes]],
+                                                       cuts: list[int]) -> None:
+    data = b"".join(encode_command(*c) for c in cmds)
+    scanner = CommandScanner(positioned=frozenset((b"ping", b"multi")))
+    through: list[bytes] = []
+    names: list[bytes] = []
+    for chunk in split(data, cuts):
+        items = scanner.feed(chunk, exact=False)
+        for index, item in enumerate(items):
+            if isinstance(item, Command):
+                names.append(item.name)
+                if item.raw:
+                    through.append(item.raw)
+                elif item.name in (b"ping", b"multi"):  # positioned: its bytes come next
+                    following = items[index + 1] if index + 1 < len(items) else b""
+                    assert isinstance(following, bytes) and following.startswith(b"*")
+            else:
+                through.append(item)
+    assert b"".join(through) == data
+    assert names == [c[0].lower() for c in cmds]

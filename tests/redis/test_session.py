@@ -44,17 +44,7 @@ def session(audit: bool = False) -> tuple[Session, Sink, Sink]:
 
 
 def app_sends(s: Session, to_server: Sink, data: bytes) -> bytes:
-    out: list[bytes] = []
-    if s.commands.at_boundary:
-        s.maybe_inject(out)
-    for item in s.commands.feed(data):
-        if isinstance(item, bytes):
-            out.append(item)
-        else:
-            s.on_command(item, out)
-    if s.commands.at_boundary:
-        s.maybe_inject(out)
-    return b"".join(out) + to_server.take()
+    return b"".join(s.on_client_data(data)) + to_server.take()
 
 
 def server_sends(s: Session, to_app: Sink, *chunks: bytes) -> bytes:
@@ -131,6 +121,13 @@ def test_a_resp2_subscriber_is_lifted_to_resp3_upstream_and_gets_resp2() -> None
     # a command outside subscribed mode: back to RESP2 first, as the app speaks
     assert app_sends(s, to_server, cmd("GET", "k")) == cmd("HELLO", "2") + cmd("GET", "k")
     assert server_sends(s, to_app, b"*2\r\n$5\r\nproto\r\n:2\r\n", b"$-1\r\n") == b"$-1\r\n"
+
+
+def test_a_pipelined_subscribe_and_get_in_one_read() -> None:
+    s, _, to_server = session()
+    sent = app_sends(s, to_server, cmd("SUBSCRIBE", "ch") + cmd("GET", "k") + cmd("GET", "j"))
+    assert sent == cmd("HELLO", "3") + cmd("SUBSCRIBE", "ch") + cmd("HELLO", "2") + \
+        cmd("GET", "k") + cmd("GET", "j")
 
 
 def test_reset_logs_in_again_behind_it() -> None:
