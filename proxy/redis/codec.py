@@ -456,7 +456,7 @@ def _complete_command(data: bytes, pos: int) -> tuple[Command, int] | None:
     length = int(head.group(2))
     start = head.end()
     end = start + length
-    if argc > MAX_AGGREGATE or length > MAX_NAME or data[end:end + 2] != b"\r\n":
+    if argc > MAX_AGGREGATE or length > MAX_NAME or not data.startswith(b"\r\n", end):
         return None
     name = data[start:end].lower()
     if name in CAPTURE_ALL:
@@ -469,7 +469,7 @@ def _complete_command(data: bytes, pos: int) -> tuple[Command, int] | None:
             return None
         length = int(bulk.group(1))
         end = bulk.end() + length
-        if length > MAX_BULK or data[end:end + 2] != b"\r\n":
+        if length > MAX_BULK or not data.startswith(b"\r\n", end):
             return None
         p = end + 2
     return Command(name, argc, []), p

@@ -137,3 +137,12 @@ def test_the_listener_user_option_names_the_auth_user(tmp_path: Path,
             assert app.execute_command("ACL", "WHOAMI") == b"keyless-named-user"
         finally:
             running.keyless.stop()
+
+
+def test_no_key_and_no_token_in_keyless_log(through: Through) -> None:
+    """Last in this module: after every app above, the shared keyless' log holds neither the
+    apps' key nor the identity's token."""
+    log = through.keyless.log()
+    assert "redis login for" in log  # the log is the listener's, and it logged the logins
+    assert WRONG_KEY not in log
+    assert through.identity.issued and not any(token in log for token in through.identity.issued)

@@ -201,3 +201,5 @@ def test_every_kind_of_connection_survives_three_token_lifetimes(
         assert seen[name] == list(range(published)), name
     reauths = through.keyless.metric("keyless_listener_reauths_total", result="ok")
     assert reauths >= EXPIRED * len(workers)
+    log = through.keyless.log()
+    assert WRONG_KEY not in log and not any(token in log for token in tokens)
