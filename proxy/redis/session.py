@@ -211,6 +211,8 @@ class Session:
         if name not in SPECIAL and not self.lifted:  # most commands: one reply, passed on
             if self.auth_due is not None:
                 self.maybe_inject(out)
+            if command.raw:  # an inline command: held, like the careful path's
+                out.append(command.raw)
             last = self.replies[-1] if self.replies else None
             if last is not None and last.kind == FORWARD and last.then is None and \
                     not self.skip_next and not self.replies_off:

@@ -227,3 +227,11 @@ def test_the_app_gets_exactly_its_replies_in_order_however_the_server_splits_the
         return got
 
     asyncio.run(scenario())
+
+
+def test_inline_commands_go_upstream_as_sent_and_inline_auth_stays() -> None:
+    s, to_app, to_server = session()
+    sent = app_sends(s, to_server, b"SET k v\r\nAUTH the-key\r\nGET k\r\nPING\r\n")
+    assert sent == b"SET k v\r\nGET k\r\nPING\r\n"
+    assert server_sends(s, to_app, b"+OK\r\n$1\r\nv\r\n+PONG\r\n") == \
+        b"+OK\r\n+OK\r\n$1\r\nv\r\n+PONG\r\n"
