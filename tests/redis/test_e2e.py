@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -137,6 +138,15 @@ def test_the_listener_user_option_names_the_auth_user(tmp_path: Path,
             assert app.execute_command("ACL", "WHOAMI") == b"keyless-named-user"
         finally:
             running.keyless.stop()
+
+
+def test_inline_commands_as_a_telnet_user_types_them(through: Through) -> None:
+    with socket.create_connection(("127.0.0.1", through.port), timeout=10) as raw:
+        raw.sendall(f"AUTH {WRONG_KEY}\r\nSET inline 'a b'\r\nGET inline\r\nQUIT\r\n".encode())
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    assert answer == b"+OK\r\n+OK\r\n$3\r\na b\r\n+OK\r\n"
 
 
 def test_no_key_and_no_token_in_keyless_log(through: Through) -> None:
