@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keyless: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "iptables":
-        print("\n".join(transparent_rules(settings.listen[1], args.uid)))
+        databases = settings.transparent_databases
+        print("\n".join(transparent_rules(settings.listen[1], args.uid,
+                                          databases[1] if databases else None)))
         return 0
     if args.command == "check":
         from proxy.check import main as check_main
