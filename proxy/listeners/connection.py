@@ -25,6 +25,7 @@ from proxy import metrics
 from proxy.audit import CallKey, CallLog
 from proxy.ca import leaf_certificate
 from proxy.listeners.spec import ListenerSpec
+from proxy.listeners.tls import TLSReader, TLSWriter, accept_tls
 from proxy.listeners.upstream import Streams, UpstreamDialer, UpstreamError
 from proxy.redact import redact
 from proxy.tokens import Token, TokenCache
@@ -149,7 +150,18 @@ class Connection:
             await writer.start_tls(self.client_tls_context())
             return
         await writer.start_tls(self.server_name_context)
-        ssl_object = writer.get_extra_info("ssl_object")
+        self._adopt_server_name(writer.get_extra_info("ssl_object"))
+
+    async def accept_client_tls(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> tuple[TLSReader, TLSWriter]:
+        """Transparent Redis: TLS from the app's first byte, on streams that may already
+        hold its ClientHello (proxy/listeners/tls.py); the server name picks the upstream."""
+        assert self.server_name_context is not None
+        tls = await accept_tls(reader, writer, self.server_name_context)
+        self._adopt_server_name(tls[1].get_extra_info("ssl_object"))
+        return tls
+
+    def _adopt_server_name(self, ssl_object: ssl.SSLObject | None) -> None:
         host = self.shared.client_tls.host_of(ssl_object.context) if ssl_object else None
         if not host:
             raise UpstreamError("the app's TLS connection named no server keyless may log in to")

@@ -98,7 +98,13 @@ class Listener:
         open_gauge.inc()
         try:
             if conn.transparent and conn.spec.protocol == "redis":
-                await conn.start_client_tls(writer)  # Redis speaks TLS from the first byte
+                # Redis speaks TLS from the first byte; the session sees the plain stream
+                tls_reader, tls_writer = await conn.accept_client_tls(reader, writer)
+                try:
+                    await session(conn, tls_reader, tls_writer)  # type: ignore[arg-type]
+                finally:
+                    tls_writer.close()
+                return
             await session(conn, reader, writer)
         except asyncio.CancelledError:
             pass
