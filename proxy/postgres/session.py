@@ -133,7 +133,7 @@ async def _client_startup(conn: Connection,
                 raise CodecError("the client sent data after its SSLRequest before TLS")
             if conn.spec.client_tls:
                 await _write(writer, b"S")
-                await writer.start_tls(conn.client_tls_context())
+                await conn.start_client_tls(writer)  # transparent: the name picks the server
             else:
                 await _write(writer, b"N")  # plain on loopback: the client goes on in clear
     raise CodecError("too many negotiation requests before the StartupMessage")
