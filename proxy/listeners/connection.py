@@ -131,6 +131,11 @@ class Connection:
         """The identity's token for the listener's scope (raises TokenUnavailable)."""
         return await self.shared.tokens.get_token(self.spec.identity, self.spec.scope)
 
+    async def token_for(self, scope: str, valid_until: float | None = None) -> Token:
+        """The identity's token for another scope (AMQP: Service Bus or Event Hubs per
+        entity), valid at least until `valid_until` when given."""
+        return await self.shared.tokens.get_token(self.spec.identity, scope, valid_until)
+
     async def open_upstream(self, tls: bool) -> Streams:
         host, port = self.spec.upstream
         if self.original_destination is not None:
