@@ -57,7 +57,8 @@ def start_keyless(workdir: Path, namespace: FakeNamespace, identity: FakeIdentit
 
 
 @pytest.fixture(scope="module")
-def fake_namespace(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[FakeNamespace]:
+def fake_namespace(tmp_path_factory: pytest.TempPathFactory,
+                   pki: TestPKI) -> Iterator[FakeNamespace]:
     with FakeNamespace(tmp_path_factory.mktemp("fake-namespace"), pki, NAMESPACE) as namespace:
         yield namespace
 
