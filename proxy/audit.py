@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.roles import ROLE_IDS, ROLES
+from proxy.roles import LOGIN_SETUP, ROLE_IDS, ROLES
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "keyless-state.json"
@@ -125,7 +125,11 @@ def build_report(entries: list[dict[str, Any]]) -> dict[str, Any]:
             "key_based_calls_still_forwarded": keys_still_sent,
             "local_auth_can_be_disabled": not keys_still_sent,
         })
-    return {"inventory": inventory, "role_assignments": list(assignments.values())}
+    logins = [{"service": item["service"], "resource": item["resource"],
+               "identities": item["identities"], "setup": list(LOGIN_SETUP[item["service"]])}
+              for item in inventory if item["service"] in LOGIN_SETUP]
+    return {"inventory": inventory, "role_assignments": list(assignments.values()),
+            "database_logins": logins}
 
 
 def az_commands(report: dict[str, Any]) -> list[str]:
@@ -193,6 +197,12 @@ def render_text(report: dict[str, Any]) -> str:
                 f"  last converted: {item['last_converted'] or 'never'}; last forwarded with "
                 f"key: {item['last_audited'] or 'never'}",
                 f"  local (key) authentication can be disabled: {verdict}"]
+    if report.get("database_logins"):
+        out += ["", "## Database and cache logins: what the identities need", ""]
+        for login in report["database_logins"]:
+            out.append(f"- {login['service']} {login['resource']} (identities "
+                       f"{', '.join(login['identities'])}):")
+            out += [f"  {n}. {step}" for n, step in enumerate(login["setup"], 1)]
     out += ["", "## Role assignments the identities need (az CLI)", ""]
     out += az_commands(report) or ["(none)"]
     out += ["", "## The same as Bicep", "", bicep(report)]

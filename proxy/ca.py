@@ -325,6 +325,11 @@ def configured_zones(settings: Settings) -> tuple[str, ...]:
         raise CAError(str(exc)) from None
     # Listeners that offer TLS to the app show it a leaf for their upstream's name.
     listener_hosts = [spec.upstream[0] for spec in settings.listeners if spec.client_tls]
+    if settings.transparent_databases is not None:  # any Azure database or cache name
+        from proxy.listeners.spec import PROTOCOLS
+
+        listener_hosts += [suffix.lstrip(".") for info in PROTOCOLS.values()
+                           for suffix in info.suffixes]
     return fold_zones([*zones, *(host for _, host in settings.reverse), *listener_hosts])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(iptables)
     iptables.add_argument("--uid", type=int, default=10001,
                           help="keyless' own UID, whose traffic is exempted (default 10001)")
+    check = commands.add_parser(
+        "check", help="check the configuration, the identity's tokens, the upstreams (with a "
+        "real login through each listener) and the CA files; exit non-zero on any failure")
+    add_flags(check)
     report = commands.add_parser(
         "report", help="print the migration report from what keyless recorded in CONFDIR")
     add_flags(report)
@@ -75,8 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keyless: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "iptables":
-        print("\n".join(transparent_rules(settings.listen[1], args.uid)))
+        databases = settings.transparent_databases
+        print("\n".join(transparent_rules(settings.listen[1], args.uid,
+                                          databases[1] if databases else None)))
         return 0
+    if args.command == "check":
+        from proxy.check import main as check_main
+        from proxy.mitm import default_identity
+
+        # the findings say what failed; the credential chain's own narration is noise here
+        setup_logging("error", settings.log_format)
+        logging.getLogger("azure").setLevel(logging.ERROR)
+        return check_main(settings, default_identity())
     if args.command == "report":
         return print_report(settings.confdir, as_json=args.json)
     return run(settings)

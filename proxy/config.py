@@ -22,7 +22,12 @@ from typing import Any
 
 from proxy.catalog import Catalog, Service, builtin_services
 from proxy.connect_to import ConnectTo
-from proxy.listeners.spec import ListenerSpec, parse_listener, parse_protocol_routes
+from proxy.listeners.spec import (
+    ListenerSpec,
+    is_loopback,
+    parse_listener,
+    parse_protocol_routes,
+)
 from proxy.routes import parse_routes
 
 HostPort = tuple[str, int]
@@ -168,6 +173,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("transparent", "BOOL", "false", parse_bool,
          "Transparent mode: --listen receives connections redirected by iptables (see "
          "`keyless iptables`) instead of proxy requests.", switch=True),
+    Flag("transparent-databases", "HOST:PORT", "", lambda s: parse_host_port(s) if s else None,
+         "With --transparent: also take redirected PostgreSQL (5432), MySQL (3306) and Redis "
+         "(6380, 10000) connections on HOST:PORT (e.g. 127.0.0.1:15432); the app's TLS server "
+         "name picks the Azure server, and `keyless iptables` prints their rules too."),
     Flag("connect-to", "HOST:PORT:ADDR:PORT", (), ConnectTo.parse,
          "When the target is HOST:PORT, dial ADDR:PORT instead, keeping HOST as TLS server "
          "name and Host header (curl's meaning; also for tunnelled connections). Repeatable.",
@@ -230,6 +239,7 @@ class Settings:
     mysql: tuple[str, ...]
     redis: tuple[str, ...]
     transparent: bool
+    transparent_databases: HostPort | None
     connect_to: tuple[ConnectTo, ...]
     set: tuple[tuple[str, str], ...]
     allow_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -246,6 +256,8 @@ class Settings:
     log_format: str
     routes: tuple[Service, ...] = ()
     listeners: tuple[ListenerSpec, ...] = ()
+    # (protocol, host) pairs that [[route]] tables with a protocol allow besides Azure's
+    protocol_routes: tuple[tuple[str, str], ...] = ()
 
     def catalog(self) -> Catalog:
         services = builtin_services(self.maps_client_id, self.keyvault_swap_bearer)
@@ -337,7 +349,10 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
         settings = replace(settings, routes=parse_routes(http_routes, settings.catalog()))
     except ValueError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
-    settings = replace(settings, listeners=listener_specs(settings, routed_hosts))
+    settings = replace(settings, listeners=listener_specs(settings, routed_hosts),
+                       protocol_routes=tuple(sorted((protocol, host)
+                                                    for protocol, hosts in routed_hosts.items()
+                                                    for host in hosts)))
     catalog = settings.catalog()
     for port, host in settings.reverse:
         if not catalog.intercepts(host):
@@ -358,6 +373,17 @@ def listener_specs(settings: Settings, routed_hosts: Mapping[str, frozenset[str]
                 raise ConfigError(str(exc)) from None
     taken = {settings.listen[1]: "--listen", settings.admin[1]: "--admin",
              **{port: "--reverse" for port, _ in settings.reverse}}
+    if settings.transparent_databases is not None:
+        if not settings.transparent:
+            raise ConfigError("--transparent-databases needs --transparent")
+        if not is_loopback(settings.transparent_databases[0]):
+            raise ConfigError("--transparent-databases must listen on loopback: iptables "
+                              "REDIRECT delivers the pod's connections there")
+        port = settings.transparent_databases[1]
+        if port in taken:
+            raise ConfigError(f"--transparent-databases port {port} is already used by "
+                              f"{taken[port]}")
+        taken[port] = "--transparent-databases"
     for spec in specs:
         port = spec.listen[1]
         if port in taken:

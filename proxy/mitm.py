@@ -41,7 +41,8 @@ from proxy.dial import AppDialer
 from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
 from proxy.listeners.connection import ClientTLS, Shared
-from proxy.listeners.server import Listener, Listeners, ListenerStartError
+from proxy.listeners.server import Listener, Listeners, ListenerStartError, TransparentListener
+from proxy.listeners.spec import azure_host
 from proxy.listeners.upstream import UpstreamDialer, UpstreamError, upstream_tls_context
 from proxy.redact import redact
 from proxy.relay import UpstreamRelay
@@ -126,10 +127,22 @@ def build_listeners(settings: Settings, tokens: TokenCache, calls: CallLog,
         raise StartupError(str(exc)) from None
     shared = Shared(tokens, UpstreamDialer(dialer, trust), calls,
                     ClientTLS(settings.confdir / CA_KEY_AND_CERT), audit=settings.audit)
-    return Listeners([
+    listeners: list[Listener] = [
         Listener(dataclasses.replace(spec, identity=listener_identity(spec.identity)), shared,
                  settings.allow_clients)
-        for spec in settings.listeners])
+        for spec in settings.listeners]
+    if settings.transparent_databases is not None:
+        routed = set(settings.protocol_routes)
+
+        def allowed(protocol: str, host: str) -> bool:
+            return azure_host(protocol, host) or (protocol, host) in routed
+
+        host, port = settings.transparent_databases
+        # The recipe's ip6tables REDIRECT sends IPv6 connections to [::1]: listen there too.
+        hosts = [host, "::1"] if host == "127.0.0.1" and ipv6_loopback() else [host]
+        listeners += [TransparentListener((address, port), shared, allowed, default_identity())
+                      for address in hosts]
+    return Listeners(listeners)
 
 
 def app_dialer(settings: Settings, guard: DenyDestinations) -> AppDialer:

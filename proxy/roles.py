@@ -55,6 +55,34 @@ ROLES: dict[str, ServiceRoles] = {
                              "Key Vault Secrets User", "Key Vault Secrets Officer"),
 }
 
+# Databases and caches: no Azure RBAC role; the identity becomes a database principal (or a
+# cache access-policy assignment), and the login user is its name.
+LOGIN_SETUP: dict[str, tuple[str, ...]] = {
+    "postgres": (
+        "set a Microsoft Entra admin on the server (az postgres flexible-server ad-admin create)",
+        "as that admin, in the postgres database: SELECT * FROM "
+        "pgaadauth_create_principal('<identity name>', false, false);",
+        "grant the new role what the app's old user had; the app (or ?user=) logs in as "
+        "'<identity name>'",
+        "then switch off password authentication: az postgres flexible-server update "
+        "--password-auth Disabled",
+    ),
+    "mysql": (
+        "set a Microsoft Entra admin on the server (az mysql flexible-server ad-admin create)",
+        "as that admin: CREATE AADUSER '<identity name>' IDENTIFIED BY '<client id>'; then "
+        "GRANT what the app's old user had",
+        "the app (or ?user=) logs in as '<identity name>'",
+    ),
+    "redis": (
+        "enable Microsoft Entra authentication on the cache (az redis update "
+        "--set redisConfiguration.aad-enabled=true)",
+        "az redis access-policy-assignment create --name <cache> --resource-group <group> "
+        "--policy-name \"Data Contributor\" --object-id <principal id> --object-id-alias "
+        "<identity name> --access-policy-assignment-name <identity name>",
+        "then switch off access keys: az redis update --disable-access-key-authentication true",
+    ),
+}
+
 # Role definition GUIDs checked against Microsoft's published list.
 ROLE_IDS: dict[str, str] = {
     "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",

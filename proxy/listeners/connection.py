@@ -13,7 +13,8 @@ import logging
 import os
 import ssl
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cachetools import TTLCache
@@ -24,7 +25,7 @@ from proxy import metrics
 from proxy.audit import CallKey, CallLog
 from proxy.ca import leaf_certificate
 from proxy.listeners.spec import ListenerSpec
-from proxy.listeners.upstream import Streams, UpstreamDialer
+from proxy.listeners.upstream import Streams, UpstreamDialer, UpstreamError
 from proxy.redact import redact
 from proxy.tokens import Token, TokenCache
 
@@ -40,11 +41,35 @@ class ClientTLS:
     def __init__(self, ca_file: Path) -> None:
         self.ca_file = ca_file
         self._contexts: TTLCache[str, ssl.SSLContext] = TTLCache(64, ttl=24 * 3600)
+        self._names: dict[int, str] = {}  # id(leaf context) -> its host
+        self._by_server_name: dict[str, ssl.SSLContext] = {}
+
+    def by_server_name(self, allowed: Callable[[str], bool]) -> ssl.SSLContext:
+        """For transparent mode: a context that shows the leaf for the app's TLS server name
+        when `allowed(name)`, and fails the handshake otherwise (no name, or not an Azure
+        host of the protocol): keyless never guesses where a token should go."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+
+        def choose(sslobj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> int | None:
+            host = (name or "").lower().rstrip(".")
+            if not host or not allowed(host):
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            sslobj.context = self.context(host)
+            return None
+
+        context.sni_callback = choose
+        return context
+
+    def host_of(self, context: ssl.SSLContext) -> str | None:
+        """The host a leaf context (from `context`) was made for."""
+        return self._names.get(id(context))
 
     def context(self, host: str) -> ssl.SSLContext:
         context = self._contexts.get(host)
         if context is None:
             context = self._contexts[host] = self._build(host)
+            self._names = {id(c): name for name, c in self._contexts.items()}
         return context
 
     def _build(self, host: str) -> ssl.SSLContext:
@@ -88,6 +113,14 @@ class Connection:
     spec: ListenerSpec
     peer: str
     shared: Shared = field(repr=False)
+    # Transparent mode: the address the app dialled (iptables REDIRECT's original
+    # destination); the upstream host name comes from the app's TLS server name.
+    original_destination: tuple[str, int] | None = None
+    server_name_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+    @property
+    def transparent(self) -> bool:
+        return self.original_destination is not None
 
     @property
     def audit(self) -> bool:
@@ -98,7 +131,30 @@ class Connection:
         return await self.shared.tokens.get_token(self.spec.identity, self.spec.scope)
 
     async def open_upstream(self, tls: bool) -> Streams:
-        return await self.shared.dialer.open(*self.spec.upstream, tls=tls)
+        host, port = self.spec.upstream
+        if self.original_destination is not None:
+            if not host:
+                raise UpstreamError(
+                    "transparent mode needs TLS from the app (e.g. PostgreSQL sslmode=require, "
+                    "MySQL ssl-mode=REQUIRED): its TLS server name tells keyless the server")
+            return await self.shared.dialer.open(host, port, tls=tls,
+                                                 address=self.original_destination[0])
+        return await self.shared.dialer.open(host, port, tls=tls)
+
+    async def start_client_tls(self, writer: asyncio.StreamWriter) -> None:
+        """Upgrade the app's side to TLS with a keyless-CA leaf (the app asked for TLS).
+        Transparent mode: the leaf is for the app's TLS server name, which then becomes the
+        upstream host (dialled at the address the app dialled)."""
+        if self.server_name_context is None:
+            await writer.start_tls(self.client_tls_context())
+            return
+        await writer.start_tls(self.server_name_context)
+        ssl_object = writer.get_extra_info("ssl_object")
+        host = self.shared.client_tls.host_of(ssl_object.context) if ssl_object else None
+        if not host:
+            raise UpstreamError("the app's TLS connection named no server keyless may log in to")
+        assert self.original_destination is not None
+        self.spec = replace(self.spec, upstream=(host, self.original_destination[1]))
 
     async def start_upstream_tls(self, writer: asyncio.StreamWriter) -> None:
         await self.shared.dialer.start_tls(writer, self.spec.upstream[0])
@@ -111,6 +167,8 @@ class Connection:
             raise ValueError(f"unknown login result {result!r}")
         metrics.LISTENER_LOGINS.labels(listener=self.spec.name, protocol=self.spec.protocol,
                                        result=result).inc()
+        if result == "converted":  # the report: this server's logins now use the token
+            self._record("converted")
         level = logging.INFO if result in ("converted", "audited") else logging.WARNING
         logger.log(level, "%s login for %s to %s: %s", self.spec.protocol, self.peer,
                    self.spec.upstream[0], result)
@@ -133,9 +191,13 @@ class Connection:
 
     def record_password_login(self, user: str) -> None:
         """--audit: the app logged in with a password; `keyless report` plans its migration."""
+        self._record("audited")
+        logger.info("audit: %s password login as %r to %s", self.spec.protocol, user[:64],
+                    self.spec.upstream[0])
+
+    def _record(self, handled: str) -> None:
         host = self.spec.upstream[0]
         self.shared.calls.record(CallKey(
             service=self.spec.protocol, resource=host.split(".", 1)[0], host=host,
             scheme="password", operation="login", identity=self.spec.identity.label,
-            handled="audited"))
-        logger.info("audit: %s password login as %r to %s", self.spec.protocol, user[:64], host)
+            handled=handled))

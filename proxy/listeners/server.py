@@ -15,6 +15,7 @@ from proxy import metrics
 from proxy.listeners.connection import Connection, Shared
 from proxy.listeners.spec import ListenerSpec
 from proxy.redact import redact
+from proxy.tokens import Identity
 
 logger = logging.getLogger("proxy.listeners")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -75,17 +76,30 @@ class Listener:
                            self.spec.name, peername[0])
             writer.close()
             return
+        await self._run(Connection(self.spec, "", self.shared), reader, writer, self.session)
+
+    async def _run(self, conn: Connection, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter, session: Session) -> None:
+        peername = writer.get_extra_info("peername") or ("?", 0)
+        conn.peer = f"{peername[0]}:{peername[1]}"
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        self.accepted.inc()
-        self.open_gauge.inc()
-        conn = Connection(self.spec, f"{peername[0]}:{peername[1]}", self.shared)
+        accepted, open_gauge = self.accepted, self.open_gauge
+        if conn.spec.protocol != self.spec.protocol:  # transparent: counted per protocol
+            accepted = metrics.LISTENER_CONNECTIONS.labels(listener=conn.spec.name,
+                                                           protocol=conn.spec.protocol)
+            open_gauge = metrics.LISTENER_OPEN.labels(listener=conn.spec.name,
+                                                      protocol=conn.spec.protocol)
+        accepted.inc()
+        open_gauge.inc()
         try:
-            await self.session(conn, reader, writer)
+            if conn.transparent and conn.spec.protocol == "redis":
+                await conn.start_client_tls(writer)  # Redis speaks TLS from the first byte
+            await session(conn, reader, writer)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # one bad connection never stops the listener
@@ -93,7 +107,7 @@ class Listener:
                            conn.peer, redact(f"{type(exc).__name__}: {exc}", limit=300))
         finally:
             self._tasks.discard(task)
-            self.open_gauge.dec()
+            open_gauge.dec()
             writer.close()
 
     def stop_accepting(self) -> None:
@@ -138,3 +152,63 @@ class Listeners:
     async def stop(self) -> None:
         for listener in self.listeners:
             await listener.stop()
+
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same number
+PROTOCOL_BY_PORT = {5432: "postgres", 3306: "mysql", 6380: "redis", 10000: "redis"}
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int] | None:
+    """Where a connection redirected by iptables REDIRECT was going (None: not redirected)."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big")
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        return socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
+    except OSError:
+        return None
+
+
+class TransparentListener(Listener):
+    """--transparent-databases: connections iptables redirected from the Azure database and
+    cache ports. The original port picks the protocol; the app's TLS server name picks the
+    server (an Azure host of that protocol, or one a protocol route names), dialled at the
+    address the app dialled. Every such app uses TLS (Azure requires it), so the name is
+    always there; a connection without it is refused before anything goes upstream."""
+
+    def __init__(self, listen: tuple[str, int], shared: Shared,
+                 allowed: Callable[[str, str], bool], identity: Identity,
+                 sessions: dict[str, Session] | None = None) -> None:
+        spec = ListenerSpec("transparent", listen, ("", 0))
+        super().__init__(spec, shared, session=lambda *args: asyncio.sleep(0))
+        self.allowed_host = allowed
+        self.identity = identity
+        self.sessions = sessions or {}
+        self.contexts = {
+            protocol: shared.client_tls.by_server_name(lambda host, p=protocol: allowed(p, host))
+            for protocol in set(PROTOCOL_BY_PORT.values())}
+
+    def allowed(self, peer: str) -> bool:
+        return True  # REDIRECT keeps the pod's own source address; only local traffic gets here
+
+    def session_of(self, protocol: str) -> Session:
+        if protocol not in self.sessions:
+            self.sessions[protocol] = session_for(protocol)
+        return self.sessions[protocol]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        destination = original_destination(sock) if sock is not None else None
+        protocol = PROTOCOL_BY_PORT.get(destination[1]) if destination else None
+        if destination is None or protocol is None:
+            logger.warning("transparent database listener: a connection that was not "
+                           "redirected from a database port (original destination %s); closed",
+                           destination)
+            writer.close()
+            return
+        spec = ListenerSpec(protocol, self.spec.listen, ("", destination[1]),
+                            identity=self.identity, client_tls=True)
+        conn = Connection(spec, "", self.shared, original_destination=destination,
+                          server_name_context=self.contexts[protocol])
+        await self._run(conn, reader, writer, self.session_of(protocol))

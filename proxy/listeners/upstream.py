@@ -45,9 +45,13 @@ class UpstreamDialer:
     def __init__(self, dialer: AppDialer, tls: ssl.SSLContext) -> None:
         self.dialer, self.tls = dialer, tls
 
-    async def open(self, host: str, port: int, tls: bool) -> Streams:
+    async def open(self, host: str, port: int, tls: bool, address: str | None = None
+                   ) -> Streams:
+        """Connect to host:port (TLS verified for `host`); `address`: dial this address
+        instead of resolving `host` (transparent mode: where the app was going)."""
         try:
-            infos = await asyncio.wait_for(self.dialer.resolve(host, port), CONNECT_TIMEOUT)
+            infos = await asyncio.wait_for(self.dialer.resolve(address or host, port),
+                                           CONNECT_TIMEOUT)
         except TimeoutError:
             raise UpstreamError(f"resolving {host} timed out") from None
         except OSError as exc:  # DestinationDenied is an OSError too
