@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 
@@ -80,7 +81,7 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
     except asyncio.IncompleteReadError:
         _client_error(conn, "the client closed the connection during startup")
         return
-    except (CodecError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
+    except (CodecError, UpstreamError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
         _client_error(conn, str(exc) or type(exc).__name__)
         return
     if first is None:
@@ -133,7 +134,9 @@ async def _client_startup(conn: Connection,
                 raise CodecError("the client sent data after its SSLRequest before TLS")
             if conn.spec.client_tls:
                 await _write(writer, b"S")
-                await writer.start_tls(conn.client_tls_context())
+                # keyless' leaf for the server (transparent mode: for the app's TLS server
+                # name, which then names the upstream)
+                await conn.start_client_tls(writer)
             else:
                 await _write(writer, b"N")  # plain on loopback: the client goes on in clear
     raise CodecError("too many negotiation requests before the StartupMessage")
@@ -227,6 +230,10 @@ async def _login(conn: Connection, client: Streams,
     upstream: Streams | None = None
     try:
         async with asyncio.timeout(LOGIN_TIMEOUT):
+            if not conn.spec.upstream[0]:  # transparent mode, and the app spoke no TLS
+                raise LoginFailed("08006", "KeylessUpstreamFailed: transparent mode needs TLS "
+                                  "from the app (sslmode=require or verify-full): its TLS "
+                                  "server name tells keyless the server", "upstream_failed")
             # The token first: without one the server must not even see a login attempt.
             token = None if conn.audit else await _token(conn)
             upstream = await _open_tls_upstream(conn)
@@ -342,6 +349,12 @@ async def _pass_refusal(conn: Connection, client_writer: asyncio.StreamWriter, k
 
 async def _cancel(conn: Connection, request: CancelRequest) -> None:
     """Send the client's CancelRequest to the server its key came from, over TLS."""
+    if conn.transparent and not conn.spec.upstream[0]:
+        # sent without TLS (libpq before 17 cancels in clear), so no server name: the key
+        # names the server, if exactly one live connection through this port holds it
+        upstream = CANCEL_KEYS.upstream_of(conn.spec.upstream[1], request.pid, request.secret)
+        if upstream is not None:
+            conn.spec = dataclasses.replace(conn.spec, upstream=upstream)
     if not CANCEL_KEYS.knows(conn.spec.upstream, request.pid, request.secret):
         logger.info("postgres %s: CancelRequest for an unknown key dropped", conn.peer)
         return
