@@ -291,13 +291,19 @@ async def _token_login(conn: Connection, client: Streams, upstream: Streams, use
             await _pass_refusal(conn, client_writer, kind, body, message, user)
         if isinstance(message, BackendKeyData):
             key = message
-            CANCEL_KEYS.remember(conn.spec.upstream, key.pid, key.secret)
         client_writer.write(codec.encode_message(kind, body))
         if isinstance(message, ReadyForQuery):
             await client_writer.drain()
+            _remember(conn, key)
             conn.login("converted")
             return key
     raise CodecError("the server sent too many messages during login")
+
+
+def _remember(conn: Connection, key: BackendKeyData | None) -> None:
+    # Only once the login is done: a failed login leaves nothing behind in the map.
+    if key is not None:
+        CANCEL_KEYS.remember(conn.spec.upstream, key.pid, key.secret)
 
 
 async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
@@ -314,7 +320,6 @@ async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
             await _pass_refusal(conn, client_writer, kind, body, message, user)
         if isinstance(message, BackendKeyData):
             key = message
-            CANCEL_KEYS.remember(conn.spec.upstream, key.pid, key.secret)
         await _write(client_writer, codec.encode_message(kind, body))
         if isinstance(message, Authentication) and message.code in ANSWERED_AUTH:
             password_login |= message.code in PASSWORD_AUTH
@@ -326,6 +331,7 @@ async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
         if isinstance(message, ReadyForQuery):
             if password_login:
                 conn.record_password_login(user)
+            _remember(conn, key)
             conn.login("audited")
             return key
     raise CodecError("the server sent too many messages during login")
