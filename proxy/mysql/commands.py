@@ -63,7 +63,8 @@ class AppCommands:
                     continue
                 break  # a header (and a command byte) still to come
             length = int.from_bytes(self.pending[:3], "little")
-            command = self.pending[3] == 0 and not self.continued
+            # an empty packet has no command byte (pending[4] is the next packet's)
+            command = self.pending[3] == 0 and not self.continued and length > 0
             self.continued = length == codec.MAX_PAYLOAD
             if command and self.pending[4] == COM_CHANGE_USER:
                 if length > codec.MAX_AUTH_PACKET:

@@ -64,6 +64,13 @@ def test_only_commands_are_examined():
     assert out == data_packet + big and replies == b""
 
 
+def test_an_empty_packet_has_no_command_byte():
+    # found by the fuzzing below: the byte after an empty packet's header is the next header's
+    stream = codec.encode_packet(0, b"") + query(b"\0" * 16)  # 17 bytes long: 0x11
+    out, replies = asyncio.run(through([stream]))
+    assert out == stream and replies == b""
+
+
 def test_an_oversized_change_user_ends_the_connection():
     header = (codec.MAX_AUTH_PACKET + 1).to_bytes(3, "little") + b"\x00\x11"
     with pytest.raises(ConnectionError):
