@@ -21,11 +21,19 @@ class Replies:
         self.data += data
 
 
+class Chunks:
+    """The app's stream as the socket delivered it: one read per chunk (a StreamReader
+    would join them)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+
+    async def read(self, n: int = -1) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
 async def through(chunks: list[bytes]) -> tuple[bytes, bytes]:
-    reader = asyncio.StreamReader()
-    for chunk in chunks:
-        reader.feed_data(chunk)
-    reader.feed_eof()
+    reader = Chunks(chunks)
     replies = Replies()
     commands = AppCommands(reader, replies, "test")  # type: ignore[arg-type]
     out = bytearray()
