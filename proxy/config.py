@@ -203,8 +203,9 @@ FLAGS: tuple[Flag, ...] = (
          "Intercept Key Vault and replace the app's own Bearer token with the identity's "
          "(scope from the vault's 401 challenge).", switch=True),
     Flag("ready-scopes", "SCOPE", (), str,
-         "Scopes whose tokens (default identity) are fetched at start; /readyz stays 503 "
-         "until all are cached. Repeatable.", repeatable=True),
+         "Scopes whose tokens are fetched at start; /readyz stays 503 until all are cached. "
+         "A scope listeners use is fetched for each of their identities, any other for the "
+         "default identity. Repeatable.", repeatable=True),
     Flag("audit", "BOOL", "false", parse_bool,
          "Audit mode: change nothing, forward every request as the app sent it, and record "
          "each key-based call for `keyless report`.", switch=True),

@@ -216,11 +216,14 @@ def default_identity() -> Identity:
 
 
 def ready_keys(settings: Settings) -> set[tuple[Identity, str]]:
-    """The tokens /readyz waits for: each --ready-scopes scope for the default identity, and
-    for every listener whose scope it names, that listener's identity."""
-    keys = {(default_identity(), scope) for scope in settings.ready_scopes}
-    keys |= {(listener_identity(spec.identity), spec.scope) for spec in settings.listeners
-             if spec.scope in settings.ready_scopes}
+    """The tokens /readyz waits for: a --ready-scopes scope that listeners use is waited for
+    with each of those listeners' identities (a listener may have an identity of its own, and
+    the pod perhaps no default one); any other scope with the default identity."""
+    keys: set[tuple[Identity, str]] = set()
+    for scope in settings.ready_scopes:
+        listeners = [spec for spec in settings.listeners if spec.scope == scope]
+        keys |= {(listener_identity(spec.identity), scope) for spec in listeners} or {
+            (default_identity(), scope)}
     return keys
 
 

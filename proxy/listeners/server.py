@@ -98,7 +98,13 @@ class Listener:
         open_gauge.inc()
         try:
             if conn.transparent and conn.spec.protocol == "redis":
-                await conn.start_client_tls(writer)  # Redis speaks TLS from the first byte
+                # Redis speaks TLS from the first byte; the session sees the plain stream
+                tls_reader, tls_writer = await conn.accept_client_tls(reader, writer)
+                try:
+                    await session(conn, tls_reader, tls_writer)  # type: ignore[arg-type]
+                finally:
+                    tls_writer.close()
+                return
             await session(conn, reader, writer)
         except asyncio.CancelledError:
             pass
@@ -175,7 +181,9 @@ class TransparentListener(Listener):
     cache ports. The original port picks the protocol; the app's TLS server name picks the
     server (an Azure host of that protocol, or one a protocol route names), dialled at the
     address the app dialled. Every such app uses TLS (Azure requires it), so the name is
-    always there; a connection without it is refused before anything goes upstream."""
+    always there; a connection without it is refused before anything goes upstream. There is
+    no client check: REDIRECT keeps the pod's own source address, and only the pod's own
+    connections reach a loopback listener (--transparent-databases must be loopback)."""
 
     def __init__(self, listen: tuple[str, int], shared: Shared,
                  allowed: Callable[[str, str], bool], identity: Identity,
@@ -188,9 +196,6 @@ class TransparentListener(Listener):
         self.contexts = {
             protocol: shared.client_tls.by_server_name(lambda host, p=protocol: allowed(p, host))
             for protocol in set(PROTOCOL_BY_PORT.values())}
-
-    def allowed(self, peer: str) -> bool:
-        return True  # REDIRECT keeps the pod's own source address; only local traffic gets here
 
     def session_of(self, protocol: str) -> Session:
         if protocol not in self.sessions:

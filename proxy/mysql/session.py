@@ -28,11 +28,11 @@ from typing import NoReturn, cast
 
 from proxy.listeners.connection import Connection
 from proxy.listeners.relay import relay
+from proxy.listeners.tls import TLSReader, TLSWriter, UpgradableWriter
 from proxy.listeners.upstream import UpstreamError
 from proxy.mysql import codec
 from proxy.mysql.codec import Err, HandshakeResponse, ProtocolError
 from proxy.mysql.commands import AppCommands
-from proxy.mysql.tls import TLSReader, TLSWriter, UpgradableWriter
 from proxy.redact import redact
 from proxy.tokens import TokenUnavailable
 
@@ -215,7 +215,7 @@ async def app_login(conn: Connection, app: Side, greeting: codec.Handshake
 
 async def client_tls(conn: Connection, app: Side) -> None:
     # not StreamWriter.start_tls: the app's ClientHello follows its SSLRequest unasked and
-    # may already be in the reader's buffer (proxy/mysql/tls.py)
+    # may already be in the reader's buffer (proxy/listeners/tls.py)
     upgrade = UpgradableWriter(*app.streams)
     try:
         await conn.start_client_tls(cast(asyncio.StreamWriter, upgrade))
