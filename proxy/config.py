@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,19 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+AMQP_REVERSE = "amqps://"  # marks an AMQP --reverse target until resolve() makes it a listener
+
+
 def parse_reverse(text: str) -> tuple[int, str]:
+    """PORT=https://HOST (HTTP), or PORT=amqps://HOST (AMQP: Service Bus, Event Hubs)."""
     port, sep, url = text.partition("=")
-    match = re.fullmatch(r"https://([a-z0-9.-]+)(?::443)?/?", url.strip().lower())
-    if not sep or not port.strip().isdigit() or not 0 < int(port) < 65536 or not match:
-        raise ValueError(f"expected PORT=https://AZURE-HOST, got {text!r}")
-    return int(port), match.group(1)
+    match = re.fullmatch(r"(https|amqps)://([a-z0-9.-]+)(?::(443|5671))?/?", url.strip().lower())
+    if not sep or not port.strip().isdigit() or not 0 < int(port) < 65536 or not match or (
+            match.group(3) and match.group(3) != ("443" if match.group(1) == "https" else "5671")):
+        raise ValueError(f"expected PORT=https://AZURE-HOST or PORT=amqps://NAMESPACE-HOST, "
+                         f"got {text!r}")
+    host = match.group(2)
+    return int(port), (AMQP_REVERSE + host if match.group(1) == "amqps" else host)
 
 
 def parse_days(text: str) -> float:
@@ -154,7 +161,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("reverse", "PORT=URL", (), parse_reverse,
          "Reverse mode: serve plain HTTP on 127.0.0.1:PORT and forward to the Azure endpoint "
          "URL (https://HOST), converting as in forward mode; the app needs no proxy setting "
-         "and no CA. Repeatable.", repeatable=True),
+         "and no CA. amqps://NAMESPACE.servicebus.windows.net: a plain AMQP listener for "
+         "Service Bus and Event Hubs apps (UseDevelopmentEmulator=true), keyless speaking "
+         "AMQPS to the namespace. Repeatable.", repeatable=True),
     Flag("postgres", "[ADDR:]PORT=HOST[:PORT][?OPTS]", (), str,
          "A PostgreSQL listener: apps connect to ADDR:PORT (default 127.0.0.1) with any "
          "password; keyless logs in to HOST (an Azure Database for PostgreSQL server, port "
@@ -350,7 +359,11 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
         settings = replace(settings, routes=parse_routes(http_routes, settings.catalog()))
     except ValueError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
-    settings = replace(settings, listeners=listener_specs(settings, routed_hosts),
+    amqp = [(port, host.removeprefix(AMQP_REVERSE)) for port, host in settings.reverse
+            if host.startswith(AMQP_REVERSE)]
+    settings = replace(settings, reverse=tuple((port, host) for port, host in settings.reverse
+                                               if not host.startswith(AMQP_REVERSE)))
+    settings = replace(settings, listeners=listener_specs(settings, routed_hosts, amqp),
                        protocol_routes=tuple(sorted((protocol, host)
                                                     for protocol, hosts in routed_hosts.items()
                                                     for host in hosts)))
@@ -362,9 +375,15 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
     return settings
 
 
-def listener_specs(settings: Settings, routed_hosts: Mapping[str, frozenset[str]]
-                   ) -> tuple[ListenerSpec, ...]:
+def listener_specs(settings: Settings, routed_hosts: Mapping[str, frozenset[str]],
+                   amqp: Sequence[tuple[int, str]] = ()) -> tuple[ListenerSpec, ...]:
     specs: list[ListenerSpec] = []
+    for port, host in amqp:  # --reverse PORT=amqps://NAMESPACE: a plain AMQP listener
+        try:
+            specs.append(parse_listener("amqp", f"{port}={host}",
+                                        routed_hosts.get("amqp", frozenset())))
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("--amqp", "--reverse")) from None
     for protocol in ("postgres", "mysql", "redis"):
         for text in getattr(settings, protocol):
             try:

@@ -126,7 +126,8 @@ def build_listeners(settings: Settings, tokens: TokenCache, calls: CallLog,
     except UpstreamError as exc:
         raise StartupError(str(exc)) from None
     shared = Shared(tokens, UpstreamDialer(dialer, trust), calls,
-                    ClientTLS(settings.confdir / CA_KEY_AND_CERT), audit=settings.audit)
+                    ClientTLS(settings.confdir / CA_KEY_AND_CERT), audit=settings.audit,
+                    catalog=settings.catalog())
     listeners: list[Listener] = [
         Listener(dataclasses.replace(spec, identity=listener_identity(spec.identity)), shared,
                  settings.allow_clients)
