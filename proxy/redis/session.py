@@ -10,8 +10,9 @@ never leaves keyless (except under --audit, which forwards it and records the lo
 The relay is command-aware but does not re-serialize: `CommandScanner` finds command names and
 boundaries, `ReplyScanner` reply boundaries, and bytes pass in the chunks they were read in.
 Each command that will be answered puts an `Entry` in `Session.replies`, in order; the
-upstream side pops one per reply, and pushes (`>`) pop nothing. That lets keyless put its own commands into
-the stream at a command boundary and swallow their replies, whatever the app has in flight:
+upstream side pops one per reply, and pushes (`>`) pop nothing. That lets keyless put its own
+commands into the stream at a command boundary and swallow their replies, whatever the app
+has in flight:
 
 - re-auth: at the token's refresh time (with jitter, never later than a margin before expiry)
   keyless gets the new token and sends `AUTH <oid> <new token>` behind whatever the app has
