@@ -135,17 +135,21 @@ class AmqpOverWebSocket:
             self._event(namespace, identity, kind, details)
 
         state.identity = identity
-        state.amqp = self.converter(namespace, tokens, audit=self.audit, on_event=on_event)
+        try:
+            state.amqp = self.converter(namespace, tokens, audit=self.audit, on_event=on_event)
+        except Exception as exc:  # fail closed: without a converter no SAS may pass
+            self._fail(flow, state, f"no converter ({type(exc).__name__})")
 
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
-        if state is None or state.amqp is None or flow.websocket is None:
+        if flow.websocket is None or not is_amqp_upgrade(flow, state):
             return
+        assert state is not None
         message = flow.websocket.messages[-1]
         if message.injected:
             return  # our own: already converted
-        if state.amqp_failed or message.is_text:
-            # AMQP is binary; after an error nothing more is forwarded either way.
+        if state.amqp is None or state.amqp_failed or message.is_text:
+            # AMQP is binary; without a working converter nothing is forwarded either way.
             message.drop()
             return
         try:
@@ -155,9 +159,11 @@ class AmqpOverWebSocket:
             else:
                 out = state.amqp.from_service(message.content)
                 back, onward = out.to_service, out.to_app
-        except protocol_errors() as exc:
-            self._fail(flow, state, str(exc))
+        except Exception as exc:  # fail closed: an unconverted message must not go on
             message.drop()
+            known = isinstance(exc, protocol_errors())  # its message is safe to log
+            self._fail(flow, state, str(exc) if known else f"internal error "
+                       f"({type(exc).__name__})")
             return
         if onward:
             message.content = onward

@@ -54,6 +54,8 @@ class FramingConverter:
             one, self.app = bytes(self.app[:size]), self.app[size:]
             if one[4:] == b"garbage":
                 raise StandInError("not an AMQP frame")
+            if one[4:] == b"bug":
+                raise RuntimeError("a converter bug quoting SharedAccessSignature sr=...")
             if one[4:] == b"ask":
                 back += frame(b"answer")
             else:
@@ -70,12 +72,14 @@ def stand_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, broken_factory: bool = False) -> None:
         self.injected: list[tuple[bool, bytes]] = []
         self.closed = 0
         self.converters: list[FramingConverter] = []
 
         def converter(namespace, tokens, *, audit, on_event):
+            if broken_factory:
+                raise ImportError("no proxy.amqp")
             self.converters.append(FramingConverter(namespace))
             return self.converters[-1]
 
@@ -162,3 +166,20 @@ def test_other_websockets_are_left_alone():
     assert flow_state(flow).amqp is None
     asyncio.run(h.addon.websocket_message(flow))  # no message, no converter: no error
     assert len(h.converters) == 1
+
+
+def test_an_unexpected_converter_failure_also_closes_and_is_not_quoted(
+        caplog: pytest.LogCaptureFixture):
+    h = Harness()
+    assert h.send(True, frame(b"bug")).dropped
+    assert h.closed == 1
+    assert h.send(True, frame(b"attach")).dropped
+    assert "SharedAccessSignature" not in caplog.text
+    assert "RuntimeError" in caplog.text
+
+
+def test_without_a_converter_nothing_passes():
+    h = Harness(broken_factory=True)
+    assert h.closed == 1
+    assert h.send(True, frame(b"put-token with a SAS")).dropped
+    assert h.send(False, frame(b"open")).dropped
