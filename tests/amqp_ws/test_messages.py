@@ -63,6 +63,7 @@ class FramingConverter:
         return Output(to_service=onward, to_app=back)
 
     def from_service(self, data: bytes) -> Output:
+        self.seen.append(data)
         return Output(to_app=data.replace(b"secret", b"******"))
 
 
@@ -127,8 +128,9 @@ def test_keyless_own_answer_goes_back_to_the_app_and_is_not_converted_again():
     assert message.content == frame(b"attach")
     assert h.injected == [(True, frame(b"answer"))]  # to the client
     fed = list(h.converters[0].seen)
-    h.send(False, frame(b"answer"), injected=True)  # mitmproxy's hook for our injection
+    answer = h.send(False, frame(b"answer"), injected=True)  # mitmproxy's hook for it
     assert h.converters[0].seen == fed
+    assert answer.content == frame(b"answer") and not answer.dropped
 
 
 def test_the_services_messages_go_through_from_service():
