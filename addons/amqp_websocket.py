@@ -32,13 +32,14 @@ logger = logging.getLogger(__name__)
 WEBSOCKET_PATH = "/$servicebus/websocket"
 AMQP_SERVICES = frozenset({"servicebus", "eventhubs"})
 LISTENER = "websocket:443"  # the keyless_listener_logins_total{listener} label
-# The converter's events, as keyless_listener_logins_total results.
+# The converter's events, as keyless_listener_logins_total results ("put_token_refused", the
+# app's answer when keyless had no token, was counted as token_unavailable already).
 LOGIN_RESULTS = {
-    "put_token_converted": "converted",
+    "put_token_converted": "converted",  # the service accepted keyless' token
     "token_unavailable": "token_unavailable",
-    "put_token_refused": "upstream_refused",
-    "put_token_audited": "audited",
-    "protocol_error": "client_error",
+    "put_token_rejected": "upstream_refused",  # the service refused keyless' token
+    "sas_seen": "audited",  # --audit: a SAS (or SASL PLAIN key) went on as the app sent it
+    "sasl_refused": "client_error",  # a SASL mechanism that would carry the key
 }
 
 
@@ -171,6 +172,9 @@ class AmqpOverWebSocket:
             message.drop()  # the converter holds a partial frame
         if back:
             self.inject(flow, message.from_client, back)  # back where it came from
+        if getattr(out, "close", False):  # e.g. after refusing a SASL login that holds a key
+            state.amqp_failed = True
+            self.close(flow)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
@@ -196,7 +200,10 @@ class AmqpOverWebSocket:
                 scheme="SharedAccessSignature", operation="login", identity=identity.label,
                 handled=result))
         level = logging.INFO if result in ("converted", "audited") else logging.WARNING
-        logger.log(level, "AMQP over WebSocket put-token to %s: %s", namespace, result)
+        # Only names and reasons the converter made safe to log (never a SAS or token).
+        said = details.get("key_name") if result == "audited" else details.get("reason")
+        logger.log(level, "AMQP over WebSocket login to %s: %s%s", namespace, result,
+                   f" ({str(said)[:200]})" if said else "")
 
     @staticmethod
     def _count(result: str) -> None:

@@ -32,6 +32,7 @@ class StandInError(Exception):
 class Output:
     to_service: bytes = b""
     to_app: bytes = b""
+    close: bool = False
 
 
 def frame(body: bytes) -> bytes:
@@ -56,6 +57,9 @@ class FramingConverter:
                 raise StandInError("not an AMQP frame")
             if one[4:] == b"bug":
                 raise RuntimeError("a converter bug quoting SharedAccessSignature sr=...")
+            if one[4:] == b"sasl-plain":
+                return Output(to_service=onward, to_app=frame(b"sasl-outcome: auth"),
+                              close=True)
             if one[4:] == b"ask":
                 back += frame(b"answer")
             else:
@@ -185,3 +189,12 @@ def test_without_a_converter_nothing_passes():
     assert h.closed == 1
     assert h.send(True, frame(b"put-token with a SAS")).dropped
     assert h.send(False, frame(b"open")).dropped
+
+
+def test_a_refusal_reaches_the_app_then_the_flow_closes():
+    h = Harness()
+    message = h.send(True, frame(b"sasl-plain"))
+    assert message.dropped
+    assert h.injected == [(True, frame(b"sasl-outcome: auth"))]
+    assert h.closed == 1
+    assert h.send(True, frame(b"open")).dropped
