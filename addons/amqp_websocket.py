@@ -45,15 +45,19 @@ LOGIN_RESULTS = {
 
 class ConverterFactory(Protocol):
     def __call__(self, namespace: str, tokens: Callable[[str, float | None], Any], *,
-                 audit: bool, on_event: Callable[[str, dict[str, Any]], None]) -> AmqpStream: ...
+                 service: str, audit: bool,
+                 on_event: Callable[[str, dict[str, Any]], None]) -> AmqpStream: ...
 
 
-def amqp_converter(namespace: str, tokens: Callable[[str, float | None], Any], *, audit: bool,
-                   on_event: Callable[[str, dict[str, Any]], None]) -> AmqpStream:
+def amqp_converter(namespace: str, tokens: Callable[[str, float | None], Any], *, service: str,
+                   audit: bool, on_event: Callable[[str, dict[str, Any]], None]) -> AmqpStream:
     from proxy.amqp.stream import AmqpConverter
 
-    # The app names the real namespace (a proxy sees the real URL): nothing to rewrite.
-    return AmqpConverter(namespace, tokens, audit=audit, on_event=on_event)
+    # The app names the real namespace (a proxy sees the real URL): nothing to rewrite. A
+    # put-token's audience does not tell Service Bus from Event Hubs: the namespace's
+    # catalog entry does (a route with service = "eventhubs"; Service Bus by default).
+    return AmqpConverter(namespace, tokens, service_for=lambda _audience: service,
+                         audit=audit, on_event=on_event)
 
 
 def protocol_errors() -> tuple[type[BaseException], ...]:
@@ -128,6 +132,7 @@ class AmqpOverWebSocket:
         namespace = catalog_host(flow)
         target = self.catalog.match(namespace, flow.request.path)
         identity = (target.service.identity if target else None) or self.identity
+        service = target.service.name if target else state.service
 
         async def tokens(scope: str, valid_until: float | None) -> Token:
             return await self.tokens.get_token(identity, scope, valid_until=valid_until)
@@ -137,7 +142,8 @@ class AmqpOverWebSocket:
 
         state.identity = identity
         try:
-            state.amqp = self.converter(namespace, tokens, audit=self.audit, on_event=on_event)
+            state.amqp = self.converter(namespace, tokens, service=service, audit=self.audit,
+                                        on_event=on_event)
         except Exception as exc:  # fail closed: without a converter no SAS may pass
             self._fail(flow, state, f"no converter ({type(exc).__name__})")
 

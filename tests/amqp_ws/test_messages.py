@@ -82,7 +82,7 @@ class Harness:
         self.closed = 0
         self.converters: list[FramingConverter] = []
 
-        def converter(namespace, tokens, *, audit, on_event):
+        def converter(namespace, tokens, *, service, audit, on_event):
             if broken_factory:
                 raise ImportError("no proxy.amqp")
             self.converters.append(FramingConverter(namespace))
