@@ -127,21 +127,25 @@ def build_listeners(settings: Settings, tokens: TokenCache, calls: CallLog,
     except UpstreamError as exc:
         raise StartupError(str(exc)) from None
     shared = Shared(tokens, UpstreamDialer(dialer, trust), calls,
-                    ClientTLS(settings.confdir / CA_KEY_AND_CERT), audit=settings.audit)
+                    ClientTLS(settings.confdir / CA_KEY_AND_CERT), audit=settings.audit,
+                    catalog=settings.catalog())
     listeners: list[Listener] = [
         Listener(dataclasses.replace(spec, identity=listener_identity(spec.identity)), shared,
                  settings.allow_clients)
         for spec in settings.listeners]
-    if settings.transparent_databases is not None:
+    if settings.transparent:
         routed = set(settings.protocol_routes)
 
         def allowed(protocol: str, host: str) -> bool:
             return azure_host(protocol, host) or (protocol, host) in routed
 
-        host, port = settings.transparent_databases
+        host, port = settings.transparent_listen
         # The recipe's ip6tables REDIRECT sends IPv6 connections to [::1]: listen there too.
         hosts = [host, "::1"] if host == "127.0.0.1" and ipv6_loopback() else [host]
-        listeners += [TransparentListener((address, port), shared, allowed, default_identity())
+        protocols = {"amqp"} | ({"postgres", "mysql", "redis"}
+                                if settings.transparent_databases else set())
+        listeners += [TransparentListener((address, port), shared, allowed, default_identity(),
+                                          protocols=protocols)
                       for address in hosts]
     return Listeners(listeners)
 

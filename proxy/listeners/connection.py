@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cachetools import TTLCache
 from cryptography import x509
@@ -24,7 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from proxy import metrics
 from proxy.audit import CallKey, CallLog
 from proxy.ca import leaf_certificate
-from proxy.listeners.spec import ListenerSpec
+from proxy.catalog import Catalog
+from proxy.listeners.spec import SERVICEBUS_SCOPE, ListenerSpec
 from proxy.listeners.tls import TLSReader, TLSWriter, accept_tls
 from proxy.listeners.upstream import Streams, UpstreamDialer, UpstreamError
 from proxy.redact import redact
@@ -107,6 +109,7 @@ class Shared:
     calls: CallLog
     client_tls: ClientTLS
     audit: bool = False
+    catalog: Catalog | None = None  # AMQP: routes say which namespaces are Event Hubs
 
 
 @dataclass(slots=True)
@@ -135,6 +138,19 @@ class Connection:
         """The identity's token for another scope (AMQP: Service Bus or Event Hubs per
         entity), valid at least until `valid_until` when given."""
         return await self.shared.tokens.get_token(self.spec.identity, scope, valid_until)
+
+    def service_for(self, audience: str) -> tuple[str, str]:
+        """AMQP: (service, scope) for a put-token's audience (`sb://NS/entity`, `amqp://…`):
+        a `[[route]]` with `service = "eventhubs"` for the namespace, or a path only Event
+        Hubs has (consumer groups, partitions), makes it Event Hubs; anything else is Service
+        Bus, as for REST."""
+        split = urlsplit(audience if "://" in audience else f"sb://{audience}")
+        host = (split.hostname or "").lower() or self.spec.upstream[0]
+        target = self.shared.catalog.match(host, split.path.lower() or "/") if self.shared.catalog \
+            else None
+        if target is not None and target.service.name in ("servicebus", "eventhubs"):
+            return target.service.name, target.scope
+        return "servicebus", SERVICEBUS_SCOPE
 
     async def open_upstream(self, tls: bool) -> Streams:
         host, port = self.spec.upstream

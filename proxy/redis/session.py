@@ -68,7 +68,8 @@ LOGIN_TIMEOUT = 15.0  # the upstream's answer to keyless' AUTH on connect
 FIRST_COMMAND_TIMEOUT = 30.0  # waiting for the app's first command to answer it an error
 MAX_JITTER = 60.0  # spread of re-auths of many connections that share one token
 RETRY_PAUSE = 5.0  # after a failed re-auth attempt, while the token still serves
-POLL_PAUSE = 1.0  # waiting for the token cache's background refresh to hand a new token
+POLL_PAUSE = 1.0  # waiting for the token cache to hand out a newer token: at least,
+MAX_POLL = 15.0  # and at most this long between two asks
 PUBSUB_ALLOWED = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe",
                             b"punsubscribe", b"sunsubscribe", b"ping", b"quit", b"reset"))
 SUBSCRIBE = frozenset((b"subscribe", b"psubscribe", b"ssubscribe"))
@@ -403,8 +404,11 @@ class Session:
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             if token.value == current.value or token.expires_on <= current.expires_on:
-                # The cache's refresh is under way; it hands out the new token shortly.
-                await asyncio.sleep(POLL_PAUSE if time.time() < current.expires_on
+                # No newer token yet: the cache's refresh is under way, or (azure-identity
+                # refreshes managed-identity tokens only in their last 5 minutes) the cache
+                # gets it when the old one's use ends. Ask again, more often as expiry nears.
+                left = current.expires_on - time.time()
+                await asyncio.sleep(min(MAX_POLL, max(POLL_PAUSE, left / 20)) if left > 0
                                     else RETRY_PAUSE)
                 continue
             if self.monitor:
