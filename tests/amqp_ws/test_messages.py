@@ -198,3 +198,37 @@ def test_a_refusal_reaches_the_app_then_the_flow_closes():
     assert h.injected == [(True, frame(b"sasl-outcome: auth"))]
     assert h.closed == 1
     assert h.send(True, frame(b"open")).dropped
+
+
+def upgrade_flow(host_header: str = NAMESPACE, tls: bool = True):
+    flow = tflow.twebsocketflow(messages=False)
+    flow.response = None  # the upgrade request, before the service answered
+    request = flow.request
+    request.host, request.port = NAMESPACE, 443
+    request.scheme = "https" if tls else "http"
+    request.path = "/$servicebus/websocket"
+    request.headers["host"] = host_header
+    flow.client_conn.sni = NAMESPACE if tls else None
+    flow.client_conn.timestamp_tls_setup = 946681200.5 if tls else None
+    flow.server_conn.address = (NAMESPACE, 443)
+    start_state(flow, "servicebus", "keylessbus")
+    return flow
+
+
+def test_an_upgrade_to_the_agreed_namespace_goes_on():
+    flow = upgrade_flow()
+    Harness().addon.requestheaders(flow)
+    assert flow.response is None and not flow_state(flow).refused
+
+
+def test_an_upgrade_whose_names_disagree_is_refused_before_any_sas_can_leave():
+    flow = upgrade_flow(host_header="other.servicebus.windows.net")
+    Harness().addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 421
+    assert flow_state(flow).refused
+
+
+def test_a_plain_ws_upgrade_is_refused():
+    flow = upgrade_flow(tls=False)
+    Harness().addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
