@@ -16,6 +16,7 @@ from mitmproxy import exceptions, master, options
 from mitmproxy.addons import errorcheck
 from mitmproxy.proxy.layers.http import _http1
 
+from addons.amqp_websocket import AmqpOverWebSocket
 from addons.azure_auth import AzureAuth
 from addons.diagnose import DiagnoseDenials
 from addons.failclosed import FailClosed
@@ -196,6 +197,9 @@ def request_chain(settings: Settings, catalog: Catalog, tokens: TokenCache, call
     - AzureAuth converts (strips key material, attaches the token, fills the flow record).
     - FailClosed comes right after it and before anything that sends: the upstream pool
       sends in its request hook and the 401 replay in its response hook, both later.
+    - AmqpOverWebSocket reads the record AzureAuth filled for a /$servicebus/websocket
+      upgrade (refusing one whose names disagree, before anything sends) and converts the
+      AMQP inside the WebSocket messages (its websocket hooks are its own).
     - ReplayUnauthorized and PoolUpstream read the record AzureAuth filled.
     - ResignBlobBatch re-signs a Blob Batch's sub-requests in its request hook, before the
       pool sends it (and wraps the record's reattach, so a replay re-signs them too).
@@ -207,6 +211,8 @@ def request_chain(settings: Settings, catalog: Catalog, tokens: TokenCache, call
         ResumeUpstreamTLS(),
         AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
         FailClosed(catalog, audit=settings.audit),
+        # AMQP over WebSocket: reads the record AzureAuth filled for the upgrade request
+        AmqpOverWebSocket(catalog, tokens, default_identity(), calls, audit=settings.audit),
         ReplayUnauthorized(tokens, upstream),
         ResignBlobBatch(),
         PoolUpstream(upstream, UpstreamRelay(), enabled=settings.upstream_pool),
