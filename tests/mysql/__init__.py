@@ -1,0 +1,1 @@
+"""MySQL: codec, the real MariaDB and fake Azure peers, and keyless between app and server."""
