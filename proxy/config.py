@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,19 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+AMQP_REVERSE = "amqps://"  # marks an AMQP --reverse target until resolve() makes it a listener
+
+
 def parse_reverse(text: str) -> tuple[int, str]:
+    """PORT=https://HOST (HTTP), or PORT=amqps://HOST (AMQP: Service Bus, Event Hubs)."""
     port, sep, url = text.partition("=")
-    match = re.fullmatch(r"https://([a-z0-9.-]+)(?::443)?/?", url.strip().lower())
-    if not sep or not port.strip().isdigit() or not 0 < int(port) < 65536 or not match:
-        raise ValueError(f"expected PORT=https://AZURE-HOST, got {text!r}")
-    return int(port), match.group(1)
+    match = re.fullmatch(r"(https|amqps)://([a-z0-9.-]+)(?::(443|5671))?/?", url.strip().lower())
+    if not sep or not port.strip().isdigit() or not 0 < int(port) < 65536 or not match or (
+            match.group(3) and match.group(3) != ("443" if match.group(1) == "https" else "5671")):
+        raise ValueError(f"expected PORT=https://AZURE-HOST or PORT=amqps://NAMESPACE-HOST, "
+                         f"got {text!r}")
+    host = match.group(2)
+    return int(port), (AMQP_REVERSE + host if match.group(1) == "amqps" else host)
 
 
 def parse_days(text: str) -> float:
@@ -154,7 +161,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("reverse", "PORT=URL", (), parse_reverse,
          "Reverse mode: serve plain HTTP on 127.0.0.1:PORT and forward to the Azure endpoint "
          "URL (https://HOST), converting as in forward mode; the app needs no proxy setting "
-         "and no CA. Repeatable.", repeatable=True),
+         "and no CA. amqps://NAMESPACE.servicebus.windows.net: a plain AMQP listener for "
+         "Service Bus and Event Hubs apps (UseDevelopmentEmulator=true), keyless speaking "
+         "AMQPS to the namespace. Repeatable.", repeatable=True),
     Flag("postgres", "[ADDR:]PORT=HOST[:PORT][?OPTS]", (), str,
          "A PostgreSQL listener: apps connect to ADDR:PORT (default 127.0.0.1) with any "
          "password; keyless logs in to HOST (an Azure Database for PostgreSQL server, port "
@@ -173,10 +182,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("transparent", "BOOL", "false", parse_bool,
          "Transparent mode: --listen receives connections redirected by iptables (see "
          "`keyless iptables`) instead of proxy requests.", switch=True),
-    Flag("transparent-databases", "HOST:PORT", "", lambda s: parse_host_port(s) if s else None,
+    Flag("transparent-listen", "HOST:PORT", "127.0.0.1:15671", parse_host_port,
+         "With --transparent: where keyless takes the redirected connections that are not "
+         "HTTPS: AMQP (5671; Service Bus, Event Hubs) and, with --transparent-databases, "
+         "PostgreSQL, MySQL and Redis. The app's TLS server name picks the Azure host. "
+         "Loopback only."),
+    Flag("transparent-databases", "BOOL", "false", parse_bool,
          "With --transparent: also take redirected PostgreSQL (5432), MySQL (3306) and Redis "
-         "(6380, 10000) connections on HOST:PORT (e.g. 127.0.0.1:15432); the app's TLS server "
-         "name picks the Azure server, and `keyless iptables` prints their rules too."),
+         "(6380, 10000) connections on --transparent-listen, and have `keyless iptables` "
+         "redirect those ports too.", switch=True),
     Flag("connect-to", "HOST:PORT:ADDR:PORT", (), ConnectTo.parse,
          "When the target is HOST:PORT, dial ADDR:PORT instead, keeping HOST as TLS server "
          "name and Host header (curl's meaning; also for tunnelled connections). Repeatable.",
@@ -203,8 +217,9 @@ FLAGS: tuple[Flag, ...] = (
          "Intercept Key Vault and replace the app's own Bearer token with the identity's "
          "(scope from the vault's 401 challenge).", switch=True),
     Flag("ready-scopes", "SCOPE", (), str,
-         "Scopes whose tokens (default identity) are fetched at start; /readyz stays 503 "
-         "until all are cached. Repeatable.", repeatable=True),
+         "Scopes whose tokens are fetched at start; /readyz stays 503 until all are cached. "
+         "A scope listeners use is fetched for each of their identities, any other for the "
+         "default identity. Repeatable.", repeatable=True),
     Flag("audit", "BOOL", "false", parse_bool,
          "Audit mode: change nothing, forward every request as the app sent it, and record "
          "each key-based call for `keyless report`.", switch=True),
@@ -239,7 +254,8 @@ class Settings:
     mysql: tuple[str, ...]
     redis: tuple[str, ...]
     transparent: bool
-    transparent_databases: HostPort | None
+    transparent_listen: HostPort
+    transparent_databases: bool
     connect_to: tuple[ConnectTo, ...]
     set: tuple[tuple[str, str], ...]
     allow_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -349,7 +365,11 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
         settings = replace(settings, routes=parse_routes(http_routes, settings.catalog()))
     except ValueError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
-    settings = replace(settings, listeners=listener_specs(settings, routed_hosts),
+    amqp = [(port, host.removeprefix(AMQP_REVERSE)) for port, host in settings.reverse
+            if host.startswith(AMQP_REVERSE)]
+    settings = replace(settings, reverse=tuple((port, host) for port, host in settings.reverse
+                                               if not host.startswith(AMQP_REVERSE)))
+    settings = replace(settings, listeners=listener_specs(settings, routed_hosts, amqp),
                        protocol_routes=tuple(sorted((protocol, host)
                                                     for protocol, hosts in routed_hosts.items()
                                                     for host in hosts)))
@@ -361,9 +381,15 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
     return settings
 
 
-def listener_specs(settings: Settings, routed_hosts: Mapping[str, frozenset[str]]
-                   ) -> tuple[ListenerSpec, ...]:
+def listener_specs(settings: Settings, routed_hosts: Mapping[str, frozenset[str]],
+                   amqp: Sequence[tuple[int, str]] = ()) -> tuple[ListenerSpec, ...]:
     specs: list[ListenerSpec] = []
+    for port, host in amqp:  # --reverse PORT=amqps://NAMESPACE: a plain AMQP listener
+        try:
+            specs.append(parse_listener("amqp", f"{port}={host}",
+                                        routed_hosts.get("amqp", frozenset())))
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("--amqp", "--reverse")) from None
     for protocol in ("postgres", "mysql", "redis"):
         for text in getattr(settings, protocol):
             try:
@@ -373,17 +399,17 @@ def listener_specs(settings: Settings, routed_hosts: Mapping[str, frozenset[str]
                 raise ConfigError(str(exc)) from None
     taken = {settings.listen[1]: "--listen", settings.admin[1]: "--admin",
              **{port: "--reverse" for port, _ in settings.reverse}}
-    if settings.transparent_databases is not None:
-        if not settings.transparent:
-            raise ConfigError("--transparent-databases needs --transparent")
-        if not is_loopback(settings.transparent_databases[0]):
-            raise ConfigError("--transparent-databases must listen on loopback: iptables "
+    if settings.transparent_databases and not settings.transparent:
+        raise ConfigError("--transparent-databases needs --transparent")
+    if settings.transparent:
+        if not is_loopback(settings.transparent_listen[0]):
+            raise ConfigError("--transparent-listen must be a loopback address: iptables "
                               "REDIRECT delivers the pod's connections there")
-        port = settings.transparent_databases[1]
+        port = settings.transparent_listen[1]
         if port in taken:
-            raise ConfigError(f"--transparent-databases port {port} is already used by "
+            raise ConfigError(f"--transparent-listen port {port} is already used by "
                               f"{taken[port]}")
-        taken[port] = "--transparent-databases"
+        taken[port] = "--transparent-listen"
     for spec in specs:
         port = spec.listen[1]
         if port in taken:

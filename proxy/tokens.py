@@ -92,11 +92,18 @@ class TokenCache:
         """A token valid for more than the margin, from the cache or a (shared) fetch."""
         return (await self.get_token(identity, scope)).value
 
-    async def get_token(self, identity: Identity, scope: str) -> Token:
+    async def get_token(self, identity: Identity, scope: str,
+                        valid_until: float | None = None) -> Token:
         """`get` with the token's expiry and refresh time (a listener schedules its
-        re-authentication by them)."""
+        re-authentication by them). `valid_until`: a cached token that expires earlier is
+        not used; a fresh one is fetched (an AMQP put-token must outlive the SAS it
+        replaces, since the client renews on the SAS's schedule)."""
         key = (identity, scope)
         token = self._cache.get(key)
+        if token is not None and valid_until is not None and token.expires_on < valid_until:
+            if key not in self._inflight:
+                self._cache.pop(key, None)
+            token = None
         if token is not None:
             metrics.TOKEN_CACHE.labels(result="hit").inc()
             if self._clock() >= token.refresh_on:

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cachetools import TTLCache
 from cryptography import x509
@@ -24,7 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from proxy import metrics
 from proxy.audit import CallKey, CallLog
 from proxy.ca import leaf_certificate
+from proxy.catalog import Catalog
 from proxy.listeners.spec import ListenerSpec
+from proxy.listeners.tls import TLSReader, TLSWriter, accept_tls
 from proxy.listeners.upstream import Streams, UpstreamDialer, UpstreamError
 from proxy.redact import redact
 from proxy.tokens import Token, TokenCache
@@ -106,6 +109,7 @@ class Shared:
     calls: CallLog
     client_tls: ClientTLS
     audit: bool = False
+    catalog: Catalog | None = None  # AMQP: routes say which namespaces are Event Hubs
 
 
 @dataclass(slots=True)
@@ -130,6 +134,24 @@ class Connection:
         """The identity's token for the listener's scope (raises TokenUnavailable)."""
         return await self.shared.tokens.get_token(self.spec.identity, self.spec.scope)
 
+    async def token_for(self, scope: str, valid_until: float | None = None) -> Token:
+        """The identity's token for another scope (AMQP: Service Bus or Event Hubs per
+        entity), valid at least until `valid_until` when given."""
+        return await self.shared.tokens.get_token(self.spec.identity, scope, valid_until)
+
+    def service_for(self, audience: str) -> str:
+        """AMQP: "servicebus" or "eventhubs" for a put-token's audience (`sb://NS/entity`,
+        `amqp://…`): a `[[route]]` with `service = "eventhubs"` for the namespace, or a path
+        only Event Hubs has (consumer groups, partitions), makes it Event Hubs; anything else
+        is Service Bus, as for REST."""
+        split = urlsplit(audience if "://" in audience else f"sb://{audience}")
+        host = (split.hostname or "").lower() or self.spec.upstream[0]
+        catalog = self.shared.catalog
+        target = catalog.match(host, split.path.lower() or "/") if catalog else None
+        if target is not None and target.service.name in ("servicebus", "eventhubs"):
+            return target.service.name
+        return "servicebus"
+
     async def open_upstream(self, tls: bool) -> Streams:
         host, port = self.spec.upstream
         if self.original_destination is not None:
@@ -149,7 +171,18 @@ class Connection:
             await writer.start_tls(self.client_tls_context())
             return
         await writer.start_tls(self.server_name_context)
-        ssl_object = writer.get_extra_info("ssl_object")
+        self._adopt_server_name(writer.get_extra_info("ssl_object"))
+
+    async def accept_client_tls(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> tuple[TLSReader, TLSWriter]:
+        """Transparent Redis: TLS from the app's first byte, on streams that may already
+        hold its ClientHello (proxy/listeners/tls.py); the server name picks the upstream."""
+        assert self.server_name_context is not None
+        tls = await accept_tls(reader, writer, self.server_name_context)
+        self._adopt_server_name(tls[1].get_extra_info("ssl_object"))
+        return tls
+
+    def _adopt_server_name(self, ssl_object: ssl.SSLObject | None) -> None:
         host = self.shared.client_tls.host_of(ssl_object.context) if ssl_object else None
         if not host:
             raise UpstreamError("the app's TLS connection named no server keyless may log in to")

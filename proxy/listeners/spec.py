@@ -34,7 +34,16 @@ class ProtocolInfo:
         return self.default_port
 
 
+SERVICEBUS_SCOPE = "https://servicebus.azure.net/.default"
+EVENTHUBS_SCOPE = "https://eventhubs.azure.net/.default"
+
 PROTOCOLS: dict[str, ProtocolInfo] = {
+    # AMQP 1.0 (Service Bus, Event Hubs): the scope is chosen per entity (Event Hubs by a
+    # route with service = "eventhubs"); this is the default.
+    "amqp": ProtocolInfo(
+        "amqp", SERVICEBUS_SCOPE, 5671,
+        (".servicebus.windows.net", ".servicebus.usgovcloudapi.net",
+         ".servicebus.chinacloudapi.cn")),
     "postgres": ProtocolInfo(
         "postgres", OSSRDBMS_SCOPE, 5432,
         (".postgres.database.azure.com", ".postgres.database.chinacloudapi.cn",

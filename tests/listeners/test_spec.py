@@ -98,3 +98,33 @@ def test_ports_must_not_collide_and_off_loopback_needs_an_allowlist() -> None:
     allowed = _resolve(["--postgres", "0.0.0.0:6432=a.postgres.database.azure.com",
                         "--allow-clients", "10.0.0.0/8"])
     assert allowed.listeners[0].listen == ("0.0.0.0", 6432)
+
+
+def test_an_amqps_reverse_target_becomes_an_amqp_listener() -> None:
+    settings = _resolve(["--reverse", "5672=amqps://ns1.servicebus.windows.net",
+                         "--reverse", "10000=https://acct.blob.core.windows.net"])
+    assert settings.reverse == ((10000, "acct.blob.core.windows.net"),)
+    assert settings.listeners == (ListenerSpec("amqp", ("127.0.0.1", 5672),
+                                               ("ns1.servicebus.windows.net", 5671)),)
+    assert settings.listeners[0].scope == "https://servicebus.azure.net/.default"
+    for bad in ("5672=amqps://evil.example.com", "5672=amqps://ns1.servicebus.windows.net:443",
+                "5672=amqp://ns1.servicebus.windows.net"):
+        with pytest.raises(ConfigError):
+            _resolve(["--reverse", bad])
+
+
+def test_amqp_audiences_pick_service_bus_or_event_hubs(tmp_path) -> None:
+    from proxy.listeners.connection import ClientTLS, Connection, Shared
+
+    config = tmp_path / "keyless.toml"
+    config.write_text('[[route]]\nhost = "hubs.servicebus.windows.net"\nservice = "eventhubs"\n')
+    settings = _resolve(["--config", str(config),
+                         "--reverse", "5672=amqps://bus.servicebus.windows.net"])
+    shared = Shared(None, None, None, ClientTLS(tmp_path), catalog=settings.catalog())  # type: ignore[arg-type]
+    conn = Connection(settings.listeners[0], "127.0.0.1:1", shared)
+    bus, hubs = "servicebus", "eventhubs"
+    assert conn.service_for("sb://bus.servicebus.windows.net/orders") == bus
+    assert conn.service_for("amqp://bus.servicebus.windows.net/topic/Subscriptions/s") == bus
+    assert conn.service_for("sb://hubs.servicebus.windows.net/telemetry") == hubs  # the route
+    assert conn.service_for(
+        "sb://bus.servicebus.windows.net/telemetry/ConsumerGroups/$Default/Partitions/0") == hubs

@@ -367,3 +367,59 @@ class RecordingTLSServer:
     def received(self) -> bytes:
         with self._lock:
             return b"".join(c["received"] for c in self.connections)
+
+
+class TcpForwarder:
+    """Forwards (address, port) to 127.0.0.1:to_port, byte for byte, inside the namespace it
+    is started in (`netns.call(forwarder.start)`): a server that listens on its namespace's
+    loopback becomes reachable at a veth address, and sees its clients as local ones.
+    `connections` counts what arrived."""
+
+    def __init__(self, address: str, port: int, to_port: int) -> None:
+        self.address, self.port, self.to_port = address, port, to_port
+        self.connections = 0
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> Self:
+        self._listener = socket.create_server((self.address, self.port))
+        self._listener.settimeout(0.2)
+        threading.Thread(target=self._accept, daemon=True,
+                         name=f"forward:{self.address}:{self.port}").start()
+        return self
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            try:
+                server = socket.create_connection(("127.0.0.1", self.to_port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            client.settimeout(None)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()

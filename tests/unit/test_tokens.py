@@ -261,3 +261,21 @@ def test_an_unchanged_token_from_the_source_does_not_cause_a_refresh_loop():
     assert served == {first}
     assert calls_in_pause == 2  # the first fetch and one refresh, not fifty
     assert calls == 3
+
+
+def test_a_token_that_would_expire_before_valid_until_is_replaced():
+    clock, credential, cache = make(lifetime=3600)
+
+    async def scenario() -> None:
+        first = await cache.get_token(ME, SCOPE)
+        # valid long enough: the cached token serves
+        assert (await cache.get_token(ME, SCOPE, valid_until=first.expires_on - 1)) == first
+        assert len(credential.calls) == 1
+        clock.now += 1200  # the cached token now expires in 40 minutes
+        fresh = await cache.get_token(ME, SCOPE, valid_until=clock.now + 3000)
+        assert fresh.value == "token-2" and fresh.expires_on >= clock.now + 3000
+        assert len(credential.calls) == 2
+        assert (await cache.get_token(ME, SCOPE)) == fresh  # and it is the one cached now
+        await cache.close()
+
+    asyncio.run(scenario())

@@ -1,13 +1,14 @@
-"""Server-side TLS for the app's hop (`client-tls=true`) over streams that may already hold
-the app's ClientHello.
+"""Server-side TLS for the app's hop over streams that may already hold the app's ClientHello
+(MySQL's `client-tls=true`, transparent Redis).
 
 A MySQL client sends its SSLRequest and its TLS ClientHello back to back, without waiting for
 an answer, so both often arrive in one read and the ClientHello sits in the StreamReader's
 buffer. `StreamWriter.start_tls` hands the socket to a new TLS protocol and never sees those
-buffered bytes: the handshake then hangs. Here TLS runs on memory BIOs fed from the same
-StreamReader, so no byte is lost. Reads pull from the socket only when the reader asks (the
-relay's back-pressure holds), and the writer is the small part of StreamWriter the session
-and the relay use.
+buffered bytes: the handshake then hangs. (A transparent Redis app sends its ClientHello the
+moment it connects, so it may be buffered before the session starts.) Here TLS runs on memory
+BIOs fed from the same StreamReader, so no byte is lost. Reads pull from the socket only when
+the reader asks (the relay's back-pressure holds), and the writer is the small part of
+StreamWriter the session and the relay use.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class TLSStream:
         try:
             await asyncio.wait_for(run(), HANDSHAKE_TIMEOUT)
         except ssl.SSLError as exc:
+            # the alert (e.g. unrecognized_name from transparent mode's choice) tells the app why
+            with contextlib.suppress(OSError, RuntimeError):
+                self.flush()
+                await self.raw_writer.drain()
             raise ConnectionError(f"TLS with the app failed: {exc.reason}") from None
 
 
