@@ -306,3 +306,20 @@ def test_change_user_is_refused_and_the_session_goes_on(keyless):
         sock.sendall(codec.encode_packet(0, b"\x1f"))  # COM_RESET_CONNECTION: relayed
         seq, reset = packet(sock)
         assert seq == 1 and reset[:1] == b"\x00"
+
+
+def test_load_data_local_infile_passes_the_command_filter(keyless, tmp_path):
+    """The file's packets follow the command (sequence ids 1, 2, ...): data, never commands,
+    even when a line starts with COM_CHANGE_USER's byte."""
+    rows = [f"\x11line-{i},{i}" for i in range(3000)]
+    path = tmp_path / "rows.csv"
+    path.write_text("\n".join(rows) + "\n")
+    with contextlib.closing(app_connect(keyless.maria_port, database=TEST_DATABASE,
+                                        local_infile=True, autocommit=True)) as db, \
+            db.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS loaded")
+        cursor.execute("CREATE TABLE loaded (name VARCHAR(64), n INT)")
+        cursor.execute(f"LOAD DATA LOCAL INFILE '{path}' INTO TABLE loaded "
+                       "FIELDS TERMINATED BY ','")
+        cursor.execute("SELECT COUNT(*), SUM(n), MIN(name) FROM loaded")
+        assert cursor.fetchone() == (3000, sum(range(3000)), "\x11line-0")

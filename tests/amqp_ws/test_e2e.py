@@ -1,0 +1,105 @@
+"""Legacy Service Bus / Event Hubs apps on AMQP over WebSockets with a WRONG key, through the
+real keyless process as their HTTP proxy, to the fake namespace (rhea, tests/support/
+fake_namespace.mjs) on wss, which accepts only the identity's Entra token (signature, issuer,
+audience, expiry checked) and refuses SAS tokens as a namespace without local auth does."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from azure.servicebus import ServiceBusMessage, ServiceBusReceiveMode, TransportType
+from azure.servicebus.aio import ServiceBusClient
+from azure.servicebus.exceptions import ServiceBusAuthenticationError, ServiceBusError
+
+from tests.amqp_ws.conftest import (
+    NAMESPACE,
+    Through,
+    bounded,
+    start_keyless,
+    wrong_key_connection_string,
+)
+from tests.support.azurite import TestPKI
+from tests.support.fake_namespace import FakeNamespace
+from tests.support.identity_endpoint import FakeIdentityEndpoint
+
+pytestmark = pytest.mark.e2e
+
+
+def put_tokens(fake: FakeNamespace, since: int = 0) -> list[dict]:
+    return fake.events("put_token")[since:]
+
+
+async def send_and_receive(connection_string: str, queue: str, body: str,
+                           **options: object) -> list[str]:
+    client = ServiceBusClient.from_connection_string(
+        connection_string, transport_type=TransportType.AmqpOverWebsocket, retry_total=0,
+        **options)
+    async with client:
+        async with client.get_queue_sender(queue) as sender:
+            await sender.send_messages(ServiceBusMessage(body))
+        # RECEIVE_AND_DELETE: the SDK's peek-lock complete waits for the service's settled
+        # disposition, which the fake namespace does not send yet (PATCHES-FOR-LEAD.md).
+        async with client.get_queue_receiver(
+                queue, max_wait_time=10,
+                receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE) as receiver:
+            received = await receiver.receive_messages(max_message_count=1, max_wait_time=10)
+    return [str(message) for message in received]
+
+
+def test_queue_send_and_receive_with_a_wrong_key(through: Through) -> None:
+    fake = through.fakes[NAMESPACE]
+    seen = len(put_tokens(fake))
+    converted = through.logins("converted")
+    body = f"order-{uuid.uuid4()}"
+    received = bounded(send_and_receive(wrong_key_connection_string(), "orders", body,
+                                        **through.proxy_options()))
+    assert received == [body]
+    tokens = put_tokens(fake, seen)
+    assert tokens, "the SDK sent no put-token"
+    assert all(t["token_kind"] == "jwt" and t["accepted"] for t in tokens), tokens
+    assert {t["audience"] for t in tokens} == {f"sb://{NAMESPACE}/orders"}
+    upgrades = fake.events("websocket")
+    assert upgrades and all(u["accepted"] for u in upgrades)
+    assert all(o["hostname"] == NAMESPACE for o in fake.events("open"))
+    # one per put-token the service accepted (sender and receiver each send one)
+    assert through.logins("converted") == converted + len(tokens)
+
+
+def test_the_fake_refuses_the_apps_own_sas(tmp_path: Path, fakes: dict[str, FakeNamespace],
+                                           pki: TestPKI) -> None:
+    """Calibration: without keyless the same app, its wrong key and the same wss port fail."""
+    fake = fakes[NAMESPACE]
+    seen = len(put_tokens(fake))
+    with pytest.raises(ServiceBusError):
+        bounded(send_and_receive(
+            wrong_key_connection_string(), "orders", "direct",
+            custom_endpoint_address=f"sb://127.0.0.1:{fake.wss_port}",
+            connection_verify=pki.ca_pem_path))
+    tokens = put_tokens(fake, seen)
+    assert tokens and all(t["token_kind"] == "sas" and not t["accepted"] for t in tokens)
+
+
+def test_without_a_token_the_app_hears_why_and_no_sas_leaves(
+        tmp_path: Path, pki: TestPKI, fakes: dict[str, FakeNamespace]) -> None:
+    fake = fakes[NAMESPACE]
+    seen = len(put_tokens(fake))
+    with FakeIdentityEndpoint(mode="error") as broken:
+        running = start_keyless(tmp_path / "keyless", pki, broken, fakes,
+                                "--token-timeout", "3")
+        try:
+            with pytest.raises(ServiceBusError) as raised:
+                bounded(send_and_receive(wrong_key_connection_string(), "orders", "never",
+                                         **running.proxy_options()))
+            assert running.logins("token_unavailable") >= 1
+            assert running.logins("converted") == 0
+        finally:
+            running.keyless.stop()
+    assert isinstance(raised.value, ServiceBusAuthenticationError)
+    # what the app logs: the put-token reply's description, which keyless wrote
+    said = str(raised.value.inner_exception)  # type: ignore[attr-defined]
+    assert "KeylessTokenUnavailable: no token for scope https://servicebus.azure.net" in said
+    tokens = put_tokens(fake, seen)
+    assert all(t["token_kind"] != "sas" for t in tokens), tokens
+    assert not any(t["accepted"] for t in tokens)
