@@ -1,28 +1,121 @@
-"""Python azure-servicebus and azure-eventhub apps with a WRONG key, through the real keyless
-process, to the fake namespace, which accepts only the identity's Entra tokens."""
+"""Python azure-servicebus and azure-eventhub apps with a WRONG key and
+`UseDevelopmentEmulator=true`, through the real keyless process (`--reverse
+PORT=amqps://NS`), to the fake namespace, which accepts only the identity's Entra tokens."""
 
 from __future__ import annotations
 
+import socket
 import uuid
+from pathlib import Path
 
 import pytest
+from azure.eventhub import EventData, EventHubConsumerClient, EventHubProducerClient
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
+from azure.servicebus.exceptions import ServiceBusError
 
-from tests.amqp.conftest import Through
+from tests.amqp.conftest import NAMESPACE, Through, start_keyless
+from tests.amqp_fake.test_calibration import send_and_complete
+from tests.support.fake_namespace import FakeNamespace
+from tests.support.identity_endpoint import FakeIdentityEndpoint
 
 pytestmark = pytest.mark.e2e
+WAIT = 10  # seconds an SDK waits for a message: a bound
 
 
-def test_servicebus_send_and_receive_peek_lock(through: Through) -> None:
+def client(through: Through) -> ServiceBusClient:
+    return ServiceBusClient.from_connection_string(through.connection_string(), retry_total=0)
+
+
+def no_sas_upstream(namespace: FakeNamespace) -> None:
+    puts = namespace.events("put_token")
+    assert puts and {p["token_kind"] for p in puts} == {"jwt"}, puts
+    assert all("localhost" not in p["audience"] for p in puts)
+
+
+def test_queue_send_receive_peek_lock_complete(through: Through) -> None:
     body = f"order-{uuid.uuid4()}"
     converted = through.logins("converted")
-    with ServiceBusClient.from_connection_string(through.connection_string()) as client:
-        with client.get_queue_sender("orders") as sender:
-            sender.send_messages(ServiceBusMessage(body))
-        with client.get_queue_receiver("orders", max_wait_time=10) as receiver:
-            received = receiver.receive_messages(max_message_count=1, max_wait_time=10)
-            assert [str(m) for m in received] == [body]
-            receiver.complete_message(received[0])
-    assert through.logins("converted") >= converted + 2
-    puts = through.namespace.events("put_token")
-    assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
+    assert send_and_complete(client(through), body, queue="orders") == [body]
+    assert through.logins("converted") >= converted + 2  # sender and receiver put-tokens
+    no_sas_upstream(through.namespace)
+    assert all(p["accepted"] for p in through.namespace.events("put_token"))
+    assert {e["hostname"] for e in through.namespace.events("open")} == {NAMESPACE}
+    attached = {e["address"] for e in through.namespace.events("attach")}
+    assert f"amqps://{NAMESPACE}/orders" in attached and not any("localhost" in a
+                                                                  for a in attached)
+
+
+def test_topic_subscription(through: Through) -> None:
+    body = f"event-{uuid.uuid4()}"
+    assert send_and_complete(client(through), body, topic="events",
+                             subscription="audit") == [body]
+    no_sas_upstream(through.namespace)
+
+
+def test_session_queue(through: Through) -> None:
+    with client(through) as sb, sb.get_queue_sender("sessions") as sender:
+        sender.send_messages([ServiceBusMessage("for b", session_id="b"),
+                              ServiceBusMessage("for a", session_id="a")])
+    assert send_and_complete(client(through), "a again", queue="sessions",
+                             session_id="a") == ["for a"]
+
+
+def test_event_hubs_send_batch_and_receive(tmp_path: Path, fake_namespace: FakeNamespace,
+                                           module_identity: FakeIdentityEndpoint) -> None:
+    config = tmp_path / "keyless.toml"
+    config.write_text(f'[[route]]\nhost = "{NAMESPACE}"\nservice = "eventhubs"\n')
+    running = start_keyless(tmp_path / "keyless", fake_namespace, module_identity,
+                            "--config", str(config))
+    try:
+        conn_str = running.connection_string(entity="telemetry")
+        body = f"reading-{uuid.uuid4()}"
+        with EventHubProducerClient.from_connection_string(conn_str, retry_total=0) as producer:
+            batch = producer.create_batch(partition_id="0")
+            batch.add(EventData(body))
+            producer.send_batch(batch)
+        received: list[str] = []
+        consumer = EventHubConsumerClient.from_connection_string(conn_str, "$Default",
+                                                                 retry_total=0)
+
+        def on_event(_context, event) -> None:
+            if event is not None:
+                received.append(event.body_as_str())
+                consumer.close()
+
+        with consumer:
+            consumer.receive(on_event=on_event, partition_id="0", starting_position="-1",
+                             max_wait_time=WAIT)
+        assert body in received
+        hub_tokens = [p for p in fake_namespace.events("put_token")
+                      if "telemetry" in p["audience"]]
+        assert hub_tokens and all(p["accepted"] and p["token_kind"] == "jwt"
+                                  for p in hub_tokens)
+        assert "https://eventhubs.azure.net" in module_identity.resources_requested() \
+            if hasattr(module_identity, "resources_requested") else True
+    finally:
+        running.keyless.stop()
+
+
+def test_token_endpoint_down_fails_closed(tmp_path: Path, fake_namespace: FakeNamespace) -> None:
+    with FakeIdentityEndpoint(mode="error") as down:
+        running = start_keyless(tmp_path / "keyless", fake_namespace, down, wait_ready=False)
+        try:
+            before = len(fake_namespace.events("put_token"))
+            with pytest.raises(ServiceBusError) as error:
+                send_and_complete(client(running), "never", queue="orders")
+            assert "KeylessTokenUnavailable" in str(error.value)
+            after = fake_namespace.events("put_token")[before:]
+            assert after and {p["token_kind"] for p in after} != {"sas"}
+            assert not any(p["token_kind"] == "sas" or p["accepted"] for p in after)
+            assert running.logins("token_unavailable") >= 1
+            assert "sig=" not in running.keyless.log()
+        finally:
+            running.keyless.stop()
+
+
+def test_garbage_is_closed_and_keyless_keeps_serving(through: Through) -> None:
+    with socket.create_connection(("127.0.0.1", through.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(100) == b""  # closed, nothing answered
+    body = f"after-garbage-{uuid.uuid4()}"
+    assert send_and_complete(client(through), body, queue="orders") == [body]
