@@ -137,6 +137,7 @@ def test_pyamqp_frames_decode():
     b"\x01",  # unknown code
     b"\xa3\x01\xff",  # a symbol that is no ASCII
     b"\x00" * 100,  # descriptors all the way down
+    b"\xf0\x00\x00\x00\x05\xff\xff\xff\xff\x40",  # 4 billion zero-width nulls: no loop
     b"",
 ])
 def test_garbage_is_a_clear_error(raw):
