@@ -4,7 +4,10 @@ PORT=amqps://NS`), to the fake namespace, which accepts only the identity's Entr
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -119,3 +122,21 @@ def test_garbage_is_closed_and_keyless_keeps_serving(through: Through) -> None:
         assert sock.recv(100) == b""  # closed, nothing answered
     body = f"after-garbage-{uuid.uuid4()}"
     assert send_and_complete(client(through), body, queue="orders") == [body]
+
+
+def run_node_app(connection_string: str, body: str, kind: str) -> dict:
+    node = shutil.which("node")
+    assert node, "Node.js is needed: apt-get install nodejs, then npm ci"
+    done = subprocess.run([node, str(Path(__file__).with_name("node_servicebus_app.mjs")),
+                           connection_string, body, kind], capture_output=True, text=True,
+                          timeout=90, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_node_service_bus_app_with_the_wrong_key(through: Through) -> None:
+    body = f"node-order-{uuid.uuid4()}"
+    before = len(through.namespace.events("put_token"))
+    assert run_node_app(through.connection_string(), body, "servicebus") == {"received": [body]}
+    puts = through.namespace.events("put_token")[before:]
+    assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
