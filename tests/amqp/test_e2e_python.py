@@ -8,6 +8,7 @@ import json
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -164,3 +165,55 @@ def test_node_event_hubs_app_with_the_wrong_key(tmp_path: Path, fake_namespace: 
         # ("telemetry/Partitions/1"): the round trip is asserted by the Python test.
     finally:
         running.keyless.stop()
+
+
+def test_a_connection_outlives_its_first_tokens_because_renewals_are_converted(
+        tmp_path: Path, fake_namespace: FakeNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's SAS lives 20 s (the SDK re-sends its put-token at 90 %, ~18 s), so a
+    receiver kept open for 35 s renews on its own schedule; the fake refuses a SAS, so the
+    link keeps working only if every renewal is converted too. (The identity's tokens live
+    45 s: with shorter ones keyless cannot yet outlast them, see PATCHES-FOR-LEAD.md.)"""
+    from datetime import timedelta
+
+    import azure.servicebus._base_handler as handler
+
+    original = handler._generate_sas_token
+    monkeypatch.setattr(handler, "_generate_sas_token",
+                        lambda uri, policy, key, expiry=None: original(
+                            uri, policy, key, timedelta(seconds=20)))
+    with FakeIdentityEndpoint(lifetime_seconds=45) as identity:
+        running = start_keyless(tmp_path / "keyless", fake_namespace, identity,
+                                "--token-margin", "3")
+        try:
+            before = len(fake_namespace.events("put_token"))
+            detached = len(fake_namespace.events("link_detached"))
+
+            def send(body: str) -> None:
+                with client(running) as sb, sb.get_queue_sender("orders") as sender:
+                    sender.send_messages(ServiceBusMessage(body))
+
+            got: list[str] = []
+            with client(running) as sb, sb.get_queue_receiver("orders",
+                                                              max_wait_time=3) as receiver:
+                send("before renewal")
+                start = time.monotonic()
+                sent_late = False
+                while time.monotonic() - start < 60 and len(got) < 2:  # bounded
+                    for message in receiver.receive_messages(max_message_count=1,
+                                                             max_wait_time=2):
+                        receiver.complete_message(message)
+                        got.append(str(message))
+                    if not sent_late and time.monotonic() - start > 32:
+                        send("after renewal")
+                        sent_late = True
+            assert got == ["before renewal", "after renewal"]
+            puts = fake_namespace.events("put_token")[before:]
+            assert all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
+            per_connection: dict[int, int] = {}
+            for put in puts:
+                per_connection[put["connection"]] = per_connection.get(put["connection"], 0) + 1
+            assert max(per_connection.values()) >= 2  # the receiver's renewals, converted
+            assert len(fake_namespace.events("link_detached")) == detached
+            assert running.logins("converted") >= 4
+        finally:
+            running.keyless.stop()
