@@ -217,3 +217,24 @@ def test_a_connection_outlives_its_first_tokens_because_renewals_are_converted(
             assert running.logins("converted") >= 4
         finally:
             running.keyless.stop()
+
+
+def test_upstream_reset_mid_stream_closes_the_app_side(tmp_path: Path, pki,
+                                                       module_identity: FakeIdentityEndpoint
+                                                       ) -> None:
+    namespace = FakeNamespace(tmp_path / "ns", pki, NAMESPACE).start()
+    running = start_keyless(tmp_path / "keyless", namespace, module_identity)
+    try:
+        with client(running) as sb, sb.get_queue_receiver("orders", max_wait_time=2) as receiver:
+            assert receiver.receive_messages(max_message_count=1, max_wait_time=2) == []
+            namespace.stop()  # the service's side goes away mid-connection
+            started = time.monotonic()
+            with pytest.raises(ServiceBusError):
+                for _ in range(10):  # bounded: the SDK must see the close, not hang
+                    receiver.receive_messages(max_message_count=1, max_wait_time=2)
+            assert time.monotonic() - started < 25
+        assert running.keyless.get("/healthz")[0] == 200  # keyless keeps serving
+        assert running.keyless.process is not None and running.keyless.process.poll() is None
+    finally:
+        running.keyless.stop()
+        namespace.stop()
