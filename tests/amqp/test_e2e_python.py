@@ -240,3 +240,20 @@ def test_upstream_reset_mid_stream_closes_the_app_side(tmp_path: Path, pki,
     finally:
         running.keyless.stop()
         namespace.stop()
+
+
+def test_audit_mode_forwards_the_sas_and_records_the_key_name(
+        tmp_path: Path, fake_namespace: FakeNamespace,
+        module_identity: FakeIdentityEndpoint) -> None:
+    running = start_keyless(tmp_path / "keyless", fake_namespace, module_identity, "--audit")
+    try:
+        before = len(fake_namespace.events("put_token"))
+        with pytest.raises(ServiceBusError):  # the fake has local auth off: the SAS is refused
+            with client(running) as sb, sb.get_queue_sender("orders") as sender:
+                sender.send_messages(ServiceBusMessage("audited"))
+        after = fake_namespace.events("put_token")[before:]
+        assert after and {p["token_kind"] for p in after} == {"sas"}  # forwarded as sent
+        assert running.logins("audited") == 1 and running.logins("converted") == 0
+        assert "RootManageSharedAccessKey" in running.keyless.log()
+    finally:
+        running.keyless.stop()
