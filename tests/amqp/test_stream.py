@@ -8,6 +8,8 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.amqp import cbs
 from proxy.amqp.codec import (
@@ -251,3 +253,26 @@ def test_a_frame_over_the_services_max_frame_size_is_refused_before_buffering():
     big = (300000).to_bytes(4, "big") + b"\x02\x00\x00\x01"
     with pytest.raises(AmqpProtocolError, match="over the limit of 262144"):
         run(conv.from_app(big))
+
+
+@given(st.binary(max_size=600), st.integers(0, 3))
+def test_fuzz_converter_random_frames(garbage, cut):
+    """Random bytes after a valid start: an Output or a clear AmqpProtocolError, never another
+    exception; after an error nothing more passes."""
+    conv = converter(Tokens())
+    start = APP_START[:len(APP_START) - cut * 7]
+    try:
+        run(conv.from_app(start + garbage))
+    except AmqpProtocolError as exc:
+        assert str(exc)
+        with pytest.raises(AmqpProtocolError):
+            run(conv.from_app(b"AMQP"))
+
+
+@given(st.data())
+def test_fuzz_converter_truncated_put_token(data):
+    """A put-token cut anywhere and the rest never sent: its SAS never passes in part."""
+    request = put_token(int(time.time()) + 60)
+    cut = data.draw(st.integers(0, len(request) - 1))
+    out = run(converter(Tokens()).from_app(APP_START + request[:cut]))
+    assert SIG.encode() not in out.to_service and b"SharedAccess" not in out.to_service
