@@ -6,7 +6,11 @@ These are the fake's mutation checks too: switching one enforcement off
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from azure.core.credentials import AccessToken
@@ -62,7 +66,8 @@ def other_namespace_client(ns: FakeNamespace) -> ServiceBusClient:
 def test_open_hostname_of_another_namespace_is_refused(tmp_path, pki):
     # the test CA's leaf names only the fake's namespace: the SDK checks the SNI it sends
     # against it, so name the other namespace in the cert too to reach the AMQP open
-    with FakeNamespace(tmp_path / "ns", pki, tls_names=("othernamespace.servicebus.windows.net",)) as ns:
+    with FakeNamespace(tmp_path / "ns", pki,
+                       tls_names=("othernamespace.servicebus.windows.net",)) as ns:
         with pytest.raises(ServiceBusError):
             send_one(other_namespace_client(ns))
         opens = ns.events("open")
@@ -124,3 +129,16 @@ def test_link_outlives_a_token_that_is_replaced(namespace):
             client.get_queue_receiver("orders", max_wait_time=1) as receiver:
         receiver.receive_messages(max_message_count=1, max_wait_time=1)
         assert namespace.wait_for("link_detached", timeout=5) == []
+
+
+def test_attach_without_a_token_is_refused(namespace):
+    """No SDK attaches before its put-token; a bare rhea client does, and is refused."""
+    completed = subprocess.run(
+        [shutil.which("node") or "node", str(Path(__file__).with_name("attach_without_token.mjs")),
+         str(namespace.amqps_port), namespace.namespace, "orders", namespace.ca_pem_path],
+        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[2])
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result == {"outcome": "refused", "condition": "amqp:unauthorized-access"}, completed
+    attaches = [e for e in namespace.events("attach") if e["address"].endswith("/orders")]
+    assert attaches and attaches[0]["accepted"] is False
+    assert attaches[0]["reason"] == "no valid token for orders"
