@@ -5,9 +5,14 @@ audience, expiry checked) and refuses SAS tokens as a namespace without local au
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from azure.servicebus import ServiceBusMessage, ServiceBusReceiveMode, TransportType
 from azure.servicebus.aio import ServiceBusClient
@@ -15,11 +20,13 @@ from azure.servicebus.exceptions import ServiceBusAuthenticationError, ServiceBu
 
 from tests.amqp_ws.conftest import (
     NAMESPACE,
+    RECORDED,
     Through,
     bounded,
     start_keyless,
     wrong_key_connection_string,
 )
+from tests.amqp_ws.recorder import RecordingWebSocket
 from tests.support.azurite import TestPKI
 from tests.support.fake_namespace import FakeNamespace
 from tests.support.identity_endpoint import FakeIdentityEndpoint
@@ -103,3 +110,45 @@ def test_without_a_token_the_app_hears_why_and_no_sas_leaves(
     tokens = put_tokens(fake, seen)
     assert all(t["token_kind"] != "sas" for t in tokens), tokens
     assert not any(t["accepted"] for t in tokens)
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def header_then_garbage(through: Through, recorder: RecordingWebSocket) -> list[object]:
+    """A raw AMQP-over-WebSocket client through keyless: a valid protocol header, then (once
+    it arrived) a "frame" of 0x20202020 bytes, which the converter refuses. Returns the types
+    of what came back."""
+    context = ssl.create_default_context(cafile=through.keyless.ca_path)
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            f"wss://{RECORDED}/$servicebus/websocket", protocols=["AMQPWSB10"],
+            proxy=through.keyless.proxy_url, ssl=context) as ws:
+        await ws.send_bytes(SASL_HEADER)
+        await wait_until(lambda: bool(recorder.recorded()))
+        await ws.send_bytes(b"    garbage")
+        seen: list[object] = []
+        for _ in range(10):
+            received = await ws.receive(timeout=10)
+            seen.append(received.type)
+            if received.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                 aiohttp.WSMsgType.ERROR):
+                break
+        await wait_until(lambda: len(recorder.recorded()) > 1, 1.0)  # nothing more comes
+        return seen
+
+
+SASL_HEADER = b"AMQP\x03\x01\x00\x00"
+
+
+def test_bytes_that_are_not_amqp_close_the_websocket_and_go_no_further(
+        through: Through) -> None:
+    recorder = through.fakes[RECORDED]
+    failed = through.logins("client_error")
+    seen = bounded(header_then_garbage(through, recorder), 30)
+    assert seen and seen[-1] in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), seen
+    assert recorder.upgrades == ["/$servicebus/websocket"]
+    assert recorder.recorded() == [SASL_HEADER]  # the header went on; nothing after it
+    assert through.logins("client_error") == failed + 1
