@@ -291,19 +291,27 @@ async def _token_login(conn: Connection, client: Streams, upstream: Streams, use
             await _pass_refusal(conn, client_writer, kind, body, message, user)
         if isinstance(message, BackendKeyData):
             key = message
-        client_writer.write(codec.encode_message(kind, body))
         if isinstance(message, ReadyForQuery):
-            await client_writer.drain()
-            _remember(conn, key)
-            conn.login("converted")
+            conn.login("converted")  # counted before the app can see it (and act on it)
+            await _ready(conn, client_writer, codec.encode_message(kind, body), key)
             return key
+        client_writer.write(codec.encode_message(kind, body))
     raise CodecError("the server sent too many messages during login")
 
 
-def _remember(conn: Connection, key: BackendKeyData | None) -> None:
-    # Only once the login is done: a failed login leaves nothing behind in the map.
-    if key is not None:
-        CANCEL_KEYS.remember(conn.spec.upstream, key.pid, key.secret)
+async def _ready(conn: Connection, client_writer: asyncio.StreamWriter, ready: bytes,
+                 key: BackendKeyData | None) -> None:
+    """Hand the client ReadyForQuery, the key remembered first: the app may cancel as soon
+    as it has it. Only a login that got this far leaves a key in the map."""
+    if key is None:
+        await _write(client_writer, ready)
+        return
+    CANCEL_KEYS.remember(conn.spec.upstream, key.pid, key.secret)
+    try:
+        await _write(client_writer, ready)
+    except BaseException:
+        CANCEL_KEYS.forget(conn.spec.upstream, key.pid, key.secret)
+        raise
 
 
 async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
@@ -320,6 +328,12 @@ async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
             await _pass_refusal(conn, client_writer, kind, body, message, user)
         if isinstance(message, BackendKeyData):
             key = message
+        if isinstance(message, ReadyForQuery):
+            if password_login:
+                conn.record_password_login(user)
+            conn.login("audited")
+            await _ready(conn, client_writer, codec.encode_message(kind, body), key)
+            return key
         await _write(client_writer, codec.encode_message(kind, body))
         if isinstance(message, Authentication) and message.code in ANSWERED_AUTH:
             password_login |= message.code in PASSWORD_AUTH
@@ -328,12 +342,6 @@ async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
                 raise LoginFailed("08P01", "KeylessProtocolError: the client did not answer "
                                   "the server's authentication request", "client_error")
             await _write(up_writer, codec.encode_message(answer_kind, answer))
-        if isinstance(message, ReadyForQuery):
-            if password_login:
-                conn.record_password_login(user)
-            _remember(conn, key)
-            conn.login("audited")
-            return key
     raise CodecError("the server sent too many messages during login")
 
 

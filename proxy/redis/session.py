@@ -9,9 +9,10 @@ never leaves keyless (except under --audit, which forwards it and records the lo
 
 The relay is command-aware but does not re-serialize: `CommandScanner` finds command names and
 boundaries, `ReplyScanner` reply boundaries, and bytes pass in the chunks they were read in.
-Each command that will be answered puts an entry in `Replies`, in order; the upstream side
-pops one per reply and pushes (`>`) pop nothing. That lets keyless put its own commands into
-the stream at a command boundary and swallow their replies, whatever the app has in flight:
+Each command that will be answered puts an `Entry` in `Session.replies`, in order; the
+upstream side pops one per reply, and pushes (`>`) pop nothing. That lets keyless put its own
+commands into the stream at a command boundary and swallow their replies, whatever the app
+has in flight:
 
 - re-auth: at the token's refresh time (with jitter, never later than a margin before expiry)
   keyless gets the new token and sends `AUTH <oid> <new token>` behind whatever the app has
@@ -167,6 +168,11 @@ class Session:
         finally:
             for task in tasks:
                 task.cancel()
+            reauth = tasks[2] if len(tasks) > 2 else None
+            if reauth is not None and reauth.done() and not reauth.cancelled() and \
+                    (exc := reauth.exception()) is not None:  # a bug: say so, secret-free
+                logger.warning("redis re-auth loop for %s stopped: %s", self.conn.peer,
+                               redact(f"{type(exc).__name__}: {exc}", limit=200))
             with contextlib.suppress(Exception):
                 await self.client[1].drain()
 

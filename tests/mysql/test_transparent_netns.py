@@ -102,7 +102,8 @@ def mysql_pod() -> Iterator[MySQLPod]:
         stack.callback(identity.stop)
         identity.queue_tokens(OSSRDBMS_RESOURCE, token)
         keyless = NamespacedKeyless(pod, KEYLESS_UID, readable_dir(workdir / "keyless"), [
-            "--transparent", "--transparent-databases", f"127.0.0.1:{DATABASES_PORT}",
+            "--transparent", "--transparent-databases",
+            "--transparent-listen", f"127.0.0.1:{DATABASES_PORT}",
             "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
             "--token-margin", "0",
         ], {**identity.env(), "HOME": str(workdir / "keyless")})
@@ -115,7 +116,7 @@ def mysql_pod() -> Iterator[MySQLPod]:
         rules = subprocess.run(
             [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
              "--uid", str(KEYLESS_UID), "--transparent", "--transparent-databases",
-             f"127.0.0.1:{DATABASES_PORT}"],
+             "--transparent-listen", f"127.0.0.1:{DATABASES_PORT}"],
             capture_output=True, text=True, timeout=30, check=True).stdout
         pod.run_recipe(rules, workdir)
         yield MySQLPod(pod, workdir, keyless, str(keyless_ca), identity)

@@ -11,6 +11,7 @@ TokenCache whose source hands out the very token that is the role's password.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from proxy.dial import AppDialer
 from proxy.listeners.connection import ClientTLS, Connection, Shared
 from proxy.listeners.spec import ListenerSpec, azure_host
 from proxy.listeners.upstream import UpstreamDialer, upstream_tls_context
-from proxy.postgres import session
+from proxy.postgres import codec, session
+from proxy.postgres.cancel import CANCEL_KEYS
 from proxy.tokens import Identity, TokenCache
 from tests.postgres.conftest import RESOURCE
 from tests.support.identity_endpoint import make_token
@@ -132,6 +134,15 @@ def app(keyless: TransparentPostgres, host: str = AZURE_HOST, **extra: str) -> p
                            password=WRONG_PASSWORD, dbname=ROLE, connect_timeout=10, **options)
 
 
+def settled(keyless: TransparentPostgres, timeout: float = 5.0) -> list[str]:
+    """The login results once keyless' side has caught up with what the app saw (a failed
+    handshake reaches the app before keyless counts it)."""
+    deadline = time.monotonic() + timeout
+    while not keyless.results and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return list(keyless.results)
+
+
 def test_transparent_login_takes_the_server_from_the_tls_name(keyless):
     with app(keyless) as conn:
         assert conn.pgconn.ssl_in_use
@@ -149,16 +160,41 @@ def test_transparent_login_takes_the_server_from_the_tls_name(keyless):
             timer.cancel()
         conn.rollback()
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert keyless.results == ["converted"] and keyless.fetches == 1
+    assert settled(keyless) == ["converted"] and keyless.fetches == 1
 
 
 def test_transparent_without_tls_gets_no_login(keyless):
     with pytest.raises(psycopg.OperationalError, match="transparent mode needs TLS from the app"):
         app(keyless, sslmode="disable")
-    assert keyless.results == ["upstream_failed"] and keyless.fetches == 0
+    assert settled(keyless) == ["upstream_failed"] and keyless.fetches == 0
 
 
 def test_transparent_refuses_a_name_outside_azure(keyless):
     with pytest.raises(psycopg.OperationalError):
         app(keyless, host="db.example.com", sslmode="require")
-    assert keyless.results == ["client_error"] and keyless.fetches == 0
+    assert settled(keyless) == ["client_error"] and keyless.fetches == 0
+
+
+def test_transparent_cancel_in_clear_finds_its_server_by_the_key(keyless):
+    # libpq before 17 sends the CancelRequest without TLS, so it names no server; keyless
+    # knows which live connection handed out the key. (The key is read from keyless' map:
+    # psycopg does not expose it; the request is the bytes old libpq sends.)
+    with app(keyless) as conn:
+        pid = conn.info.backend_pid
+        (secret,) = [s for (_, p, s) in CANCEL_KEYS._keys if p == pid]
+        cancel = codec.encode_cancel(codec.CancelRequest(pid, secret))
+
+        def send_cancel() -> None:
+            with socket.create_connection(("127.0.0.1", keyless.port), timeout=10) as sock:
+                sock.sendall(cancel)
+                sock.recv(1)  # keyless closes once the server has the request
+
+        timer = threading.Timer(1.0, send_cancel)
+        timer.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(30)")
+        finally:
+            timer.cancel()
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
