@@ -21,6 +21,7 @@ from mitmproxy.proxy import events
 
 from addons.answers import catalog_host, destination, keyless_answer
 from proxy import metrics
+from proxy.amqp.stream import AmqpConverter, AmqpProtocolError
 from proxy.audit import CallKey, CallLog
 from proxy.catalog import Catalog
 from proxy.errors import MISDIRECTED, PLAIN_HTTP
@@ -51,19 +52,11 @@ class ConverterFactory(Protocol):
 
 def amqp_converter(namespace: str, tokens: Callable[[str, float | None], Any], *, service: str,
                    audit: bool, on_event: Callable[[str, dict[str, Any]], None]) -> AmqpStream:
-    from proxy.amqp.stream import AmqpConverter
-
     # The app names the real namespace (a proxy sees the real URL): nothing to rewrite. A
     # put-token's audience does not tell Service Bus from Event Hubs: the namespace's
     # catalog entry does (a route with service = "eventhubs"; Service Bus by default).
     return AmqpConverter(namespace, tokens, service_for=lambda _audience: service,
                          audit=audit, on_event=on_event)
-
-
-def protocol_errors() -> tuple[type[BaseException], ...]:
-    from proxy.amqp.stream import AmqpProtocolError
-
-    return (AmqpProtocolError,)
 
 
 def is_amqp_upgrade(flow: http.HTTPFlow, state: FlowState | None) -> bool:
@@ -168,7 +161,7 @@ class AmqpOverWebSocket:
                 back, onward = out.to_service, out.to_app
         except Exception as exc:  # fail closed: an unconverted message must not go on
             message.drop()
-            known = isinstance(exc, protocol_errors())  # its message is safe to log
+            known = isinstance(exc, AmqpProtocolError)  # its message is safe to log
             self._fail(flow, state, str(exc) if known else f"internal error "
                        f"({type(exc).__name__})")
             return

@@ -14,18 +14,14 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from addons import amqp_websocket
 from addons.amqp_websocket import AmqpOverWebSocket
 from proxy import metrics
+from proxy.amqp.stream import AmqpProtocolError
 from proxy.catalog import Catalog
 from proxy.flowstate import flow_state, start_state
 from proxy.tokens import Identity, TokenCache
 
 NAMESPACE = "keylessbus.servicebus.windows.net"
-
-
-class StandInError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,7 @@ class FramingConverter:
         while len(self.app) >= 4 and len(self.app) >= (size := int.from_bytes(self.app[:4])):
             one, self.app = bytes(self.app[:size]), self.app[size:]
             if one[4:] == b"garbage":
-                raise StandInError("not an AMQP frame")
+                raise AmqpProtocolError("not an AMQP frame")
             if one[4:] == b"bug":
                 raise RuntimeError("a converter bug quoting SharedAccessSignature sr=...")
             if one[4:] == b"sasl-plain":
@@ -69,11 +65,6 @@ class FramingConverter:
     def from_service(self, data: bytes) -> Output:
         self.seen.append(data)
         return Output(to_app=data.replace(b"secret", b"******"))
-
-
-@pytest.fixture(autouse=True)
-def stand_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(amqp_websocket, "protocol_errors", lambda: (StandInError,))
 
 
 class Harness:
