@@ -19,6 +19,7 @@ from azure.servicebus.aio import ServiceBusClient
 from azure.servicebus.exceptions import ServiceBusAuthenticationError, ServiceBusError
 
 from tests.amqp_ws.conftest import (
+    HUBS,
     NAMESPACE,
     RECORDED,
     Through,
@@ -152,3 +153,26 @@ def test_bytes_that_are_not_amqp_close_the_websocket_and_go_no_further(
     assert recorder.upgrades == ["/$servicebus/websocket"]
     assert recorder.recorded() == [SASL_HEADER]  # the header went on; nothing after it
     assert through.logins("client_error") == failed + 1
+
+
+async def send_only(connection_string: str, entity: str, body: str, **options: object) -> None:
+    client = ServiceBusClient.from_connection_string(
+        connection_string, transport_type=TransportType.AmqpOverWebsocket, retry_total=0,
+        **options)
+    async with client, client.get_queue_sender(entity) as sender:
+        await sender.send_messages(ServiceBusMessage(body))
+
+
+def test_an_event_hubs_namespace_gets_event_hubs_tokens(through: Through) -> None:
+    """A route says the namespace is Event Hubs: every put-token gets an Event Hubs token
+    (the fake checks aud = https://eventhubs.azure.net for its event hub). The AMQP client is
+    azure-servicebus's: azure-eventhub's needs open/begin fields the fake does not send yet."""
+    fake = through.fakes[HUBS]
+    seen, sent = len(put_tokens(fake)), len(fake.events("transfer"))
+    bounded(send_only(wrong_key_connection_string(HUBS), "telemetry", "reading",
+                      **through.proxy_options()))
+    tokens = put_tokens(fake, seen)
+    assert tokens and all(t["token_kind"] == "jwt" and t["accepted"] for t in tokens), tokens
+    assert {t["audience"] for t in tokens} == {f"sb://{HUBS}/telemetry"}
+    assert [t["entity"] for t in fake.events("transfer")[sent:]] == ["telemetry"]
+    assert through.identity.calls_for("https://eventhubs.azure.net")
