@@ -131,7 +131,7 @@ class AmqpOverWebSocket:
             return await self.tokens.get_token(identity, scope, valid_until=valid_until)
 
         def on_event(kind: str, details: dict[str, Any]) -> None:
-            self._event(namespace, identity, kind, details)
+            self._event(namespace, service, identity, kind, details)
 
         state.identity = identity
         try:
@@ -186,7 +186,7 @@ class AmqpOverWebSocket:
         logger.warning("AMQP over WebSocket to %s closed: %s", catalog_host(flow), reason)
         self.close(flow)
 
-    def _event(self, namespace: str, identity: Identity, kind: str,
+    def _event(self, namespace: str, service: str, identity: Identity, kind: str,
                details: dict[str, Any]) -> None:
         result = LOGIN_RESULTS.get(kind)
         if result is None:
@@ -194,8 +194,11 @@ class AmqpOverWebSocket:
             return
         self._count(result)
         if result in ("converted", "audited"):
+            # The namespace's own entry (REST calls share it): one SAS still sent over AMQP
+            # keeps `keyless report` from saying local auth can be switched off. A put-token
+            # does not say whether the app sends or receives: operation "login".
             self.calls.record(CallKey(
-                service="amqp", resource=namespace.split(".", 1)[0], host=namespace,
+                service=service, resource=namespace.split(".", 1)[0], host=namespace,
                 scheme="SharedAccessSignature", operation="login", identity=identity.label,
                 handled=result))
         level = logging.INFO if result in ("converted", "audited") else logging.WARNING

@@ -52,6 +52,11 @@ class Through:
                                "proxy_port": self.keyless.port},
                 "connection_verify": self.keyless.ca_path}
 
+    def assert_no_secrets_logged(self) -> None:
+        log = self.keyless.log()
+        assert "sig=" not in log and "SharedAccessSignature sr" not in log
+        assert "eyJ" not in log  # a JWT's (base64 JSON) start
+
     def logins(self, result: str) -> float:
         return self.keyless.metric("keyless_listener_logins_total", listener="websocket:443",
                                    protocol="amqp", result=result)

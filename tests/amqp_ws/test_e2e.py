@@ -6,6 +6,7 @@ audience, expiry checked) and refuses SAS tokens as a namespace without local au
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import time
 import uuid
@@ -73,6 +74,7 @@ def test_queue_send_and_receive_with_a_wrong_key(through: Through) -> None:
     assert all(o["hostname"] == NAMESPACE for o in fake.events("open"))
     # one per put-token the service accepted (sender and receiver each send one)
     assert through.logins("converted") == converted + len(tokens)
+    through.assert_no_secrets_logged()
 
 
 def test_the_fake_refuses_the_apps_own_sas(tmp_path: Path, fakes: dict[str, FakeNamespace],
@@ -176,3 +178,37 @@ def test_an_event_hubs_namespace_gets_event_hubs_tokens(through: Through) -> Non
     assert {t["audience"] for t in tokens} == {f"sb://{HUBS}/telemetry"}
     assert [t["entity"] for t in fake.events("transfer")[sent:]] == ["telemetry"]
     assert through.identity.calls_for("https://eventhubs.azure.net")
+
+
+def test_audit_forwards_the_apps_sas_and_reports_the_namespace(
+        tmp_path: Path, pki: TestPKI, module_identity: FakeIdentityEndpoint) -> None:
+    """--audit changes nothing (the app's own, valid SAS reaches a namespace with local auth)
+    and `keyless report` learns the namespace still gets SAS tokens over AMQP."""
+    audited_ns = "keylessaudit.servicebus.windows.net"
+    fake = FakeNamespace(tmp_path / "fake", pki, audited_ns, local_auth=True).start()
+    try:
+        running = start_keyless(tmp_path / "keyless", pki, module_identity,
+                                {audited_ns: fake}, "--audit")
+        try:
+            body = f"audited-{uuid.uuid4()}"
+            received = bounded(send_and_receive(fake.connection_string(), "orders", body,
+                                                **running.proxy_options()))
+            audited = running.logins("audited")
+            converted = running.logins("converted")
+            status, text = running.keyless.get("/report")
+            running.assert_no_secrets_logged()
+        finally:
+            running.keyless.stop()
+    finally:
+        fake.stop()
+    assert received == [body]
+    tokens = fake.events("put_token")
+    assert tokens and all(t["token_kind"] == "sas" and t["accepted"] for t in tokens), tokens
+    assert audited == len(tokens) and converted == 0
+    assert status == 200
+    inventory = {item["resource"]: item for item in json.loads(text)["inventory"]}
+    namespace = inventory["keylessaudit"]
+    assert namespace["service"] == "servicebus"
+    assert namespace["schemes"] == {"SharedAccessSignature": len(tokens)}
+    assert namespace["local_auth_can_be_disabled"] is False
+    assert "sig=" not in text and "RootManageSharedAccessKey" not in text
