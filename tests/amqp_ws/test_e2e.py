@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -212,3 +215,20 @@ def test_audit_forwards_the_apps_sas_and_reports_the_namespace(
     assert namespace["schemes"] == {"SharedAccessSignature": len(tokens)}
     assert namespace["local_auth_can_be_disabled"] is False
     assert "sig=" not in text and "RootManageSharedAccessKey" not in text
+
+
+def test_node_service_bus_app_over_websockets_with_a_wrong_key(through: Through) -> None:
+    node = shutil.which("node")
+    assert node, "Node.js is needed: apt-get install nodejs, then npm ci"
+    fake = through.fakes[NAMESPACE]
+    seen = len(put_tokens(fake))
+    body = f"node-order-{uuid.uuid4()}"
+    done = subprocess.run(
+        [node, str(Path(__file__).with_name("servicebus_ws_app.mjs")),
+         wrong_key_connection_string(), "orders", body, through.keyless.proxy_url],
+        capture_output=True, text=True, timeout=90, cwd=Path(__file__).parent,
+        env={**os.environ, "NODE_EXTRA_CA_CERTS": through.keyless.ca_path})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"received": [body]}
+    tokens = put_tokens(fake, seen)
+    assert tokens and all(t["token_kind"] == "jwt" and t["accepted"] for t in tokens), tokens
