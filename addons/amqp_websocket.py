@@ -145,7 +145,11 @@ class AmqpOverWebSocket:
         if flow.websocket is None or not is_amqp_upgrade(flow, state):
             return
         assert state is not None
-        message = flow.websocket.messages[-1]
+        messages = flow.websocket.messages
+        # mitmproxy keeps every message of a flow; an AMQP connection lives for days: keep
+        # only the current one (the layer holds its own reference to it).
+        del messages[:-1]
+        message = messages[-1]
         if message.injected:
             return  # our own: already converted
         if state.amqp is None or state.amqp_failed or message.is_text:

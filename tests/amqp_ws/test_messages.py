@@ -223,3 +223,12 @@ def test_a_plain_ws_upgrade_is_refused():
     flow = upgrade_flow(tls=False)
     Harness().addon.requestheaders(flow)
     assert flow.response is not None and flow.response.status_code == 403
+
+
+def test_a_long_connection_keeps_only_the_current_message():
+    h = Harness()
+    for n in range(5):
+        h.send(True, frame(b"transfer %d" % n))
+        h.send(False, b"flow %d" % n)
+    assert h.flow.websocket is not None
+    assert [m.content for m in h.flow.websocket.messages] == [b"flow 4"]
