@@ -62,7 +62,8 @@ def amqp_converter(namespace: str, tokens: Callable[[str, float | None], Any], *
 def is_amqp_upgrade(flow: http.HTTPFlow, state: FlowState | None) -> bool:
     request = flow.request
     return (state is not None and state.service in AMQP_SERVICES
-            and request.path.split("?", 1)[0] == WEBSOCKET_PATH
+            # the gateway's spelling may vary: a variant must not pass unconverted
+            and request.path.split("?", 1)[0].rstrip("/").lower() == WEBSOCKET_PATH
             and request.headers.get("upgrade", "").lower() == "websocket")
 
 
@@ -76,8 +77,13 @@ def close(flow: http.HTTPFlow) -> None:
     server = ctx.master.addons.get("proxyserver")
     handler = server.connections.get(flow.client_conn.id) if server else None
     if handler is not None:
-        asyncio.get_running_loop().create_task(
+        task = asyncio.get_running_loop().create_task(
             handler.server_event(events.ConnectionClosed(flow.server_conn)))
+        _closing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[None]] = set()
 
 
 class AmqpOverWebSocket:

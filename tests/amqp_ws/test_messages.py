@@ -154,6 +154,17 @@ def test_text_messages_are_not_amqp_and_are_dropped():
     assert h.converters[0].seen == []
 
 
+@pytest.mark.parametrize("path", ["/$servicebus/websocket/", "/$SERVICEBUS/WebSocket",
+                                  "/$servicebus/websocket?x=1"])
+def test_spellings_of_the_amqp_path_are_converted_too(path: str):
+    flow = tflow.twebsocketflow(messages=False)
+    start_state(flow, "servicebus", "keylessbus")
+    flow.request.path = path
+    h = Harness()
+    h.addon.websocket_start(flow)
+    assert flow_state(flow).amqp is not None
+
+
 def test_other_websockets_are_left_alone():
     h = Harness()
     flow = tflow.twebsocketflow(messages=False)
