@@ -232,3 +232,10 @@ def test_node_service_bus_app_over_websockets_with_a_wrong_key(through: Through)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"received": [body]}
     tokens = put_tokens(fake, seen)
     assert tokens and all(t["token_kind"] == "jwt" and t["accepted"] for t in tokens), tokens
+
+
+def test_a_large_message_crosses_many_frames_and_websocket_messages(through: Through) -> None:
+    body = "x" * 700_000  # over the fake's 256 KiB max-frame-size: several transfer frames
+    received = bounded(send_and_receive(wrong_key_connection_string(), "orders", body,
+                                        **through.proxy_options()))
+    assert received == [body]
