@@ -26,7 +26,7 @@ from proxy import metrics
 from proxy.audit import CallKey, CallLog
 from proxy.ca import leaf_certificate
 from proxy.catalog import Catalog
-from proxy.listeners.spec import SERVICEBUS_SCOPE, ListenerSpec
+from proxy.listeners.spec import ListenerSpec
 from proxy.listeners.tls import TLSReader, TLSWriter, accept_tls
 from proxy.listeners.upstream import Streams, UpstreamDialer, UpstreamError
 from proxy.redact import redact
@@ -139,18 +139,18 @@ class Connection:
         entity), valid at least until `valid_until` when given."""
         return await self.shared.tokens.get_token(self.spec.identity, scope, valid_until)
 
-    def service_for(self, audience: str) -> tuple[str, str]:
-        """AMQP: (service, scope) for a put-token's audience (`sb://NS/entity`, `amqp://…`):
-        a `[[route]]` with `service = "eventhubs"` for the namespace, or a path only Event
-        Hubs has (consumer groups, partitions), makes it Event Hubs; anything else is Service
-        Bus, as for REST."""
+    def service_for(self, audience: str) -> str:
+        """AMQP: "servicebus" or "eventhubs" for a put-token's audience (`sb://NS/entity`,
+        `amqp://…`): a `[[route]]` with `service = "eventhubs"` for the namespace, or a path
+        only Event Hubs has (consumer groups, partitions), makes it Event Hubs; anything else
+        is Service Bus, as for REST."""
         split = urlsplit(audience if "://" in audience else f"sb://{audience}")
         host = (split.hostname or "").lower() or self.spec.upstream[0]
-        target = self.shared.catalog.match(host, split.path.lower() or "/") if self.shared.catalog \
-            else None
+        catalog = self.shared.catalog
+        target = catalog.match(host, split.path.lower() or "/") if catalog else None
         if target is not None and target.service.name in ("servicebus", "eventhubs"):
-            return target.service.name, target.scope
-        return "servicebus", SERVICEBUS_SCOPE
+            return target.service.name
+        return "servicebus"
 
     async def open_upstream(self, tls: bool) -> Streams:
         host, port = self.spec.upstream

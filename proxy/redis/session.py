@@ -445,10 +445,25 @@ class Session:
     def on_server_data(self, data: bytes) -> list[bytes]:
         """What the app gets of `data`: replies and pushes passed on unchanged (in as few
         slices as possible), keyless' own replies swallowed, local answers in their place."""
+        frames = self.frames.feed(data)
+        head = self.replies[0] if self.replies else None
+        if self.dest is None and head is not None and head.kind == FORWARD and \
+                head.then is None and len(frames) <= head.count and not self.lifted and \
+                frames and frames[-1][0] == len(data) and \
+                all(kind != PUSH for _, kind in frames):
+            # The common case: whole replies to the app's own commands, nothing else.
+            head.count -= len(frames)
+            if head.count == 0:
+                self.replies.popleft()
+                if self.replies and self.replies[0].kind == LOCAL:
+                    out = [data]
+                    self.flush_locals(out)
+                    return out
+            return [data]
         out: list[bytes] = []
         span = 0  # start of bytes passed on unchanged that are not in `out` yet
         start = 0
-        for end, _ in self.frames.feed(data):
+        for end, _ in frames:
             span = self.piece(data, start, end, True, out, span)
             start = end
         if start < len(data):  # a frame goes on in the next chunk

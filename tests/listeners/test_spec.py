@@ -122,8 +122,7 @@ def test_amqp_audiences_pick_service_bus_or_event_hubs(tmp_path) -> None:
                          "--reverse", "5672=amqps://bus.servicebus.windows.net"])
     shared = Shared(None, None, None, ClientTLS(tmp_path), catalog=settings.catalog())  # type: ignore[arg-type]
     conn = Connection(settings.listeners[0], "127.0.0.1:1", shared)
-    bus, hubs = ("servicebus", "https://servicebus.azure.net/.default"), (
-        "eventhubs", "https://eventhubs.azure.net/.default")
+    bus, hubs = "servicebus", "eventhubs"
     assert conn.service_for("sb://bus.servicebus.windows.net/orders") == bus
     assert conn.service_for("amqp://bus.servicebus.windows.net/topic/Subscriptions/s") == bus
     assert conn.service_for("sb://hubs.servicebus.windows.net/telemetry") == hubs  # the route
