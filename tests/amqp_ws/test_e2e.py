@@ -34,7 +34,7 @@ from tests.amqp_ws.conftest import (
 from tests.amqp_ws.recorder import RecordingWebSocket
 from tests.support.azurite import TestPKI
 from tests.support.fake_namespace import FakeNamespace
-from tests.support.identity_endpoint import FakeIdentityEndpoint
+from tests.support.identity_endpoint import FakeIdentityEndpoint, make_token
 
 pytestmark = pytest.mark.e2e
 
@@ -239,3 +239,26 @@ def test_a_large_message_crosses_many_frames_and_websocket_messages(through: Thr
     received = bounded(send_and_receive(wrong_key_connection_string(), "orders", body,
                                         **through.proxy_options()))
     assert received == [body]
+
+
+def test_a_token_the_service_refuses_reaches_the_app_as_the_services_answer(
+        tmp_path: Path, pki: TestPKI, fakes: dict[str, FakeNamespace]) -> None:
+    fake = fakes[NAMESPACE]
+    seen = len(put_tokens(fake))
+    with FakeIdentityEndpoint() as identity:
+        # a well-signed token for another audience: the namespace refuses it (401)
+        identity.queue_tokens("https://servicebus.azure.net",
+                              make_token("https://storage.azure.com"))
+        running = start_keyless(tmp_path / "keyless", pki, identity, fakes)
+        try:
+            with pytest.raises(ServiceBusAuthenticationError) as raised:
+                bounded(send_only(wrong_key_connection_string(), "orders", "refused",
+                                  **running.proxy_options()))
+            refused = running.logins("upstream_refused")
+            converted = running.logins("converted")
+        finally:
+            running.keyless.stop()
+    assert "Status code: 401" in str(raised.value.inner_exception)  # type: ignore[attr-defined]
+    tokens = put_tokens(fake, seen)
+    assert tokens and all(t["token_kind"] == "jwt" and not t["accepted"] for t in tokens)
+    assert refused == len(tokens) and converted == 0
