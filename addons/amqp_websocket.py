@@ -21,11 +21,13 @@ from mitmproxy.proxy import events
 
 from addons.answers import catalog_host, destination, keyless_answer
 from proxy import metrics
+from proxy.amqp.session import FIX
 from proxy.amqp.stream import AmqpConverter, AmqpProtocolError
 from proxy.audit import CallKey, CallLog
 from proxy.catalog import Catalog
 from proxy.errors import MISDIRECTED, PLAIN_HTTP
 from proxy.flowstate import AmqpStream, FlowState, flow_state
+from proxy.redact import redact
 from proxy.tokens import Identity, Token, TokenCache
 
 logger = logging.getLogger(__name__)
@@ -136,13 +138,11 @@ class AmqpOverWebSocket:
         async def tokens(scope: str, valid_until: float | None) -> Token:
             return await self.tokens.get_token(identity, scope, valid_until=valid_until)
 
-        def on_event(kind: str, details: dict[str, Any]) -> None:
-            self._event(namespace, service, identity, kind, details)
-
         state.identity = identity
         try:
-            state.amqp = self.converter(namespace, tokens, service=service, audit=self.audit,
-                                        on_event=on_event)
+            state.amqp = self.converter(
+                namespace, tokens, service=service, audit=self.audit,
+                on_event=FlowLogins(namespace, service, identity, self.calls))
         except Exception as exc:  # fail closed: without a converter no SAS may pass
             self._fail(flow, state, f"no converter ({type(exc).__name__})")
 
@@ -196,27 +196,53 @@ class AmqpOverWebSocket:
         logger.warning("AMQP over WebSocket to %s closed: %s", catalog_host(flow), reason)
         self.close(flow)
 
-    def _event(self, namespace: str, service: str, identity: Identity, kind: str,
-               details: dict[str, Any]) -> None:
-        result = LOGIN_RESULTS.get(kind)
-        if result is None:
-            logger.debug("AMQP over WebSocket to %s: %s", namespace, kind)
-            return
-        self._count(result)
-        if result in ("converted", "audited"):
-            # The namespace's own entry (REST calls share it): one SAS still sent over AMQP
-            # keeps `keyless report` from saying local auth can be switched off. A put-token
-            # does not say whether the app sends or receives: operation "login".
-            self.calls.record(CallKey(
-                service=service, resource=namespace.split(".", 1)[0], host=namespace,
-                scheme="SharedAccessSignature", operation="login", identity=identity.label,
-                handled=result))
-        level = logging.INFO if result in ("converted", "audited") else logging.WARNING
-        # Only names and reasons the converter made safe to log (never a SAS or token).
-        said = details.get("key_name") if result == "audited" else details.get("reason")
-        logger.log(level, "AMQP over WebSocket login to %s: %s%s", namespace, result,
-                   f" ({str(said)[:200]})" if said else "")
-
     @staticmethod
     def _count(result: str) -> None:
-        metrics.LISTENER_LOGINS.labels(listener=LISTENER, protocol="amqp", result=result).inc()
+        count(result)
+
+
+def count(result: str) -> None:
+    metrics.LISTENER_LOGINS.labels(listener=LISTENER, protocol="amqp", result=result).inc()
+
+
+class FlowLogins:
+    """One WebSocket flow's converter events as keyless' metrics, logs and report records
+    (as proxy/amqp/session.py does for the AMQP listener's connections)."""
+
+    def __init__(self, namespace: str, service: str, identity: Identity,
+                 calls: CallLog) -> None:
+        self.namespace, self.service, self.identity, self.calls = (
+            namespace, service, identity, calls)
+        self.audited = False
+
+    def __call__(self, kind: str, details: dict[str, Any]) -> None:
+        result = LOGIN_RESULTS.get(kind)
+        if result is None or (result == "audited" and self.audited):
+            return  # an audited connection counts once, however many SAS it sends
+        self.audited = self.audited or result == "audited"
+        count(result)
+        if result in ("converted", "audited"):
+            self._record(result)
+            logger.info("AMQP over WebSocket login to %s: %s%s", self.namespace, result,
+                        f" (key name {str(details.get('key_name'))[:64]!r})"
+                        if details.get("key_name") else "")
+        elif result == "upstream_refused":
+            logger.warning(
+                "%s at %s refused the Entra login of identity %s: %s. Fix: %s", self.service,
+                self.namespace, self.identity.label,
+                redact(f"put-token for {details.get('audience')} answered "
+                       f"{details.get('status')} {details.get('description', '')}", limit=500),
+                FIX.get(self.service, FIX["servicebus"]).format(identity=self.identity.label))
+        else:
+            reason = details.get("reason") or details.get("mechanism") or ""
+            logger.warning("AMQP over WebSocket login to %s: %s %s", self.namespace, result,
+                           redact(str(reason), limit=300))
+
+    def _record(self, handled: str) -> None:
+        # The namespace's own entry (REST calls share it): one SAS still sent over AMQP keeps
+        # `keyless report` from saying local auth can be switched off. A put-token does not
+        # say whether the app sends or receives: operation "login".
+        self.calls.record(CallKey(
+            service=self.service, resource=self.namespace.split(".", 1)[0],
+            host=self.namespace, scheme="SharedAccessSignature", operation="login",
+            identity=self.identity.label, handled=handled))
