@@ -107,6 +107,7 @@ def test_without_a_token_the_app_hears_why_and_no_sas_leaves(
                                          **running.proxy_options()))
             assert running.logins("token_unavailable") >= 1
             assert running.logins("converted") == 0
+            running.assert_no_secrets_logged()
         finally:
             running.keyless.stop()
     assert isinstance(raised.value, ServiceBusAuthenticationError)
@@ -257,6 +258,8 @@ def test_a_token_the_service_refuses_reaches_the_app_as_the_services_answer(
                                   **running.proxy_options()))
             refused = running.logins("upstream_refused")
             converted = running.logins("converted")
+            running.assert_no_secrets_logged()
+            assert "Azure Service Bus Data Sender" in running.keyless.log()  # the fix
         finally:
             running.keyless.stop()
     assert "Status code: 401" in str(raised.value.inner_exception)  # type: ignore[attr-defined]
