@@ -22,10 +22,19 @@ from azure.servicebus import ServiceBusMessage, ServiceBusReceiveMode, Transport
 from azure.servicebus.aio import ServiceBusClient
 from azure.servicebus.exceptions import ServiceBusAuthenticationError, ServiceBusError
 
+from proxy.amqp.codec import (
+    FRAME_SASL,
+    Symbol,
+    encode_frame,
+    encode_performative,
+    parse_frame,
+    parse_performative,
+)
 from tests.amqp_ws.conftest import (
     HUBS,
     NAMESPACE,
     RECORDED,
+    WRONG_KEY,
     Through,
     bounded,
     start_keyless,
@@ -125,21 +134,21 @@ async def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def header_then_garbage(through: Through, recorder: RecordingWebSocket) -> list[object]:
+async def header_then(through: Through, recorder: RecordingWebSocket,
+                      then: bytes) -> list[tuple[object, object]]:
     """A raw AMQP-over-WebSocket client through keyless: a valid protocol header, then (once
-    it arrived) a "frame" of 0x20202020 bytes, which the converter refuses. Returns the types
-    of what came back."""
+    it arrived) `then`. Returns what came back (type, data)."""
     context = ssl.create_default_context(cafile=through.keyless.ca_path)
     async with aiohttp.ClientSession() as session, session.ws_connect(
             f"wss://{RECORDED}/$servicebus/websocket", protocols=["AMQPWSB10"],
             proxy=through.keyless.proxy_url, ssl=context) as ws:
         await ws.send_bytes(SASL_HEADER)
         await wait_until(lambda: bool(recorder.recorded()))
-        await ws.send_bytes(b"    garbage")
-        seen: list[object] = []
+        await ws.send_bytes(then)
+        seen: list[tuple[object, object]] = []
         for _ in range(10):
             received = await ws.receive(timeout=10)
-            seen.append(received.type)
+            seen.append((received.type, received.data))
             if received.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
                                  aiohttp.WSMsgType.ERROR):
                 break
@@ -153,11 +162,14 @@ SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 def test_bytes_that_are_not_amqp_close_the_websocket_and_go_no_further(
         through: Through) -> None:
     recorder = through.fakes[RECORDED]
+    before, upgrades = len(recorder.recorded()), len(recorder.upgrades)
     failed = through.logins("client_error")
-    seen = bounded(header_then_garbage(through, recorder), 30)
-    assert seen and seen[-1] in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), seen
-    assert recorder.upgrades == ["/$servicebus/websocket"]
-    assert recorder.recorded() == [SASL_HEADER]  # the header went on; nothing after it
+    # a "frame" of 0x20202020 bytes, which the converter refuses
+    seen = bounded(header_then(through, recorder, b"    garbage"), 30)
+    assert [kind for kind, _ in seen] in ([aiohttp.WSMsgType.CLOSE],
+                                          [aiohttp.WSMsgType.CLOSED]), seen
+    assert recorder.upgrades[upgrades:] == ["/$servicebus/websocket"]
+    assert recorder.recorded()[before:] == [SASL_HEADER]  # the header went on; nothing after
     assert through.logins("client_error") == failed + 1
 
 
@@ -266,3 +278,23 @@ def test_a_token_the_service_refuses_reaches_the_app_as_the_services_answer(
     tokens = put_tokens(fake, seen)
     assert tokens and all(t["token_kind"] == "jwt" and not t["accepted"] for t in tokens)
     assert refused == len(tokens) and converted == 0
+
+
+
+def test_a_sasl_login_with_the_key_is_answered_by_keyless_and_never_forwarded(
+        through: Through) -> None:
+    """SASL PLAIN carries the key itself: keyless answers it (auth failed) over the
+    WebSocket and closes; the key never reaches the service."""
+    recorder = through.fakes[RECORDED]
+    before = len(recorder.recorded())
+    failed = through.logins("client_error")
+    plain = encode_frame(FRAME_SASL, 0, encode_performative(
+        "sasl-init", [Symbol("PLAIN"), b"\x00RootManageSharedAccessKey\x00" + WRONG_KEY.encode()]))
+    seen = bounded(header_then(through, recorder, plain), 30)
+    kinds = [kind for kind, _ in seen]
+    assert kinds[0] == aiohttp.WSMsgType.BINARY and kinds[-1] in (
+        aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), seen
+    outcome = parse_performative(parse_frame(seen[0][1]))
+    assert outcome.name == "sasl-outcome" and outcome.field(0).value == 1  # auth failed
+    assert recorder.recorded()[before:] == [SASL_HEADER]  # the header only: no key
+    assert through.logins("client_error") == failed + 1
