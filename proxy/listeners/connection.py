@@ -215,7 +215,8 @@ class Connection:
                            self.peer, self.spec.upstream[0])
 
     def refused(self, message: str, fix: str) -> None:
-        """The upstream refused keyless' token login: say why and what fixes it."""
+        """The upstream refused keyless' token login: say why and what fixes it. This also
+        counts the login as `upstream_refused`: do not call login() for it as well."""
         metrics.LISTENER_LOGINS.labels(listener=self.spec.name, protocol=self.spec.protocol,
                                        result="upstream_refused").inc()
         logger.warning("%s at %s refused the Entra login of identity %s: %s. Fix: %s",
