@@ -123,7 +123,7 @@ class AmqpOverWebSocket:
             flow.response = keyless_answer(
                 421, MISDIRECTED, "the CONNECT target, TLS server name and Host header must "
                 "name the same Service Bus/Event Hubs namespace on port 443")
-        self._count("client_error")
+        count("client_error")
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
@@ -192,13 +192,10 @@ class AmqpOverWebSocket:
 
     def _fail(self, flow: http.HTTPFlow, state: FlowState, reason: str) -> None:
         state.amqp_failed = True
-        self._count("client_error")
+        count("client_error")
         logger.warning("AMQP over WebSocket to %s closed: %s", catalog_host(flow), reason)
         self.close(flow)
 
-    @staticmethod
-    def _count(result: str) -> None:
-        count(result)
 
 
 def count(result: str) -> None:
