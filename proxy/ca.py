@@ -325,7 +325,7 @@ def configured_zones(settings: Settings) -> tuple[str, ...]:
         raise CAError(str(exc)) from None
     # Listeners that offer TLS to the app show it a leaf for their upstream's name.
     listener_hosts = [spec.upstream[0] for spec in settings.listeners if spec.client_tls]
-    if settings.transparent_databases is not None:  # any Azure database or cache name
+    if settings.transparent and settings.transparent_databases:  # any Azure database name
         from proxy.listeners.spec import PROTOCOLS
 
         listener_hosts += [suffix.lstrip(".") for info in PROTOCOLS.values()

@@ -80,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keyless: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "iptables":
-        databases = settings.transparent_databases
         print("\n".join(transparent_rules(settings.listen[1], args.uid,
-                                          databases[1] if databases else None)))
+                                          settings.transparent_listen[1],
+                                          settings.transparent_databases)))
         return 0
     if args.command == "check":
         from proxy.check import main as check_main

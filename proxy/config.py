@@ -182,10 +182,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("transparent", "BOOL", "false", parse_bool,
          "Transparent mode: --listen receives connections redirected by iptables (see "
          "`keyless iptables`) instead of proxy requests.", switch=True),
-    Flag("transparent-databases", "HOST:PORT", "", lambda s: parse_host_port(s) if s else None,
+    Flag("transparent-listen", "HOST:PORT", "127.0.0.1:15671", parse_host_port,
+         "With --transparent: where keyless takes the redirected connections that are not "
+         "HTTPS: AMQP (5671; Service Bus, Event Hubs) and, with --transparent-databases, "
+         "PostgreSQL, MySQL and Redis. The app's TLS server name picks the Azure host. "
+         "Loopback only."),
+    Flag("transparent-databases", "BOOL", "false", parse_bool,
          "With --transparent: also take redirected PostgreSQL (5432), MySQL (3306) and Redis "
-         "(6380, 10000) connections on HOST:PORT (e.g. 127.0.0.1:15432); the app's TLS server "
-         "name picks the Azure server, and `keyless iptables` prints their rules too."),
+         "(6380, 10000) connections on --transparent-listen, and have `keyless iptables` "
+         "redirect those ports too.", switch=True),
     Flag("connect-to", "HOST:PORT:ADDR:PORT", (), ConnectTo.parse,
          "When the target is HOST:PORT, dial ADDR:PORT instead, keeping HOST as TLS server "
          "name and Host header (curl's meaning; also for tunnelled connections). Repeatable.",
@@ -249,7 +254,8 @@ class Settings:
     mysql: tuple[str, ...]
     redis: tuple[str, ...]
     transparent: bool
-    transparent_databases: HostPort | None
+    transparent_listen: HostPort
+    transparent_databases: bool
     connect_to: tuple[ConnectTo, ...]
     set: tuple[tuple[str, str], ...]
     allow_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -393,17 +399,17 @@ def listener_specs(settings: Settings, routed_hosts: Mapping[str, frozenset[str]
                 raise ConfigError(str(exc)) from None
     taken = {settings.listen[1]: "--listen", settings.admin[1]: "--admin",
              **{port: "--reverse" for port, _ in settings.reverse}}
-    if settings.transparent_databases is not None:
-        if not settings.transparent:
-            raise ConfigError("--transparent-databases needs --transparent")
-        if not is_loopback(settings.transparent_databases[0]):
-            raise ConfigError("--transparent-databases must listen on loopback: iptables "
+    if settings.transparent_databases and not settings.transparent:
+        raise ConfigError("--transparent-databases needs --transparent")
+    if settings.transparent:
+        if not is_loopback(settings.transparent_listen[0]):
+            raise ConfigError("--transparent-listen must be a loopback address: iptables "
                               "REDIRECT delivers the pod's connections there")
-        port = settings.transparent_databases[1]
+        port = settings.transparent_listen[1]
         if port in taken:
-            raise ConfigError(f"--transparent-databases port {port} is already used by "
+            raise ConfigError(f"--transparent-listen port {port} is already used by "
                               f"{taken[port]}")
-        taken[port] = "--transparent-databases"
+        taken[port] = "--transparent-listen"
     for spec in specs:
         port = spec.listen[1]
         if port in taken:

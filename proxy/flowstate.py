@@ -21,6 +21,14 @@ class KeptBody(Protocol):
     data: bytearray | None
 
 
+class AmqpStream(Protocol):
+    """An AMQP connection's converter (proxy/amqp/stream.py AmqpConverter)."""
+
+    async def from_app(self, data: bytes) -> Any: ...
+
+    def from_service(self, data: bytes) -> Any: ...
+
+
 @dataclass(slots=True)
 class FlowState:
     service: str  # the catalog service name (metric label)
@@ -37,6 +45,10 @@ class FlowState:
     pooled: bool = False
     kept_body: KeptBody | None = None  # a copy of a small streamed body, for a replay
     relay_destination: tuple[bytes, str, int] | None = None  # pool: the real destination
+    # AMQP over WebSocket (addons/amqp_websocket.py): the stream's converter, once the
+    # upgrade to the agreed namespace succeeded; failed: it stopped, nothing more is forwarded
+    amqp: AmqpStream | None = None
+    amqp_failed: bool = False
 
     @property
     def identity_label(self) -> str:

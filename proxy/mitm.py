@@ -16,6 +16,7 @@ from mitmproxy import exceptions, master, options
 from mitmproxy.addons import errorcheck
 from mitmproxy.proxy.layers.http import _http1
 
+from addons.amqp_websocket import AmqpOverWebSocket
 from addons.azure_auth import AzureAuth
 from addons.diagnose import DiagnoseDenials
 from addons.failclosed import FailClosed
@@ -126,21 +127,25 @@ def build_listeners(settings: Settings, tokens: TokenCache, calls: CallLog,
     except UpstreamError as exc:
         raise StartupError(str(exc)) from None
     shared = Shared(tokens, UpstreamDialer(dialer, trust), calls,
-                    ClientTLS(settings.confdir / CA_KEY_AND_CERT), audit=settings.audit)
+                    ClientTLS(settings.confdir / CA_KEY_AND_CERT), audit=settings.audit,
+                    catalog=settings.catalog())
     listeners: list[Listener] = [
         Listener(dataclasses.replace(spec, identity=listener_identity(spec.identity)), shared,
                  settings.allow_clients)
         for spec in settings.listeners]
-    if settings.transparent_databases is not None:
+    if settings.transparent:
         routed = set(settings.protocol_routes)
 
         def allowed(protocol: str, host: str) -> bool:
             return azure_host(protocol, host) or (protocol, host) in routed
 
-        host, port = settings.transparent_databases
+        host, port = settings.transparent_listen
         # The recipe's ip6tables REDIRECT sends IPv6 connections to [::1]: listen there too.
         hosts = [host, "::1"] if host == "127.0.0.1" and ipv6_loopback() else [host]
-        listeners += [TransparentListener((address, port), shared, allowed, default_identity())
+        protocols = {"amqp"} | ({"postgres", "mysql", "redis"}
+                                if settings.transparent_databases else set())
+        listeners += [TransparentListener((address, port), shared, allowed, default_identity(),
+                                          protocols=protocols)
                       for address in hosts]
     return Listeners(listeners)
 
@@ -192,6 +197,9 @@ def request_chain(settings: Settings, catalog: Catalog, tokens: TokenCache, call
     - AzureAuth converts (strips key material, attaches the token, fills the flow record).
     - FailClosed comes right after it and before anything that sends: the upstream pool
       sends in its request hook and the 401 replay in its response hook, both later.
+    - AmqpOverWebSocket reads the record AzureAuth filled for a /$servicebus/websocket
+      upgrade (refusing one whose names disagree, before anything sends) and converts the
+      AMQP inside the WebSocket messages (its websocket hooks are its own).
     - ReplayUnauthorized and PoolUpstream read the record AzureAuth filled.
     - ResignBlobBatch re-signs a Blob Batch's sub-requests in its request hook, before the
       pool sends it (and wraps the record's reattach, so a replay re-signs them too).
@@ -203,6 +211,8 @@ def request_chain(settings: Settings, catalog: Catalog, tokens: TokenCache, call
         ResumeUpstreamTLS(),
         AzureAuth(catalog, tokens, default_identity(), calls, audit=settings.audit),
         FailClosed(catalog, audit=settings.audit),
+        # AMQP over WebSocket: reads the record AzureAuth filled for the upgrade request
+        AmqpOverWebSocket(catalog, tokens, default_identity(), calls, audit=settings.audit),
         ReplayUnauthorized(tokens, upstream),
         ResignBlobBatch(),
         PoolUpstream(upstream, UpstreamRelay(), enabled=settings.upstream_pool),

@@ -3,21 +3,25 @@ keyless' own traffic (its UID) and loopback, for apps that ignore proxy variable
 
 from __future__ import annotations
 
+AMQP_PORTS = (5671,)  # AMQPS: Service Bus and Event Hubs SDKs' default transport
 # The Azure database and cache ports (PostgreSQL, MySQL, Azure Cache for Redis, Azure
-# Managed Redis) that --transparent-databases takes.
+# Managed Redis) that --transparent-databases adds.
 DATABASE_PORTS = (5432, 3306, 6380, 10000)
 
 
-def transparent_rules(port: int, uid: int, database_port: int | None = None) -> list[str]:
-    """Shell commands for a privileged init container (CAP_NET_ADMIN) in the pod."""
-    if not 0 < port < 65536 or uid < 0 or not 0 < (database_port or 1) < 65536:
+def transparent_rules(port: int, uid: int, protocol_port: int | None = None,
+                      databases: bool = False) -> list[str]:
+    """Shell commands for a privileged init container (CAP_NET_ADMIN) in the pod.
+    `protocol_port`: keyless' --transparent-listen port, for AMQP (and the databases)."""
+    if not 0 < port < 65536 or uid < 0 or not 0 < (protocol_port or 1) < 65536:
         raise ValueError("port must be 1-65535 and uid ≥ 0")
     rules = ["#!/bin/sh", "set -e",
              "# Send the pod's outgoing HTTPS (port 443) to keyless in transparent mode."]
-    if database_port:
-        ports = ", ".join(map(str, DATABASE_PORTS))
-        rules.append(f"# And its database and cache connections ({ports}) to keyless' port "
-                     f"{database_port} (--transparent-databases).")
+    other = [*AMQP_PORTS, *(DATABASE_PORTS if databases else ())] if protocol_port else []
+    if other:
+        rules.append(f"# And its AMQP{' and database/cache' if databases else ''} connections "
+                     f"({', '.join(map(str, other))}) to keyless' port {protocol_port} "
+                     "(--transparent-listen).")
     for tool, loopback in (("iptables", "127.0.0.0/8"), ("ip6tables", "::1/128")):
         rules += [
             f"{tool} -t nat -N KEYLESS_OUTPUT",
@@ -25,8 +29,8 @@ def transparent_rules(port: int, uid: int, database_port: int | None = None) -> 
             "# keyless' own connections (to Azure and the identity endpoint) go out as they are",
             f"{tool} -t nat -A KEYLESS_OUTPUT -m owner --uid-owner {uid} -j RETURN",
             f"{tool} -t nat -A KEYLESS_OUTPUT -p tcp --dport 443 -j REDIRECT --to-ports {port}",
-            *(f"{tool} -t nat -A KEYLESS_OUTPUT -p tcp --dport {db} -j REDIRECT "
-              f"--to-ports {database_port}" for db in DATABASE_PORTS if database_port),
+            *(f"{tool} -t nat -A KEYLESS_OUTPUT -p tcp --dport {other_port} -j REDIRECT "
+              f"--to-ports {protocol_port}" for other_port in other),
             f"{tool} -t nat -A OUTPUT -p tcp -j KEYLESS_OUTPUT",
         ]
     return rules

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cachetools import TTLCache
 from cryptography import x509
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from proxy import metrics
 from proxy.audit import CallKey, CallLog
 from proxy.ca import leaf_certificate
+from proxy.catalog import Catalog
 from proxy.listeners.spec import ListenerSpec
 from proxy.listeners.tls import TLSReader, TLSWriter, accept_tls
 from proxy.listeners.upstream import Streams, UpstreamDialer, UpstreamError
@@ -107,6 +109,7 @@ class Shared:
     calls: CallLog
     client_tls: ClientTLS
     audit: bool = False
+    catalog: Catalog | None = None  # AMQP: routes say which namespaces are Event Hubs
 
 
 @dataclass(slots=True)
@@ -135,6 +138,19 @@ class Connection:
         """The identity's token for another scope (AMQP: Service Bus or Event Hubs per
         entity), valid at least until `valid_until` when given."""
         return await self.shared.tokens.get_token(self.spec.identity, scope, valid_until)
+
+    def service_for(self, audience: str) -> str:
+        """AMQP: "servicebus" or "eventhubs" for a put-token's audience (`sb://NS/entity`,
+        `amqp://…`): a `[[route]]` with `service = "eventhubs"` for the namespace, or a path
+        only Event Hubs has (consumer groups, partitions), makes it Event Hubs; anything else
+        is Service Bus, as for REST."""
+        split = urlsplit(audience if "://" in audience else f"sb://{audience}")
+        host = (split.hostname or "").lower() or self.spec.upstream[0]
+        catalog = self.shared.catalog
+        target = catalog.match(host, split.path.lower() or "/") if catalog else None
+        if target is not None and target.service.name in ("servicebus", "eventhubs"):
+            return target.service.name
+        return "servicebus"
 
     async def open_upstream(self, tls: bool) -> Streams:
         host, port = self.spec.upstream
@@ -199,7 +215,8 @@ class Connection:
                            self.peer, self.spec.upstream[0])
 
     def refused(self, message: str, fix: str) -> None:
-        """The upstream refused keyless' token login: say why and what fixes it."""
+        """The upstream refused keyless' token login: say why and what fixes it. This also
+        counts the login as `upstream_refused`: do not call login() for it as well."""
         metrics.LISTENER_LOGINS.labels(listener=self.spec.name, protocol=self.spec.protocol,
                                        result="upstream_refused").inc()
         logger.warning("%s at %s refused the Entra login of identity %s: %s. Fix: %s",
@@ -213,8 +230,11 @@ class Connection:
                     self.spec.upstream[0])
 
     def _record(self, handled: str) -> None:
+        self.record_call(self.spec.protocol, "password", "login", handled)
+
+    def record_call(self, service: str, scheme: str, operation: str, handled: str) -> None:
+        """One key-based call for `keyless report` (AMQP: per entity link, by service)."""
         host = self.spec.upstream[0]
         self.shared.calls.record(CallKey(
-            service=self.spec.protocol, resource=host.split(".", 1)[0], host=host,
-            scheme="password", operation="login", identity=self.spec.identity.label,
-            handled=handled))
+            service=service, resource=host.split(".", 1)[0], host=host, scheme=scheme,
+            operation=operation, identity=self.spec.identity.label, handled=handled))

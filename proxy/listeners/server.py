@@ -97,8 +97,8 @@ class Listener:
         accepted.inc()
         open_gauge.inc()
         try:
-            if conn.transparent and conn.spec.protocol == "redis":
-                # Redis speaks TLS from the first byte; the session sees the plain stream
+            if conn.transparent and conn.spec.protocol in TLS_FIRST:
+                # TLS from the first byte: the session sees the plain stream
                 tls_reader, tls_writer = await conn.accept_client_tls(reader, writer)
                 try:
                     await session(conn, tls_reader, tls_writer)  # type: ignore[arg-type]
@@ -161,7 +161,9 @@ class Listeners:
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same number
-PROTOCOL_BY_PORT = {5432: "postgres", 3306: "mysql", 6380: "redis", 10000: "redis"}
+PROTOCOL_BY_PORT = {5671: "amqp", 5432: "postgres", 3306: "mysql", 6380: "redis",
+                    10000: "redis"}
+TLS_FIRST = {"amqp", "redis"}  # AMQPS and Redis speak TLS from the first byte
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int] | None:
@@ -177,21 +179,24 @@ def original_destination(sock: socket.socket) -> tuple[str, int] | None:
 
 
 class TransparentListener(Listener):
-    """--transparent-databases: connections iptables redirected from the Azure database and
-    cache ports. The original port picks the protocol; the app's TLS server name picks the
-    server (an Azure host of that protocol, or one a protocol route names), dialled at the
-    address the app dialled. Every such app uses TLS (Azure requires it), so the name is
-    always there; a connection without it is refused before anything goes upstream. There is
-    no client check: REDIRECT keeps the pod's own source address, and only the pod's own
-    connections reach a loopback listener (--transparent-databases must be loopback)."""
+    """--transparent-listen: connections iptables redirected from AMQPS (5671) and, with
+    --transparent-databases, the Azure database and cache ports. The original port picks
+    the protocol; the app's TLS server name picks the server (an Azure host of that protocol,
+    or one a protocol route names), dialled at the address the app dialled. Every such app
+    uses TLS (Azure requires it), so the name is always there; a connection without it is
+    refused before anything goes upstream. There is no client check: REDIRECT keeps the pod's
+    own source address, and only the pod's own connections reach a loopback listener
+    (--transparent-listen must be loopback)."""
 
     def __init__(self, listen: tuple[str, int], shared: Shared,
                  allowed: Callable[[str, str], bool], identity: Identity,
-                 sessions: dict[str, Session] | None = None) -> None:
+                 sessions: dict[str, Session] | None = None,
+                 protocols: set[str] | None = None) -> None:
         spec = ListenerSpec("transparent", listen, ("", 0))
         super().__init__(spec, shared, session=lambda *args: asyncio.sleep(0))
         self.allowed_host = allowed
         self.identity = identity
+        self.protocols = protocols if protocols is not None else set(PROTOCOL_BY_PORT.values())
         self.sessions = sessions or {}
         self.contexts = {
             protocol: shared.client_tls.by_server_name(lambda host, p=protocol: allowed(p, host))
@@ -206,10 +211,9 @@ class TransparentListener(Listener):
         sock = writer.get_extra_info("socket")
         destination = original_destination(sock) if sock is not None else None
         protocol = PROTOCOL_BY_PORT.get(destination[1]) if destination else None
-        if destination is None or protocol is None:
-            logger.warning("transparent database listener: a connection that was not "
-                           "redirected from a database port (original destination %s); closed",
-                           destination)
+        if destination is None or protocol is None or protocol not in self.protocols:
+            logger.warning("transparent listener: a connection that was not redirected from "
+                           "a port it takes (original destination %s); closed", destination)
             writer.close()
             return
         spec = ListenerSpec(protocol, self.spec.listen, ("", destination[1]),

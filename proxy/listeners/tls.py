@@ -61,6 +61,10 @@ class TLSStream:
         try:
             await asyncio.wait_for(run(), HANDSHAKE_TIMEOUT)
         except ssl.SSLError as exc:
+            # the alert (e.g. unrecognized_name from transparent mode's choice) tells the app why
+            with contextlib.suppress(OSError, RuntimeError):
+                self.flush()
+                await self.raw_writer.drain()
             raise ConnectionError(f"TLS with the app failed: {exc.reason}") from None
 
 

@@ -46,7 +46,25 @@ class AppCommands:
             if not data:
                 rest, self.pending = bytes(self.pending), bytearray()
                 return rest  # the app's last, partial bytes; then EOF
+            if not self.pending and self.clean(data):
+                return data  # the usual case: whole packets, no COM_CHANGE_USER; no copy
             self.pending += data
+
+    def clean(self, data: bytes) -> bool:
+        """Whether `data` (read at a clean state) can pass as it is: every header in it is
+        whole, and none starts a COM_CHANGE_USER. Then the state moves past it."""
+        pos, continued, end = self.passing, self.continued, len(data)
+        while pos < end:
+            if pos + codec.HEADER_SIZE + 1 > end:
+                return False  # a header or command byte cut off: the careful path
+            length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+            if (data[pos + 3] == 0 and not continued and length > 0
+                    and data[pos + 4] == COM_CHANGE_USER):
+                return False
+            continued = length == codec.MAX_PAYLOAD
+            pos += codec.HEADER_SIZE + length
+        self.passing, self.continued = pos - end, continued
+        return True
 
     def scan(self) -> bytes:
         out = bytearray()
@@ -63,7 +81,8 @@ class AppCommands:
                     continue
                 break  # a header (and a command byte) still to come
             length = int.from_bytes(self.pending[:3], "little")
-            command = self.pending[3] == 0 and not self.continued
+            # an empty packet has no command byte (pending[4] is the next packet's)
+            command = self.pending[3] == 0 and not self.continued and length > 0
             self.continued = length == codec.MAX_PAYLOAD
             if command and self.pending[4] == COM_CHANGE_USER:
                 if length > codec.MAX_AUTH_PACKET:

@@ -111,8 +111,8 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
     except Failed:
         pass
     except ProtocolError as exc:  # the server's side of the login made no sense
-        await app.error(2013, "HY000", f"KeylessUpstreamFailed: {exc}")
         conn.login("upstream_failed")
+        await app.error(2013, "HY000", f"KeylessUpstreamFailed: {exc}")
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
         logger.info("mysql connection from %s ended during the login: %s", conn.peer,
                     type(exc).__name__)
@@ -125,8 +125,8 @@ async def dial(conn: Connection, app: Side) -> Side:
     try:
         return Side(*await conn.open_upstream(tls=False))
     except UpstreamError as exc:
-        await app.error(2003, "HY000", f"KeylessUpstreamFailed: {redact(str(exc), limit=300)}")
         conn.login("upstream_failed")
+        await app.error(2003, "HY000", f"KeylessUpstreamFailed: {redact(str(exc), limit=300)}")
         raise Failed from None
 
 
@@ -139,8 +139,8 @@ async def login(conn: Connection, app: Side, server: Side, greeting: codec.Hands
         token = (await conn.token()).value.encode()
     except TokenUnavailable as exc:
         # fail closed: the server never sees a login with any password
-        await app.error(codec.ER_ACCESS_DENIED, "28000", f"KeylessTokenUnavailable: {exc}")
         conn.login("token_unavailable")
+        await app.error(codec.ER_ACCESS_DENIED, "28000", f"KeylessTokenUnavailable: {exc}")
         return False
     user = conn.spec.user or response.user
     capabilities = upstream_capabilities(response.capabilities, greeting.capabilities)
@@ -158,8 +158,8 @@ async def upstream_greeting(conn: Connection, app: Side, server: Side) -> codec.
     try:
         payload = await server.read()
         if payload[:1] == b"\xff":  # e.g. the server refuses this client address
-            await app.write(payload)
             conn.refused(codec.decode_err(payload).message, "see the server's message")
+            await app.write(payload)
             raise Failed
         greeting = codec.decode_handshake(payload)
     except (ProtocolError, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
@@ -208,8 +208,8 @@ async def app_login(conn: Connection, app: Side, greeting: codec.Handshake
             payload = await app.read()
         return codec.decode_handshake_response(payload)
     except ProtocolError as exc:
-        await app.error(codec.ER_HANDSHAKE, "08S01", f"Bad handshake: {exc}")
         conn.login("client_error")
+        await app.error(codec.ER_HANDSHAKE, "08S01", f"Bad handshake: {exc}")
         raise Failed from None
 
 
@@ -226,8 +226,8 @@ async def client_tls(conn: Connection, app: Side) -> None:
     except UpstreamError as exc:
         if upgrade.tls is not None:
             app.reader, app.writer = upgrade.tls
-        await app.error(2003, "HY000", f"KeylessUpstreamFailed: {exc}")
         conn.login("upstream_failed")
+        await app.error(2003, "HY000", f"KeylessUpstreamFailed: {exc}")
         raise Failed from None
     assert upgrade.tls is not None
     app.reader, app.writer = upgrade.tls
@@ -282,12 +282,12 @@ async def token_exchange(conn: Connection, app: Side, server: Side, plugin: str,
             await upstream_failed(conn, app, f"the server ended the login ({kind(exc)})")
         kind_byte = payload[:1]
         if kind_byte == bytes((codec.OK,)):
-            await app.write(payload)  # the server's own status flags, for the app's seq
             conn.login("converted")
+            await app.write(payload)  # the server's own status flags, for the app's seq
             return True
         if kind_byte == bytes((codec.ERR,)):
-            await app.write(payload)
             conn.refused(codec.decode_err(payload).message, refusal_fix(conn, user))
+            await app.write(payload)
             return False
         try:
             if kind_byte == bytes((codec.AUTH_SWITCH,)):
@@ -317,14 +317,14 @@ async def audited_login(conn: Connection, app: Side, server: Side, greeting: cod
         replace(response, capabilities=capabilities, filler=ZERO_FILLER)))
     for _ in range(MAX_AUTH_ROUNDS):
         payload = await server.read()
-        await app.write(payload)
         if payload[:1] == bytes((codec.OK,)):
             conn.record_password_login(response.user)
             conn.login("audited")
-            return True
-        if payload[:1] == bytes((codec.ERR,)):
+        elif payload[:1] == bytes((codec.ERR,)):
             conn.login("upstream_refused")
-            return False
+        await app.write(payload)  # counted first: what the app sees is already in the metrics
+        if payload[:1] in (bytes((codec.OK,)), bytes((codec.ERR,))):
+            return payload[:1] == bytes((codec.OK,))
         if payload == b"\x01" + codec.FAST_AUTH_OK:
             continue  # the server's OK follows without an answer
         await server.write(await app.read())
@@ -340,8 +340,8 @@ def refusal_fix(conn: Connection, user: str) -> str:
 
 
 async def upstream_failed(conn: Connection, app: Side, reason: str) -> NoReturn:
-    await app.error(2013, "HY000", f"KeylessUpstreamFailed: {redact(reason, limit=300)}")
     conn.login("upstream_failed")
+    await app.error(2013, "HY000", f"KeylessUpstreamFailed: {redact(reason, limit=300)}")
     raise Failed
 
 

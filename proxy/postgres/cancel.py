@@ -32,6 +32,13 @@ class CancelKeys:
     def knows(self, upstream: Upstream, pid: int, secret: bytes) -> bool:
         return (upstream, pid, secret) in self._keys
 
+    def upstream_of(self, port: int, pid: int, secret: bytes) -> Upstream | None:
+        """The one upstream on `port` this key belongs to (transparent mode: a cancel sent
+        without TLS names no server). None if no live connection, or several, hold it."""
+        found = {upstream for upstream, p, s in self._keys
+                 if upstream[1] == port and p == pid and s == secret}
+        return found.pop() if len(found) == 1 else None
+
     def __len__(self) -> int:
         return len(self._keys)
 

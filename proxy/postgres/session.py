@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 
@@ -80,7 +81,7 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
     except asyncio.IncompleteReadError:
         _client_error(conn, "the client closed the connection during startup")
         return
-    except (CodecError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
+    except (CodecError, UpstreamError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
         _client_error(conn, str(exc) or type(exc).__name__)
         return
     if first is None:
@@ -133,7 +134,9 @@ async def _client_startup(conn: Connection,
                 raise CodecError("the client sent data after its SSLRequest before TLS")
             if conn.spec.client_tls:
                 await _write(writer, b"S")
-                await conn.start_client_tls(writer)  # transparent: the name picks the server
+                # keyless' leaf for the server (transparent mode: for the app's TLS server
+                # name, which then names the upstream)
+                await conn.start_client_tls(writer)
             else:
                 await _write(writer, b"N")  # plain on loopback: the client goes on in clear
     raise CodecError("too many negotiation requests before the StartupMessage")
@@ -227,6 +230,10 @@ async def _login(conn: Connection, client: Streams,
     upstream: Streams | None = None
     try:
         async with asyncio.timeout(LOGIN_TIMEOUT):
+            if not conn.spec.upstream[0]:  # transparent mode, and the app spoke no TLS
+                raise LoginFailed("08006", "KeylessUpstreamFailed: transparent mode needs TLS "
+                                  "from the app (sslmode=require or verify-full): its TLS "
+                                  "server name tells keyless the server", "upstream_failed")
             # The token first: without one the server must not even see a login attempt.
             token = None if conn.audit else await _token(conn)
             upstream = await _open_tls_upstream(conn)
@@ -284,13 +291,27 @@ async def _token_login(conn: Connection, client: Streams, upstream: Streams, use
             await _pass_refusal(conn, client_writer, kind, body, message, user)
         if isinstance(message, BackendKeyData):
             key = message
-            CANCEL_KEYS.remember(conn.spec.upstream, key.pid, key.secret)
-        client_writer.write(codec.encode_message(kind, body))
         if isinstance(message, ReadyForQuery):
-            await client_writer.drain()
-            conn.login("converted")
+            conn.login("converted")  # counted before the app can see it (and act on it)
+            await _ready(conn, client_writer, codec.encode_message(kind, body), key)
             return key
+        client_writer.write(codec.encode_message(kind, body))
     raise CodecError("the server sent too many messages during login")
+
+
+async def _ready(conn: Connection, client_writer: asyncio.StreamWriter, ready: bytes,
+                 key: BackendKeyData | None) -> None:
+    """Hand the client ReadyForQuery, the key remembered first: the app may cancel as soon
+    as it has it. Only a login that got this far leaves a key in the map."""
+    if key is None:
+        await _write(client_writer, ready)
+        return
+    CANCEL_KEYS.remember(conn.spec.upstream, key.pid, key.secret)
+    try:
+        await _write(client_writer, ready)
+    except BaseException:
+        CANCEL_KEYS.forget(conn.spec.upstream, key.pid, key.secret)
+        raise
 
 
 async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
@@ -307,7 +328,12 @@ async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
             await _pass_refusal(conn, client_writer, kind, body, message, user)
         if isinstance(message, BackendKeyData):
             key = message
-            CANCEL_KEYS.remember(conn.spec.upstream, key.pid, key.secret)
+        if isinstance(message, ReadyForQuery):
+            if password_login:
+                conn.record_password_login(user)
+            conn.login("audited")
+            await _ready(conn, client_writer, codec.encode_message(kind, body), key)
+            return key
         await _write(client_writer, codec.encode_message(kind, body))
         if isinstance(message, Authentication) and message.code in ANSWERED_AUTH:
             password_login |= message.code in PASSWORD_AUTH
@@ -316,11 +342,6 @@ async def _audited_login(conn: Connection, client: Streams, upstream: Streams,
                 raise LoginFailed("08P01", "KeylessProtocolError: the client did not answer "
                                   "the server's authentication request", "client_error")
             await _write(up_writer, codec.encode_message(answer_kind, answer))
-        if isinstance(message, ReadyForQuery):
-            if password_login:
-                conn.record_password_login(user)
-            conn.login("audited")
-            return key
     raise CodecError("the server sent too many messages during login")
 
 
@@ -342,6 +363,12 @@ async def _pass_refusal(conn: Connection, client_writer: asyncio.StreamWriter, k
 
 async def _cancel(conn: Connection, request: CancelRequest) -> None:
     """Send the client's CancelRequest to the server its key came from, over TLS."""
+    if conn.transparent and not conn.spec.upstream[0]:
+        # sent without TLS (libpq before 17 cancels in clear), so no server name: the key
+        # names the server, if exactly one live connection through this port holds it
+        upstream = CANCEL_KEYS.upstream_of(conn.spec.upstream[1], request.pid, request.secret)
+        if upstream is not None:
+            conn.spec = dataclasses.replace(conn.spec, upstream=upstream)
     if not CANCEL_KEYS.knows(conn.spec.upstream, request.pid, request.secret):
         logger.info("postgres %s: CancelRequest for an unknown key dropped", conn.peer)
         return
@@ -357,45 +384,3 @@ async def _cancel(conn: Connection, request: CancelRequest) -> None:
         logger.warning("postgres %s: CancelRequest not delivered: %s", conn.peer,
                        str(exc) or type(exc).__name__)
 
-
-# -- keyless check ----------------------------------------------------------------------------
-
-
-class _Discard:
-    """A client writer for a login nobody relays (keyless check)."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    async def drain(self) -> None:
-        pass
-
-
-async def check_login(conn: Connection, user: str, database: str = "postgres") -> None:
-    """Log in upstream as `user` with the token, as an app's login would, then log out: for
-    `keyless check`. Raises LoginFailed whose message is the one-line, secret-free reason (a
-    server refusal is also logged with its fix by conn.refused)."""
-    startup = StartupMessage(codec.PROTOCOL_MAJOR << 16,
-                             (("user", user), ("database", database),
-                              ("application_name", "keyless check")))
-    nobody = (asyncio.StreamReader(), _Discard())
-    upstream: Streams | None = None
-    try:
-        async with asyncio.timeout(LOGIN_TIMEOUT):
-            token = await _token(conn)
-            upstream = await _open_tls_upstream(conn)
-            await _write(upstream[1], codec.encode_startup(startup))
-            key = await _token_login(conn, nobody, upstream, user,  # type: ignore[arg-type]
-                                     token)
-            if key is not None:
-                CANCEL_KEYS.forget(conn.spec.upstream, key.pid, key.secret)
-            await _write(upstream[1], codec.encode_message(b"X", b""))  # Terminate
-    except Refused:
-        raise LoginFailed("28000", f"{conn.spec.upstream[0]} refused the login as {user!r}: "
-                          "see the log for the server's message and the fix", None) from None
-    except (asyncio.IncompleteReadError, CodecError, OSError, TimeoutError) as exc:
-        raise LoginFailed("08006", f"KeylessUpstreamFailed: the server failed during login: "
-                          f"{type(exc).__name__}", "upstream_failed") from None
-    finally:
-        if upstream is not None:
-            upstream[1].close()

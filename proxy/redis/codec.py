@@ -100,6 +100,8 @@ class ReplyScanner:
         pos = 0
         size = len(data)
         stack = self._stack
+        if self._mode == 0 and not stack:  # the common replies, whole, fast
+            pos = _simple_frames(data, frames)
         while pos < size:
             mode = self._mode
             if mode == 0:
@@ -198,6 +200,32 @@ class ReplyScanner:
             if top.attribute:
                 return False  # an attribute is followed by the element it describes
         return True
+
+
+_SIMPLE_REPLY = re.compile(rb"[+\-:][^\r\n]{0,1024}\r\n|\$([0-9]{1,9})\r\n")
+
+
+def _simple_frames(data: bytes, frames: list[tuple[int, int]]) -> int:
+    """Whole simple strings, errors, integers and bulk strings from the start of `data`
+    (their ends go to `frames`); the offset where anything else, or a partial frame, begins."""
+    pos = 0
+    size = len(data)
+    match = _SIMPLE_REPLY.match
+    while pos < size:
+        found = match(data, pos)
+        if found is None:
+            return pos
+        digits = found.group(1)
+        if digits is None:
+            end = found.end()
+        else:
+            length = int(digits)
+            end = found.end() + length + 2
+            if length > MAX_BULK or end > size or not data.startswith(b"\r\n", end - 2):
+                return pos  # the careful path decides (streams it, or refuses it)
+        frames.append((end, data[pos]))
+        pos = end
+    return pos
 
 
 # -- client commands ---------------------------------------------------------------------------

@@ -9,9 +9,10 @@ never leaves keyless (except under --audit, which forwards it and records the lo
 
 The relay is command-aware but does not re-serialize: `CommandScanner` finds command names and
 boundaries, `ReplyScanner` reply boundaries, and bytes pass in the chunks they were read in.
-Each command that will be answered puts an entry in `Replies`, in order; the upstream side
-pops one per reply and pushes (`>`) pop nothing. That lets keyless put its own commands into
-the stream at a command boundary and swallow their replies, whatever the app has in flight:
+Each command that will be answered puts an `Entry` in `Session.replies`, in order; the
+upstream side pops one per reply, and pushes (`>`) pop nothing. That lets keyless put its own
+commands into the stream at a command boundary and swallow their replies, whatever the app
+has in flight:
 
 - re-auth: at the token's refresh time (with jitter, never later than a margin before expiry)
   keyless gets the new token and sends `AUTH <oid> <new token>` behind whatever the app has
@@ -68,7 +69,8 @@ LOGIN_TIMEOUT = 15.0  # the upstream's answer to keyless' AUTH on connect
 FIRST_COMMAND_TIMEOUT = 30.0  # waiting for the app's first command to answer it an error
 MAX_JITTER = 60.0  # spread of re-auths of many connections that share one token
 RETRY_PAUSE = 5.0  # after a failed re-auth attempt, while the token still serves
-POLL_PAUSE = 1.0  # waiting for the token cache's background refresh to hand a new token
+POLL_PAUSE = 1.0  # waiting for the token cache to hand out a newer token: at least,
+MAX_POLL = 15.0  # and at most this long between two asks
 PUBSUB_ALLOWED = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe",
                             b"punsubscribe", b"sunsubscribe", b"ping", b"quit", b"reset"))
 SUBSCRIBE = frozenset((b"subscribe", b"psubscribe", b"ssubscribe"))
@@ -166,6 +168,11 @@ class Session:
         finally:
             for task in tasks:
                 task.cancel()
+            reauth = tasks[2] if len(tasks) > 2 else None
+            if reauth is not None and reauth.done() and not reauth.cancelled() and \
+                    (exc := reauth.exception()) is not None:  # a bug: say so, secret-free
+                logger.warning("redis re-auth loop for %s stopped: %s", self.conn.peer,
+                               redact(f"{type(exc).__name__}: {exc}", limit=200))
             with contextlib.suppress(Exception):
                 await self.client[1].drain()
 
@@ -403,8 +410,11 @@ class Session:
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             if token.value == current.value or token.expires_on <= current.expires_on:
-                # The cache's refresh is under way; it hands out the new token shortly.
-                await asyncio.sleep(POLL_PAUSE if time.time() < current.expires_on
+                # No newer token yet: the cache's refresh is under way, or (azure-identity
+                # refreshes managed-identity tokens only in their last 5 minutes) the cache
+                # gets it when the old one's use ends. Ask again, more often as expiry nears.
+                left = current.expires_on - time.time()
+                await asyncio.sleep(min(MAX_POLL, max(POLL_PAUSE, left / 20)) if left > 0
                                     else RETRY_PAUSE)
                 continue
             if self.monitor:
@@ -435,10 +445,25 @@ class Session:
     def on_server_data(self, data: bytes) -> list[bytes]:
         """What the app gets of `data`: replies and pushes passed on unchanged (in as few
         slices as possible), keyless' own replies swallowed, local answers in their place."""
+        frames = self.frames.feed(data)
+        head = self.replies[0] if self.replies else None
+        if self.dest is None and head is not None and head.kind == FORWARD and \
+                head.then is None and len(frames) <= head.count and not self.lifted and \
+                frames and frames[-1][0] == len(data) and \
+                all(kind != PUSH for _, kind in frames):
+            # The common case: whole replies to the app's own commands, nothing else.
+            head.count -= len(frames)
+            if head.count == 0:
+                self.replies.popleft()
+                if self.replies and self.replies[0].kind == LOCAL:
+                    out = [data]
+                    self.flush_locals(out)
+                    return out
+            return [data]
         out: list[bytes] = []
         span = 0  # start of bytes passed on unchanged that are not in `out` yet
         start = 0
-        for end, _ in self.frames.feed(data):
+        for end, _ in frames:
             span = self.piece(data, start, end, True, out, span)
             start = end
         if start < len(data):  # a frame goes on in the next chunk

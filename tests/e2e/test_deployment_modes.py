@@ -165,7 +165,7 @@ def test_transparent_mode_configuration_and_iptables_recipe():
          "9001=https://acct.blob.core.windows.net"]), {})
     assert proxy_modes(settings, has_ipv6_loopback=False) == ["transparent@127.0.0.1:15001",
                                      "reverse:https://acct.blob.core.windows.net@127.0.0.1:9001"]
-    rules = transparent_rules(15001, 10001)
+    rules = transparent_rules(15001, 10001, 15671)  # AMQPS to --transparent-listen's default
     assert "iptables -t nat -A KEYLESS_OUTPUT -m owner --uid-owner 10001 -j RETURN" in rules
     assert ("iptables -t nat -A KEYLESS_OUTPUT -p tcp --dport 443 -j REDIRECT --to-ports 15001"
             in rules)
@@ -174,7 +174,14 @@ def test_transparent_mode_configuration_and_iptables_recipe():
         mine = [r for r in rules if r.startswith(f"{tool} ")]
         assert mine.index(next(r for r in mine if "uid-owner" in r)) < \
             mine.index(next(r for r in mine if "REDIRECT" in r))
+    assert ("iptables -t nat -A KEYLESS_OUTPUT -p tcp --dport 5671 -j REDIRECT --to-ports 15671"
+            in rules)
+    assert not any("--dport 5432" in rule for rule in rules)  # databases: only when asked
     printed = run_keyless("iptables", "--listen", "127.0.0.1:15001", "--uid", "10001")
     assert printed.returncode == 0 and printed.stdout.splitlines() == rules
+    with_databases = run_keyless("iptables", "--listen", "127.0.0.1:15001", "--uid", "10001",
+                                 "--transparent", "--transparent-databases")
+    assert with_databases.stdout.splitlines() == transparent_rules(15001, 10001, 15671, True)
+    assert "--dport 6380 -j REDIRECT --to-ports 15671" in with_databases.stdout
     # Applied for real, with traffic through keyless in transparent mode:
     # tests/e2e/test_transparent.py (network namespaces).

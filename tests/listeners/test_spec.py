@@ -111,3 +111,20 @@ def test_an_amqps_reverse_target_becomes_an_amqp_listener() -> None:
                 "5672=amqp://ns1.servicebus.windows.net"):
         with pytest.raises(ConfigError):
             _resolve(["--reverse", bad])
+
+
+def test_amqp_audiences_pick_service_bus_or_event_hubs(tmp_path) -> None:
+    from proxy.listeners.connection import ClientTLS, Connection, Shared
+
+    config = tmp_path / "keyless.toml"
+    config.write_text('[[route]]\nhost = "hubs.servicebus.windows.net"\nservice = "eventhubs"\n')
+    settings = _resolve(["--config", str(config),
+                         "--reverse", "5672=amqps://bus.servicebus.windows.net"])
+    shared = Shared(None, None, None, ClientTLS(tmp_path), catalog=settings.catalog())  # type: ignore[arg-type]
+    conn = Connection(settings.listeners[0], "127.0.0.1:1", shared)
+    bus, hubs = "servicebus", "eventhubs"
+    assert conn.service_for("sb://bus.servicebus.windows.net/orders") == bus
+    assert conn.service_for("amqp://bus.servicebus.windows.net/topic/Subscriptions/s") == bus
+    assert conn.service_for("sb://hubs.servicebus.windows.net/telemetry") == hubs  # the route
+    assert conn.service_for(
+        "sb://bus.servicebus.windows.net/telemetry/ConsumerGroups/$Default/Partitions/0") == hubs

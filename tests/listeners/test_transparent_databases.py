@@ -134,7 +134,8 @@ def pod() -> Iterator[Pod]:
         pod_ns.call(identity.start)
         stack.callback(identity.stop)
         keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, _readable_dir(workdir / "keyless"), [
-            "--transparent", "--transparent-databases", f"127.0.0.1:{DB_LISTEN}",
+            "--transparent", "--transparent-databases",
+            "--transparent-listen", f"127.0.0.1:{DB_LISTEN}",
             "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
             "--token-timeout", "5", "--log-level", "debug",
         ], {**identity.env(), **DEAD_PROXY_ENV, "HOME": str(workdir / "keyless")})
@@ -146,15 +147,15 @@ def pod() -> Iterator[Pod]:
         keyless_ca.chmod(0o644)
         printed = subprocess.run(
             [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
-             "--uid", str(KEYLESS_UID), "--transparent",
-             "--transparent-databases", f"127.0.0.1:{DB_LISTEN}"],
+             "--uid", str(KEYLESS_UID), "--transparent", "--transparent-databases",
+             "--transparent-listen", f"127.0.0.1:{DB_LISTEN}"],
             capture_output=True, text=True, timeout=30, check=True)
         yield Pod(pod_ns, workdir, pki, str(keyless_ca), keyless, identity, forwarders,
                   postgres, printed.stdout)
 
 
 def test_the_recipe_redirects_every_database_port(pod):
-    for port in (5432, 3306, 6380, 10000):
+    for port in (5671, 5432, 3306, 6380, 10000):
         assert (f"iptables -t nat -A KEYLESS_OUTPUT -p tcp --dport {port} -j REDIRECT "
                 f"--to-ports {DB_LISTEN}") in pod.rules
         assert (f"ip6tables -t nat -A KEYLESS_OUTPUT -p tcp --dport {port} -j REDIRECT "

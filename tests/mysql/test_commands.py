@@ -21,11 +21,19 @@ class Replies:
         self.data += data
 
 
+class Chunks:
+    """The app's stream as the socket delivered it: one read per chunk (a StreamReader
+    would join them)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+
+    async def read(self, n: int = -1) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
 async def through(chunks: list[bytes]) -> tuple[bytes, bytes]:
-    reader = asyncio.StreamReader()
-    for chunk in chunks:
-        reader.feed_data(chunk)
-    reader.feed_eof()
+    reader = Chunks(chunks)
     replies = Replies()
     commands = AppCommands(reader, replies, "test")  # type: ignore[arg-type]
     out = bytearray()
@@ -62,6 +70,13 @@ def test_only_commands_are_examined():
     big = codec.split_message(0, b"\x03" + b"x" * (codec.MAX_PAYLOAD - 1) + b"\x11tail")
     out, replies = asyncio.run(through([data_packet + big]))
     assert out == data_packet + big and replies == b""
+
+
+def test_an_empty_packet_has_no_command_byte():
+    # found by the fuzzing below: the byte after an empty packet's header is the next header's
+    stream = codec.encode_packet(0, b"") + query(b"\0" * 16)  # 17 bytes long: 0x11
+    out, replies = asyncio.run(through([stream]))
+    assert out == stream and replies == b""
 
 
 def test_an_oversized_change_user_ends_the_connection():

@@ -132,16 +132,19 @@ def test_one_token_fetch_serves_every_login(keyless, mysql_identity):
     assert len(mysql_identity.calls_for(OSSRDBMS_RESOURCE)) == 1
 
 
-def test_node_mysql2_app_with_a_wrong_password_works(keyless):
+@pytest.mark.parametrize("client_tls", [False, True], ids=["plain", "client-tls"])
+def test_node_mysql2_app_with_a_wrong_password_works(keyless, client_tls):
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is missing: install Node.js 20 (apt-get install -y nodejs npm)")
     if not (REPO / "node_modules" / "mysql2").is_dir():
         pytest.fail("mysql2 is missing: run `npm ci` in the repository root")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MYSQL_")},
-           "MYSQL_HOST": "127.0.0.1", "MYSQL_PORT": str(keyless.maria_port),
+           "MYSQL_HOST": "127.0.0.1",
+           "MYSQL_PORT": str(keyless.tls_port if client_tls else keyless.maria_port),
            "MYSQL_USER": APP_USER, "MYSQL_PASSWORD": WRONG_PASSWORD,
-           "MYSQL_DATABASE": TEST_DATABASE}
+           "MYSQL_DATABASE": TEST_DATABASE,
+           **({"MYSQL_SSL_CA": keyless.ca_path} if client_tls else {})}
     completed = subprocess.run([node, str(NODE_APP)], env=env, cwd=REPO, capture_output=True,
                                text=True, timeout=120)
     result = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -149,6 +152,7 @@ def test_node_mysql2_app_with_a_wrong_password_works(keyless):
     assert result["count"] == 1000 and result["total"] == sum(range(1000))
     assert result["prepared"] == [[i, f"item-{i}"] for i in range(10, 15)]
     assert result["ssl_cipher"]
+    assert result["app_tls"] is client_tls
     assert result["current_user"] == f"{APP_USER}@%"
     assert result["pool_queries"] == 40 and result["pool_connections"] == 20
 
@@ -306,3 +310,20 @@ def test_change_user_is_refused_and_the_session_goes_on(keyless):
         sock.sendall(codec.encode_packet(0, b"\x1f"))  # COM_RESET_CONNECTION: relayed
         seq, reset = packet(sock)
         assert seq == 1 and reset[:1] == b"\x00"
+
+
+def test_load_data_local_infile_passes_the_command_filter(keyless, tmp_path):
+    """The file's packets follow the command (sequence ids 1, 2, ...): data, never commands,
+    even when a line starts with COM_CHANGE_USER's byte."""
+    rows = [f"\x11line-{i},{i}" for i in range(3000)]
+    path = tmp_path / "rows.csv"
+    path.write_text("\n".join(rows) + "\n")
+    with contextlib.closing(app_connect(keyless.maria_port, database=TEST_DATABASE,
+                                        local_infile=True, autocommit=True)) as db, \
+            db.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS loaded")
+        cursor.execute("CREATE TABLE loaded (name VARCHAR(64), n INT)")
+        cursor.execute(f"LOAD DATA LOCAL INFILE '{path}' INTO TABLE loaded "
+                       "FIELDS TERMINATED BY ','")
+        cursor.execute("SELECT COUNT(*), SUM(n), MIN(name) FROM loaded")
+        assert cursor.fetchone() == (3000, sum(range(3000)), "\x11line-0")

@@ -1,63 +1,44 @@
-"""`check_login` (for `keyless check`): a real login with the token against the real server,
-through the framework's own dialer and trust; a refusal and a missing token are one-line
-reasons without a secret."""
+"""`keyless check` logs in through a --postgres listener (this session) to the real server
+with the token, and says in one line why when the server refuses."""
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
+import os
+import subprocess
 
 import pytest
 
-from proxy.audit import CallLog
-from proxy.connect_to import ConnectTo, ConnectToTable
-from proxy.dial import AppDialer
-from proxy.listeners.connection import ClientTLS, Connection, Shared
-from proxy.listeners.spec import ListenerSpec
-from proxy.listeners.upstream import UpstreamDialer, upstream_tls_context
-from proxy.postgres.session import LoginFailed, check_login
-from proxy.tokens import Identity, TokenCache
+from tests.postgres.conftest import RESOURCE
+from tests.support.identity_endpoint import FakeIdentityEndpoint, make_token
+from tests.support.keyless import keyless_command
 from tests.support.postgres_server import AZURE_HOST
 
 pytestmark = pytest.mark.e2e
 ROLE = "check_identity"
-TOKEN = "eyJ0eXAi.check-token-for-the-test.sig"
 
 
-class Info:
-    def __init__(self, token: str) -> None:
-        self.token, self.expires_on, self.refresh_on = token, 2**31, None
+def keyless_check(tmp_path, pki, server, endpoint, user: str) -> subprocess.CompletedProcess:
+    return subprocess.run([
+        *keyless_command(), "check", "--confdir", str(tmp_path / "confdir"),
+        "--postgres", f"6432={AZURE_HOST}?user={user}",
+        "--connect-to", f"{AZURE_HOST}:5432:127.0.0.1:{server.port}",
+        "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
+    ], env={**{k: v for k, v in os.environ.items() if not k.startswith("KEYLESS_")},
+            **endpoint.env()}, capture_output=True, text=True, timeout=120)
 
 
-def connection(server, pki, tmp_path: Path, token: str | None) -> Connection:
-    async def source(identity, scope):
-        if token is None:
-            raise RuntimeError("the identity endpoint is down")
-        return Info(token)
-
-    table = ConnectToTable((ConnectTo.parse(f"{AZURE_HOST}:5432:127.0.0.1:{server.port}"),))
-    dialer = UpstreamDialer(AppDialer(table, lambda address: False), upstream_tls_context(
-        [("ssl_verify_upstream_trusted_ca", pki.ca_pem_path)]))
-    shared = Shared(TokenCache(source, wait_timeout=2), dialer, CallLog(None),
-                    ClientTLS(tmp_path / "none"))
-    spec = ListenerSpec("postgres", ("127.0.0.1", 6432), (AZURE_HOST, 5432), Identity())
-    return Connection(spec, "keyless check", shared)
-
-
-def test_check_login_logs_in_with_the_token(postgres_server, pki, tmp_path):
-    postgres_server.create_role(ROLE, TOKEN)
-    before = postgres_server.log_text().count(f"connection authorized: user={ROLE} ")
-    asyncio.run(check_login(connection(postgres_server, pki, tmp_path, TOKEN), ROLE))
-    log = postgres_server.log_text()
-    assert log.count(f"connection authorized: user={ROLE} database=postgres "
-                     "application_name=keyless check SSL enabled") == before + 1
-
-
-def test_check_login_reasons(postgres_server, pki, tmp_path, caplog):
-    with pytest.raises(LoginFailed, match=f"refused the login as '{ROLE}-missing'") as refused:
-        asyncio.run(check_login(connection(postgres_server, pki, tmp_path, TOKEN),
-                                f"{ROLE}-missing"))
-    assert TOKEN not in str(refused.value)
-    assert f"pgaadauth_create_principal('{ROLE}-missing', false, false)" in caplog.text
-    with pytest.raises(LoginFailed, match="KeylessTokenUnavailable: "):
-        asyncio.run(check_login(connection(postgres_server, pki, tmp_path, None), ROLE))
+def test_keyless_check_logs_in_through_the_postgres_listener(tmp_path, pki, postgres_server):
+    token = make_token(RESOURCE)
+    postgres_server.create_role(ROLE, token)
+    with FakeIdentityEndpoint() as endpoint:
+        endpoint.queue_tokens(RESOURCE, token)
+        passed = keyless_check(tmp_path, pki, postgres_server, endpoint, ROLE)
+        refused = keyless_check(tmp_path, pki, postgres_server, endpoint, f"{ROLE}_missing")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert f"listener postgres:6432 -> {AZURE_HOST}:5432" in passed.stdout
+    assert "logged in with the token" in passed.stdout
+    assert f"connection authorized: user={ROLE} database=postgres SSL enabled" \
+        in postgres_server.log_text()
+    assert refused.returncode != 0
+    assert f'password authentication failed for user "{ROLE}_missing"' in refused.stdout
+    assert token not in passed.stdout + passed.stderr + refused.stdout + refused.stderr

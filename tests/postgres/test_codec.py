@@ -247,6 +247,7 @@ class RecordingConnection:
     spec: _Spec = field(default_factory=_Spec)
     peer: str = "127.0.0.1:1"
     audit: bool = False
+    transparent: bool = False
     asked: list[str] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
 
@@ -355,3 +356,19 @@ def test_login_startup_puts_the_listener_user_in_and_keeps_the_apps_database():
     assert session.login_startup(RecordingConnection(), bare) is bare  # type: ignore[arg-type]
     audited = RecordingConnection(spec=_Spec(user="identity_role"), audit=True)
     assert session.login_startup(audited, bare) is bare  # type: ignore[arg-type]
+
+
+def test_cancel_keys_name_their_upstream_while_the_connection_lives():
+    from proxy.postgres.cancel import CancelKeys
+    keys = CancelKeys()
+    a, b = ("a.postgres.database.azure.com", 5432), ("b.postgres.database.azure.com", 5432)
+    keys.remember(a, 7, b"k1")
+    assert keys.knows(a, 7, b"k1") and not keys.knows(b, 7, b"k1")
+    assert not keys.knows(a, 7, b"k2") and not keys.knows(a, 8, b"k1")
+    assert keys.upstream_of(5432, 7, b"k1") == a
+    assert keys.upstream_of(6432, 7, b"k1") is None  # another port: not this listener's
+    keys.remember(b, 7, b"k1")  # the same key on two servers: ambiguous without a name
+    assert keys.upstream_of(5432, 7, b"k1") is None
+    keys.forget(b, 7, b"k1")
+    keys.forget(a, 7, b"k1")
+    assert len(keys) == 0 and not keys.knows(a, 7, b"k1")

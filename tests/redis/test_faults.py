@@ -181,3 +181,32 @@ def test_the_server_refusing_the_token_is_logged_with_the_fix(
             assert HOST in log
         finally:
             running.keyless.stop()
+
+
+def test_azure_managed_redis_port_10000_and_its_own_fix(tmp_path: Path, pki: TestPKI) -> None:
+    managed = "keylessmanaged.westeurope.redis.azure.net"
+    with RedisServer(tmp_path / "redis", pki, managed) as server, \
+            FakeIdentityEndpoint() as identity:
+        token = make_token(RESOURCE, lifetime=3600)
+        identity.queue_tokens(RESOURCE, token)
+        server.add_token_user(OBJECT_ID, token)
+        port = free_port()
+        running = start_keyless(  # no port given: Managed Redis listens on 10000
+            tmp_path / "keyless", server, identity, "--redis", f"{port}={managed}",
+            "--connect-to", f"{managed}:10000:127.0.0.1:{server.port}")
+        try:
+            app = redis.Redis(host="127.0.0.1", port=port, password=WRONG_KEY,
+                              socket_timeout=10, retry=Retry(NoBackoff(), 0))
+            assert app.execute_command("ACL", "WHOAMI") == OBJECT_ID.encode()
+            server.delete_user(OBJECT_ID)  # the access policy assignment is gone
+            with pytest.raises(redis.ConnectionError):
+                app.ping()  # the server closed the connection of the deleted user
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis(host="127.0.0.1", port=port, password=WRONG_KEY,
+                            socket_timeout=10).ping()
+            log = running.keyless.log()
+            assert "az redisenterprise database access-policy-assignment create" in log
+            assert f"--object-id {OBJECT_ID}" in log
+            no_secret_in(log, WRONG_KEY, token)
+        finally:
+            running.keyless.stop()

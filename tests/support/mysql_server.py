@@ -52,11 +52,13 @@ def _binary(*names: str) -> str:
 class MariaDB:
     """A throwaway mariadbd on 127.0.0.1 with TLS for `hostname`'s certificate."""
 
-    def __init__(self, directory: Path, cert_and_key: tuple[str, str], ca_path: str) -> None:
+    def __init__(self, directory: Path, cert_and_key: tuple[str, str], ca_path: str, *,
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
         self.directory = Path(directory)
         self.cert, self.key = cert_and_key
         self.ca_path = ca_path
-        self.port = free_port()
+        self.host = host  # another address only inside a network namespace the test made
+        self.port = port or free_port()
         self.datadir = self.directory / "data"
         self.socket_path = self.directory / "mysqld.sock"
         self.log_path = self.directory / "mariadbd.err"
@@ -75,7 +77,7 @@ class MariaDB:
         command = [
             _binary("mariadbd", "mysqld"), "--no-defaults",
             f"--datadir={self.datadir}", f"--socket={self.socket_path}",
-            f"--port={self.port}", "--bind-address=127.0.0.1", f"--user={_user()}",
+            f"--port={self.port}", f"--bind-address={self.host}", f"--user={_user()}",
             f"--pid-file={self.directory / 'mariadbd.pid'}", f"--log-error={self.log_path}",
             f"--ssl-cert={self.cert}", f"--ssl-key={self.key}", f"--ssl-ca={self.ca_path}",
             "--skip-name-resolve", "--skip-log-bin", "--innodb-buffer-pool-size=32M",

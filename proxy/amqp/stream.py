@@ -1,0 +1,382 @@
+"""One AMQP connection's conversion, both directions, with any chunking: the app's SAS
+put-tokens become Entra put-tokens, and (local endpoint) its local host name and addresses
+become the namespace's.
+
+Frames are kept one in, one out, so transfer-ids, delivery-ids and flow windows stay right:
+only the frames that must change are re-encoded (the open with its hostname, attaches with
+their addresses, the put-token transfer, and the service's reply to a put-token keyless could
+not convert); every other frame passes as the bytes it came in.
+
+Fail closed: when keyless has no token, the put-token still goes upstream (the frame numbering
+needs it) with `type="jwt"` and the body "KeylessTokenUnavailable" — no secret — and the
+service's reply (correlation-id = its message-id) gets the status-description
+"KeylessTokenUnavailable: <reason>", keeping the service's failure status-code. The SAS never
+goes upstream (except under --audit, which changes nothing and reports the key name).
+
+SASL: ANONYMOUS and MSSBCBS pass through (the service's mechanism list too). Any other
+mechanism (PLAIN carries the key itself) is answered `auth` failure locally and the connection
+closes: keyless does not yet speak PLAIN for the app.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from proxy.amqp import cbs
+from proxy.amqp.codec import (
+    ATTACH_HANDLE,
+    ATTACH_ROLE,
+    ATTACH_SOURCE,
+    ATTACH_TARGET,
+    CODE_OF,
+    DETACH_HANDLE,
+    FRAME_AMQP,
+    FRAME_SASL,
+    OPEN_HOSTNAME,
+    OPEN_MAX_FRAME_SIZE,
+    PROTOCOL_AMQP,
+    PROTOCOL_SASL,
+    SASL_INIT_MECHANISM,
+    TERMINUS_ADDRESS,
+    TRANSFER_HANDLE,
+    TRANSFER_MORE,
+    AmqpProtocolError,
+    Described,
+    Frame,
+    Performative,
+    Typed,
+    encode_frame,
+    encode_performative,
+    encode_value,
+    frame_size,
+    parse_frame,
+    parse_performative,
+)
+from proxy.tokens import Token, TokenUnavailable
+
+PRE_OPEN_CAP = 1024 * 1024  # frames before the peer's open said its max-frame-size
+ABSOLUTE_CAP = 16 * 1024 * 1024  # whatever a peer says, keyless holds no bigger frame
+MAX_PENDING = 256  # put-tokens awaiting the service's reply, per connection
+SERVICE_SCOPES = {"servicebus": "https://servicebus.azure.net/.default",
+                  "eventhubs": "https://eventhubs.azure.net/.default"}
+SASL_PASS = frozenset(("ANONYMOUS", "MSSBCBS"))
+SASL_AUTH_FAILED = 1
+CBS = "$cbs"
+OK_STATUS = (200, 202)
+
+
+@dataclass(frozen=True)
+class Output:
+    to_service: bytes = b""  # bytes to send upstream (in order)
+    to_app: bytes = b""  # bytes to send back to the app (e.g. keyless' own answers)
+    close: bool = False  # after sending these, close both sides (keyless refused the app)
+
+
+def _servicebus(_audience: str) -> str:
+    return "servicebus"
+
+
+def _ignore(_kind: str, _details: dict) -> None:
+    return None
+
+
+class _Splitter:
+    """Cuts one direction's bytes into protocol headers and whole frames; holds at most one
+    frame, and refuses a frame larger than the limit before waiting for its bytes."""
+
+    def __init__(self, side: str) -> None:
+        self.side = side
+        self.buffer = bytearray()
+        self.expect_header = True
+        self.limit = PRE_OPEN_CAP
+
+    def feed(self, data: bytes) -> list[tuple[str, bytes]]:
+        self.buffer += data
+        items: list[tuple[str, bytes]] = []
+        while True:
+            if self.expect_header or self.buffer[:4] == b"AMQP":
+                if len(self.buffer) < 8:
+                    if self.buffer[:4] != b"AMQP"[:len(self.buffer)]:
+                        raise AmqpProtocolError(f"the {self.side} sent no AMQP protocol header")
+                    return items
+                header = bytes(self.buffer[:8])
+                if header[:4] != b"AMQP":
+                    raise AmqpProtocolError(f"the {self.side} sent no AMQP protocol header")
+                del self.buffer[:8]
+                self.expect_header = False
+                items.append(("header", header))
+                continue
+            if len(self.buffer) < 4:
+                return items
+            size = frame_size(self.buffer)
+            if size < 8:
+                raise AmqpProtocolError(
+                    f"the {self.side} sent an AMQP frame shorter than its header")
+            if size > self.limit:
+                raise AmqpProtocolError(
+                    f"the {self.side} sent an AMQP frame of {size} bytes, over the limit of "
+                    f"{self.limit}")
+            if len(self.buffer) < size:
+                return items
+            items.append(("frame", bytes(self.buffer[:size])))
+            del self.buffer[:size]
+
+
+@dataclass(slots=True)
+class _Pending:
+    audience: str
+    reason: str | None  # None: converted; else why keyless had no token
+
+
+class AmqpConverter:
+    """One AMQP connection's conversion: feed it the app's bytes and the service's bytes as
+    they come (any chunking); it returns what to send where. Frames are kept one in, one out."""
+
+    def __init__(self, namespace: str, tokens: Callable[[str, float | None], Awaitable[Token]],
+                 *, local_authority: str | None = None,
+                 service_for: Callable[[str], str] = _servicebus,
+                 audit: bool = False, on_event: Callable[[str, dict], None] = _ignore) -> None:
+        self.namespace = namespace
+        self.tokens = tokens
+        self.local_authority = local_authority
+        self.service_for = service_for
+        self.audit = audit
+        self.on_event = on_event
+        self._app = _Splitter("app")
+        self._service = _Splitter("service")
+        self._app_cbs: set[tuple[int, int]] = set()  # (app channel, handle) sending to $cbs
+        self._service_cbs: set[tuple[int, int]] = set()  # (service channel, handle) from $cbs
+        self._pending: OrderedDict[Any, _Pending] = OrderedDict()
+        self._broken = False
+
+    # ------------------------------------------------------------ app → service
+
+    async def from_app(self, data: bytes) -> Output:
+        self._check()
+        try:
+            to_service = bytearray()
+            for kind, raw in self._app.feed(data):
+                if kind == "header":
+                    if raw not in (PROTOCOL_AMQP, PROTOCOL_SASL):
+                        raise AmqpProtocolError(
+                            "the app asked for an AMQP protocol keyless does not relay "
+                            "(TLS inside AMQP: use amqps to keyless' endpoint, or plain AMQP)")
+                    to_service += raw
+                    continue
+                frame = parse_frame(raw)
+                if frame.heartbeat:
+                    to_service += raw
+                    continue
+                perf = parse_performative(frame)
+                if frame.type == FRAME_SASL:
+                    refusal = self._app_sasl(perf)
+                    if refusal is not None:
+                        self._broken = True
+                        return Output(bytes(to_service), refusal, close=True)
+                    to_service += raw
+                    continue
+                to_service += await self._app_frame(frame, perf, raw)
+            return Output(to_service=bytes(to_service))
+        except AmqpProtocolError:
+            self._broken = True
+            raise
+
+    def _app_sasl(self, perf: Performative) -> bytes | None:
+        if perf.name != "sasl-init":
+            return None
+        mechanism = str(perf.field(SASL_INIT_MECHANISM) or "")
+        if mechanism.upper() in SASL_PASS:
+            return None
+        if self.audit:
+            key_name = None
+            response = perf.field(1)
+            if mechanism.upper() == "PLAIN" and isinstance(response, bytes):
+                parts = response.split(b"\x00")
+                key_name = parts[1].decode("utf-8", "replace") if len(parts) == 3 else None
+            self.on_event("sas_seen", {"key_name": key_name or "", "mechanism": mechanism})
+            return None
+        self.on_event("sasl_refused", {"mechanism": mechanism[:32]})
+        outcome = encode_performative("sasl-outcome", [Typed("ubyte", SASL_AUTH_FAILED)])
+        return encode_frame(FRAME_SASL, 0, outcome)
+
+    async def _app_frame(self, frame: Frame, perf: Performative, raw: bytes) -> bytes:
+        if perf.name == "open":
+            self._service.limit = _limit(perf.field(OPEN_MAX_FRAME_SIZE))
+            hostname = perf.field(OPEN_HOSTNAME)
+            new = cbs.rewrite_hostname(hostname, self.namespace, self.local_authority)
+            if new != hostname:
+                return _reencoded(frame, perf, {OPEN_HOSTNAME: new})
+            return raw
+        if perf.name == "attach":
+            key = (frame.channel, _int(perf.field(ATTACH_HANDLE)))
+            if perf.field(ATTACH_ROLE) is False and _address(perf.field(ATTACH_TARGET)) == CBS:
+                self._app_cbs.add(key)
+            changes = {}
+            for index in (ATTACH_SOURCE, ATTACH_TARGET):
+                terminus = perf.field(index)
+                address = _address(terminus)
+                if address is None:
+                    continue
+                new = cbs.rewrite_address(address, self.namespace, self.local_authority)
+                if new != address:
+                    changes[index] = _with_address(terminus, new)
+            # the app's own link to an entity (role false: the app sends; true: it receives),
+            # for the report's Sender/Receiver roles
+            sends = perf.field(ATTACH_ROLE) is False
+            entity = _address(perf.field(ATTACH_TARGET if sends else ATTACH_SOURCE))
+            if entity and not entity.startswith("$"):
+                self.on_event("attach", {"role": "send" if sends else "receive",
+                                         "address": cbs.rewrite_address(
+                                             entity, self.namespace, self.local_authority)})
+            return _reencoded(frame, perf, changes) if changes else raw
+        if perf.name == "detach":
+            self._app_cbs.discard((frame.channel, _int(perf.field(DETACH_HANDLE))))
+            return raw
+        if perf.name == "end":
+            self._app_cbs = {k for k in self._app_cbs if k[0] != frame.channel}
+            return raw
+        link = (frame.channel, _int(perf.field(TRANSFER_HANDLE)))
+        if perf.name == "transfer" and link in self._app_cbs:
+            return await self._cbs_transfer(frame, perf, raw)
+        return raw
+
+    async def _cbs_transfer(self, frame: Frame, perf: Performative, raw: bytes) -> bytes:
+        if perf.field(TRANSFER_MORE) is True:
+            raise AmqpProtocolError(
+                "a CBS put-token split over several transfers: keyless converts put-tokens "
+                "that fit one frame only")
+        payload = frame.body[perf.payload_offset:]
+        request = cbs.read_put_token(payload)
+        if request is None or request.sas is None:
+            return raw  # not a put-token, or already an Entra token
+        if self.audit:
+            self.on_event("sas_seen", {"key_name": request.sas.key_name or "",
+                                       "audience": request.audience})
+            return raw
+        audience = cbs.rewrite_address(request.audience, self.namespace, self.local_authority)
+        service = self.service_for(audience)
+        scope = SERVICE_SCOPES.get(service, SERVICE_SCOPES["servicebus"])
+        try:
+            token = await self.tokens(scope, request.sas.expiry)
+            body, reason = token.value, None
+        except TokenUnavailable as exc:
+            body, reason = cbs.PLACEHOLDER, str(exc)[:300] or "no token"
+            self.on_event("token_unavailable", {"audience": audience, "reason": reason})
+        self._remember(request.message_id, _Pending(audience, reason))
+        message = cbs.rewritten_put_token(request, body, audience)
+        out = encode_frame(FRAME_AMQP, frame.channel, frame.body[:perf.payload_offset] + message)
+        if len(out) > self._app.limit:
+            raise AmqpProtocolError("the converted put-token does not fit the service's "
+                                    "max-frame-size")
+        if reason is None and request.message_id is None:
+            self.on_event("put_token_converted", {"audience": audience, "service": service})
+        return out
+
+    def _remember(self, message_id: Any, pending: _Pending) -> None:
+        if message_id is None:
+            return
+        self._pending[message_id] = pending
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popitem(last=False)
+
+    # ------------------------------------------------------------ service → app
+
+    def from_service(self, data: bytes) -> Output:
+        self._check()
+        try:
+            to_app = bytearray()
+            for kind, raw in self._service.feed(data):
+                if kind == "header":
+                    to_app += raw
+                    continue
+                frame = parse_frame(raw)
+                if frame.heartbeat or frame.type == FRAME_SASL:
+                    to_app += raw
+                    continue
+                to_app += self._service_frame(frame, parse_performative(frame), raw)
+            return Output(to_app=bytes(to_app))
+        except AmqpProtocolError:
+            self._broken = True
+            raise
+
+    def _service_frame(self, frame: Frame, perf: Performative, raw: bytes) -> bytes:
+        if perf.name == "open":
+            self._app.limit = _limit(perf.field(OPEN_MAX_FRAME_SIZE))
+            return raw
+        if perf.name == "attach":
+            if perf.field(ATTACH_ROLE) is False and _address(perf.field(ATTACH_SOURCE)) == CBS:
+                self._service_cbs.add((frame.channel, _int(perf.field(ATTACH_HANDLE))))
+            return raw
+        if perf.name == "detach":
+            self._service_cbs.discard((frame.channel, _int(perf.field(DETACH_HANDLE))))
+            return raw
+        if perf.name == "end":
+            self._service_cbs = {k for k in self._service_cbs if k[0] != frame.channel}
+            return raw
+        key = (frame.channel, _int(perf.field(TRANSFER_HANDLE)))
+        if perf.name != "transfer" or key not in self._service_cbs or perf.field(TRANSFER_MORE):
+            return raw
+        payload = frame.body[perf.payload_offset:]
+        reply = cbs.read_reply(payload)
+        pending = (self._pending.pop(reply.correlation_id, None)
+                   if reply.correlation_id is not None else None)
+        if pending is None:
+            return raw
+        if pending.reason is None:
+            if reply.status_code in OK_STATUS:
+                self.on_event("put_token_converted", {"audience": pending.audience})
+            else:
+                self.on_event("put_token_rejected", {
+                    "audience": pending.audience, "status": reply.status_code,
+                    "description": (reply.description or "")[:300]})
+            return raw
+        self.on_event("put_token_refused", {"audience": pending.audience, "reason": pending.reason})
+        body = frame.body[:perf.payload_offset] + cbs.reply_with_description(
+            reply, f"{cbs.PLACEHOLDER}: {pending.reason}")
+        return encode_frame(FRAME_AMQP, frame.channel, body)
+
+    def _check(self) -> None:
+        if self._broken:
+            raise AmqpProtocolError("this AMQP connection already failed")
+
+
+def _limit(max_frame_size: Any) -> int:
+    value = _int(max_frame_size) if max_frame_size is not None else None
+    if value is None or value <= 0:
+        return ABSOLUTE_CAP
+    return max(512, min(value, ABSOLUTE_CAP))
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, Typed) and isinstance(value.value, int):
+        return value.value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return -1
+
+
+def _address(terminus: Any) -> str | None:
+    if not isinstance(terminus, Described) or not isinstance(terminus.value, list):
+        return None
+    fields = terminus.value
+    address = fields[TERMINUS_ADDRESS] if fields else None
+    return str(address) if isinstance(address, str) else None
+
+
+def _with_address(terminus: Described, address: str) -> Described:
+    fields = list(terminus.value)
+    fields[TERMINUS_ADDRESS] = address
+    return replace(terminus, value=fields)
+
+
+def _reencoded(frame: Frame, perf: Performative, changes: dict[int, Any]) -> bytes:
+    fields = list(perf.fields)
+    for index, value in changes.items():
+        fields.extend([None] * (index + 1 - len(fields)))
+        fields[index] = value
+    body = encode_value(Described(Typed("ulong", CODE_OF[perf.name]), fields))
+    return encode_frame(frame.type, frame.channel, body + frame.body[perf.payload_offset:])
+
