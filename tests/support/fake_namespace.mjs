@@ -430,7 +430,7 @@ function reply(context, status, description, body) {
     const replyLink = candidates.find((l) => l.remote.attach.target?.address === request.reply_to)
         ?? candidates[0];
     if (!replyLink) return;
-    replyLink.send({
+    const delivery = replyLink.send({
         correlation_id: request.message_id ?? request.correlation_id,
         to: request.reply_to,
         // CBS and Event Hubs answer with status-code; Service Bus' $management with statusCode.
@@ -438,6 +438,10 @@ function reply(context, status, description, body) {
             statusCode: status, statusDescription: description },
         body,
     });
+    // Replies go pre-settled: a client that never settles them (pyamqp) must not hold rhea's
+    // outgoing delivery buffer (shared by the session's links) at its head forever.
+    delivery.settled = true;
+    delivery.remote_settled = true;
 }
 
 function onPutToken(context) {
