@@ -37,7 +37,7 @@ SECTIONS = {0x70: "header", 0x71: "delivery-annotations", 0x72: "message-annotat
             0x76: "amqp-sequence", 0x77: "amqp-value", 0x78: "footer"}
 SOURCE, TARGET = 0x28, 0x29
 # Field positions in the described lists keyless reads or rewrites.
-OPEN_HOSTNAME, OPEN_MAX_FRAME_SIZE = 2, 2 + 1
+OPEN_HOSTNAME, OPEN_MAX_FRAME_SIZE = 1, 2
 ATTACH_NAME, ATTACH_HANDLE, ATTACH_ROLE, ATTACH_SOURCE, ATTACH_TARGET = 0, 1, 2, 5, 6
 TRANSFER_HANDLE, TRANSFER_MORE = 0, 5
 DETACH_HANDLE = 0
