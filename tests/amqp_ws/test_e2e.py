@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from azure.servicebus import ServiceBusMessage, ServiceBusReceiveMode, TransportType
+from azure.servicebus import ServiceBusMessage, TransportType
 from azure.servicebus.aio import ServiceBusClient
 from azure.servicebus.exceptions import ServiceBusAuthenticationError, ServiceBusError
 
@@ -60,12 +60,10 @@ async def send_and_receive(connection_string: str, queue: str, body: str,
     async with client:
         async with client.get_queue_sender(queue) as sender:
             await sender.send_messages(ServiceBusMessage(body))
-        # RECEIVE_AND_DELETE: the SDK's peek-lock complete waits for the service's settled
-        # disposition, which the fake namespace does not send yet (PATCHES-FOR-LEAD.md).
-        async with client.get_queue_receiver(
-                queue, max_wait_time=10,
-                receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE) as receiver:
+        async with client.get_queue_receiver(queue, max_wait_time=10) as receiver:  # peek-lock
             received = await receiver.receive_messages(max_message_count=1, max_wait_time=10)
+            for message in received:
+                await receiver.complete_message(message)  # waits for the service's outcome
     return [str(message) for message in received]
 
 
