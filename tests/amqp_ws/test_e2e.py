@@ -181,8 +181,8 @@ async def send_only(connection_string: str, entity: str, body: str, **options: o
 
 def test_an_event_hubs_namespace_gets_event_hubs_tokens(through: Through) -> None:
     """A route says the namespace is Event Hubs: every put-token gets an Event Hubs token
-    (the fake checks aud = https://eventhubs.azure.net for its event hub). The AMQP client is
-    azure-servicebus's: azure-eventhub's needs open/begin fields the fake does not send yet."""
+    (the fake checks aud = https://eventhubs.azure.net for its event hub), whatever the AMQP
+    client: here azure-servicebus's (azure-eventhub's: test_e2e_eventhubs.py)."""
     fake = through.fakes[HUBS]
     seen, sent = len(put_tokens(fake)), len(fake.events("transfer"))
     bounded(send_only(wrong_key_connection_string(HUBS), "telemetry", "reading",
