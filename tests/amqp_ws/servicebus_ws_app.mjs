@@ -17,11 +17,11 @@ const client = new ServiceBusClient(connectionString, {
 const result = {};
 try {
     const sender = client.createSender(queue);
-    await sender.sendMessages({ body });
+    await sender.sendMessages({ body, messageId: `m-${Date.now()}` });
     await sender.close();
-    // receiveAndDelete: the fake namespace does not answer peek-lock settlements yet
-    const receiver = client.createReceiver(queue, { receiveMode: 'receiveAndDelete' });
+    const receiver = client.createReceiver(queue);  // peek-lock
     const messages = await receiver.receiveMessages(1, { maxWaitTimeInMs: 10000 });
+    for (const message of messages) await receiver.completeMessage(message);
     result.received = messages.map((m) => m.body);
     await receiver.close();
 } catch (error) {
