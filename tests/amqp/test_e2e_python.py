@@ -248,9 +248,10 @@ def test_audit_mode_forwards_the_sas_and_records_the_key_name(
     running = start_keyless(tmp_path / "keyless", fake_namespace, module_identity, "--audit")
     try:
         before = len(fake_namespace.events("put_token"))
-        with pytest.raises(ServiceBusError):  # the fake has local auth off: the SAS is refused
-            with client(running) as sb, sb.get_queue_sender("orders") as sender:
-                sender.send_messages(ServiceBusMessage("audited"))
+        # the fake has local auth off: the SAS is refused
+        with pytest.raises(ServiceBusError), client(running) as sb, \
+                sb.get_queue_sender("orders") as sender:
+            sender.send_messages(ServiceBusMessage("audited"))
         after = fake_namespace.events("put_token")[before:]
         assert after and {p["token_kind"] for p in after} == {"sas"}  # forwarded as sent
         assert running.logins("audited") == 1 and running.logins("converted") == 0
