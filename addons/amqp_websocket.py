@@ -21,10 +21,13 @@ from mitmproxy.proxy import events
 
 from addons.answers import catalog_host, destination, keyless_answer
 from proxy import metrics
+from proxy.amqp.session import FIX
+from proxy.amqp.stream import AmqpConverter, AmqpProtocolError
 from proxy.audit import CallKey, CallLog
 from proxy.catalog import Catalog
 from proxy.errors import MISDIRECTED, PLAIN_HTTP
 from proxy.flowstate import AmqpStream, FlowState, flow_state
+from proxy.redact import redact
 from proxy.tokens import Identity, Token, TokenCache
 
 logger = logging.getLogger(__name__)
@@ -51,8 +54,6 @@ class ConverterFactory(Protocol):
 
 def amqp_converter(namespace: str, tokens: Callable[[str, float | None], Any], *, service: str,
                    audit: bool, on_event: Callable[[str, dict[str, Any]], None]) -> AmqpStream:
-    from proxy.amqp.stream import AmqpConverter
-
     # The app names the real namespace (a proxy sees the real URL): nothing to rewrite. A
     # put-token's audience does not tell Service Bus from Event Hubs: the namespace's
     # catalog entry does (a route with service = "eventhubs"; Service Bus by default).
@@ -60,16 +61,11 @@ def amqp_converter(namespace: str, tokens: Callable[[str, float | None], Any], *
                          audit=audit, on_event=on_event)
 
 
-def protocol_errors() -> tuple[type[BaseException], ...]:
-    from proxy.amqp.stream import AmqpProtocolError
-
-    return (AmqpProtocolError,)
-
-
 def is_amqp_upgrade(flow: http.HTTPFlow, state: FlowState | None) -> bool:
     request = flow.request
     return (state is not None and state.service in AMQP_SERVICES
-            and request.path.split("?", 1)[0] == WEBSOCKET_PATH
+            # the gateway's spelling may vary: a variant must not pass unconverted
+            and request.path.split("?", 1)[0].rstrip("/").lower() == WEBSOCKET_PATH
             and request.headers.get("upgrade", "").lower() == "websocket")
 
 
@@ -83,8 +79,13 @@ def close(flow: http.HTTPFlow) -> None:
     server = ctx.master.addons.get("proxyserver")
     handler = server.connections.get(flow.client_conn.id) if server else None
     if handler is not None:
-        asyncio.get_running_loop().create_task(
+        task = asyncio.get_running_loop().create_task(
             handler.server_event(events.ConnectionClosed(flow.server_conn)))
+        _closing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[None]] = set()
 
 
 class AmqpOverWebSocket:
@@ -122,7 +123,7 @@ class AmqpOverWebSocket:
             flow.response = keyless_answer(
                 421, MISDIRECTED, "the CONNECT target, TLS server name and Host header must "
                 "name the same Service Bus/Event Hubs namespace on port 443")
-        self._count("client_error")
+        count("client_error")
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
@@ -137,13 +138,11 @@ class AmqpOverWebSocket:
         async def tokens(scope: str, valid_until: float | None) -> Token:
             return await self.tokens.get_token(identity, scope, valid_until=valid_until)
 
-        def on_event(kind: str, details: dict[str, Any]) -> None:
-            self._event(namespace, identity, kind, details)
-
         state.identity = identity
         try:
-            state.amqp = self.converter(namespace, tokens, service=service, audit=self.audit,
-                                        on_event=on_event)
+            state.amqp = self.converter(
+                namespace, tokens, service=service, audit=self.audit,
+                on_event=FlowLogins(namespace, service, identity, self.calls))
         except Exception as exc:  # fail closed: without a converter no SAS may pass
             self._fail(flow, state, f"no converter ({type(exc).__name__})")
 
@@ -152,7 +151,11 @@ class AmqpOverWebSocket:
         if flow.websocket is None or not is_amqp_upgrade(flow, state):
             return
         assert state is not None
-        message = flow.websocket.messages[-1]
+        messages = flow.websocket.messages
+        # mitmproxy keeps every message of a flow; an AMQP connection lives for days: keep
+        # only the current one (the layer holds its own reference to it).
+        del messages[:-1]
+        message = messages[-1]
         if message.injected:
             return  # our own: already converted
         if state.amqp is None or state.amqp_failed or message.is_text:
@@ -168,7 +171,7 @@ class AmqpOverWebSocket:
                 back, onward = out.to_service, out.to_app
         except Exception as exc:  # fail closed: an unconverted message must not go on
             message.drop()
-            known = isinstance(exc, protocol_errors())  # its message is safe to log
+            known = isinstance(exc, AmqpProtocolError)  # its message is safe to log
             self._fail(flow, state, str(exc) if known else f"internal error "
                        f"({type(exc).__name__})")
             return
@@ -189,28 +192,54 @@ class AmqpOverWebSocket:
 
     def _fail(self, flow: http.HTTPFlow, state: FlowState, reason: str) -> None:
         state.amqp_failed = True
-        self._count("client_error")
+        count("client_error")
         logger.warning("AMQP over WebSocket to %s closed: %s", catalog_host(flow), reason)
         self.close(flow)
 
-    def _event(self, namespace: str, identity: Identity, kind: str,
-               details: dict[str, Any]) -> None:
-        result = LOGIN_RESULTS.get(kind)
-        if result is None:
-            logger.debug("AMQP over WebSocket to %s: %s", namespace, kind)
-            return
-        self._count(result)
-        if result in ("converted", "audited"):
-            self.calls.record(CallKey(
-                service="amqp", resource=namespace.split(".", 1)[0], host=namespace,
-                scheme="SharedAccessSignature", operation="login", identity=identity.label,
-                handled=result))
-        level = logging.INFO if result in ("converted", "audited") else logging.WARNING
-        # Only names and reasons the converter made safe to log (never a SAS or token).
-        said = details.get("key_name") if result == "audited" else details.get("reason")
-        logger.log(level, "AMQP over WebSocket login to %s: %s%s", namespace, result,
-                   f" ({str(said)[:200]})" if said else "")
 
-    @staticmethod
-    def _count(result: str) -> None:
-        metrics.LISTENER_LOGINS.labels(listener=LISTENER, protocol="amqp", result=result).inc()
+
+def count(result: str) -> None:
+    metrics.LISTENER_LOGINS.labels(listener=LISTENER, protocol="amqp", result=result).inc()
+
+
+class FlowLogins:
+    """One WebSocket flow's converter events as keyless' metrics, logs and report records
+    (as proxy/amqp/session.py does for the AMQP listener's connections)."""
+
+    def __init__(self, namespace: str, service: str, identity: Identity,
+                 calls: CallLog) -> None:
+        self.namespace, self.service, self.identity, self.calls = (
+            namespace, service, identity, calls)
+        self.audited = False
+
+    def __call__(self, kind: str, details: dict[str, Any]) -> None:
+        result = LOGIN_RESULTS.get(kind)
+        if result is None or (result == "audited" and self.audited):
+            return  # an audited connection counts once, however many SAS it sends
+        self.audited = self.audited or result == "audited"
+        count(result)
+        if result in ("converted", "audited"):
+            self._record(result)
+            logger.info("AMQP over WebSocket login to %s: %s%s", self.namespace, result,
+                        f" (key name {str(details.get('key_name'))[:64]!r})"
+                        if details.get("key_name") else "")
+        elif result == "upstream_refused":
+            logger.warning(
+                "%s at %s refused the Entra login of identity %s: %s. Fix: %s", self.service,
+                self.namespace, self.identity.label,
+                redact(f"put-token for {details.get('audience')} answered "
+                       f"{details.get('status')} {details.get('description', '')}", limit=500),
+                FIX.get(self.service, FIX["servicebus"]).format(identity=self.identity.label))
+        else:
+            reason = details.get("reason") or details.get("mechanism") or ""
+            logger.warning("AMQP over WebSocket login to %s: %s %s", self.namespace, result,
+                           redact(str(reason), limit=300))
+
+    def _record(self, handled: str) -> None:
+        # The namespace's own entry (REST calls share it): one SAS still sent over AMQP keeps
+        # `keyless report` from saying local auth can be switched off. A put-token does not
+        # say whether the app sends or receives: operation "login".
+        self.calls.record(CallKey(
+            service=self.service, resource=self.namespace.split(".", 1)[0],
+            host=self.namespace, scheme="SharedAccessSignature", operation="login",
+            identity=self.identity.label, handled=handled))

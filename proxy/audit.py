@@ -110,8 +110,8 @@ def build_report(entries: list[dict[str, Any]]) -> dict[str, Any]:
     # A write role covers reading: drop the read role where the write role is also needed.
     for (identity, service, resource, role) in list(assignments):
         roles = ROLES[service]
-        if role == roles.read != roles.write and (identity, service, resource, roles.write) \
-                in assignments:
+        if roles.write_covers_read and role == roles.read != roles.write and (
+                identity, service, resource, roles.write) in assignments:
             del assignments[(identity, service, resource, role)]
     inventory = []
     for item in resources.values():

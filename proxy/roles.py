@@ -13,7 +13,8 @@ from dataclasses import dataclass
 class ServiceRoles:
     resource_type: str  # the ARM type of the resource named by the host's first label
     read: str  # role for reading
-    write: str  # role for writing (also covers reading)
+    write: str  # role for writing
+    write_covers_read: bool = True  # Service Bus/Event Hubs: Sender cannot receive
 
 
 ROLES: dict[str, ServiceRoles] = {
@@ -31,9 +32,11 @@ ROLES: dict[str, ServiceRoles] = {
     "cosmos": ServiceRoles("Microsoft.DocumentDB/databaseAccounts",
                            "Cosmos DB Built-in Data Reader", "Cosmos DB Built-in Data Contributor"),
     "servicebus": ServiceRoles("Microsoft.ServiceBus/namespaces",
-                               "Azure Service Bus Data Receiver", "Azure Service Bus Data Sender"),
+                               "Azure Service Bus Data Receiver", "Azure Service Bus Data Sender",
+                               write_covers_read=False),
     "eventhubs": ServiceRoles("Microsoft.EventHub/namespaces",
-                              "Azure Event Hubs Data Receiver", "Azure Event Hubs Data Sender"),
+                              "Azure Event Hubs Data Receiver", "Azure Event Hubs Data Sender",
+                              write_covers_read=False),
     "eventgrid": ServiceRoles("Microsoft.EventGrid/topics",
                               "EventGrid Data Sender", "EventGrid Data Sender"),
     "appconfig": ServiceRoles("Microsoft.AppConfiguration/configurationStores",

@@ -42,10 +42,22 @@ class _Events:
 
     def __call__(self, kind: str, details: dict) -> None:
         conn = self.conn
+        service = self.service_for(details.get("audience") or details.get("address") or "")
         if kind == "put_token_converted":
             conn.login("converted")
-        elif kind == "token_unavailable":
-            conn.login("token_unavailable")
+            # the HTTP families too, by service: a put-token is the AMQP request that carries
+            # the key
+            metrics.REQUESTS.labels(service=service, outcome="converted").inc()
+            metrics.KEY_MATERIAL_STRIPPED.labels(service=service, scheme="SAS").inc()
+        elif kind in ("token_unavailable", "put_token_refused"):
+            if kind == "token_unavailable":
+                conn.login("token_unavailable")
+            metrics.REQUESTS.labels(service=service, outcome="refused").inc()
+        elif kind == "attach":
+            # what the app does with the key it thinks it uses: `keyless report` plans the
+            # Sender/Receiver roles from it (audited: the SAS went as it was)
+            conn.record_call(service, "SAS", "write" if details["role"] == "send" else "read",
+                             "audited" if conn.audit else "converted")
         elif kind == "put_token_rejected":
             service = self.service_for(details.get("audience", ""))
             conn.refused(f"put-token for {details.get('audience')} answered "
@@ -59,8 +71,10 @@ class _Events:
                            "is converted)", conn.peer, redact(details.get("mechanism", "")))
         elif kind == "sas_seen" and not self.audited:
             self.audited = True
-            conn.record_password_login(details.get("key_name", ""))
+            metrics.REQUESTS.labels(service=service, outcome="audited").inc()
             conn.login("audited")
+            logger.info("audit: amqp client %s uses the SAS key %r for %s", conn.peer,
+                        redact(details.get("key_name", ""))[:64], conn.spec.upstream[0])
 
 
 async def serve(conn: Connection, reader: asyncio.StreamReader,

@@ -223,6 +223,14 @@ class AmqpConverter:
                 new = cbs.rewrite_address(address, self.namespace, self.local_authority)
                 if new != address:
                     changes[index] = _with_address(terminus, new)
+            # the app's own link to an entity (role false: the app sends; true: it receives),
+            # for the report's Sender/Receiver roles
+            sends = perf.field(ATTACH_ROLE) is False
+            entity = _address(perf.field(ATTACH_TARGET if sends else ATTACH_SOURCE))
+            if entity and not entity.startswith("$"):
+                self.on_event("attach", {"role": "send" if sends else "receive",
+                                         "address": cbs.rewrite_address(
+                                             entity, self.namespace, self.local_authority)})
             return _reencoded(frame, perf, changes) if changes else raw
         if perf.name == "detach":
             self._app_cbs.discard((frame.channel, _int(perf.field(DETACH_HANDLE))))

@@ -230,8 +230,11 @@ class Connection:
                     self.spec.upstream[0])
 
     def _record(self, handled: str) -> None:
+        self.record_call(self.spec.protocol, "password", "login", handled)
+
+    def record_call(self, service: str, scheme: str, operation: str, handled: str) -> None:
+        """One key-based call for `keyless report` (AMQP: per entity link, by service)."""
         host = self.spec.upstream[0]
         self.shared.calls.record(CallKey(
-            service=self.spec.protocol, resource=host.split(".", 1)[0], host=host,
-            scheme="password", operation="login", identity=self.spec.identity.label,
-            handled=handled))
+            service=service, resource=host.split(".", 1)[0], host=host, scheme=scheme,
+            operation=operation, identity=self.spec.identity.label, handled=handled))

@@ -8,6 +8,7 @@ enforcement checks (tests/amqp_fake/test_enforcement.py) then show each rule bit
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -133,15 +134,22 @@ def eventhub_round_trip(producer: EventHubProducerClient, consumer: EventHubCons
         batch.add(EventData(body))
         producer.send_batch(batch)
     received: list[str] = []
+    got_one = threading.Event()
 
     def on_event(partition_context, event):
         if event is not None:
             received.append(event.body_as_str())
-            consumer.close()
+            got_one.set()
 
-    with consumer:
-        consumer.receive(on_event=on_event, partition_id="0", starting_position="-1",
-                         max_wait_time=WAIT)
+    # receive() blocks until close(): run it aside, close once the event came (or WAIT passed)
+    thread = threading.Thread(target=consumer.receive, kwargs={
+        "on_event": on_event, "partition_id": "0", "starting_position": "-1",
+        "max_wait_time": WAIT})
+    thread.start()
+    got_one.wait(WAIT)
+    consumer.close()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the consumer did not stop"
     return received
 
 
@@ -150,7 +158,7 @@ def test_eventhub_entra_send_and_receive(namespace):
     body = f"reading {uuid.uuid4()}"
     producer = EventHubProducerClient(namespace.namespace, "telemetry", credential,
                                       **eventhub_kwargs(namespace))
-    consumer = EventHubConsumerClient(namespace.namespace, "$Default", "telemetry", credential,
+    consumer = EventHubConsumerClient(namespace.namespace, "telemetry", "$Default", credential,
                                       **eventhub_kwargs(namespace))
     assert eventhub_round_trip(producer, consumer, body) == [body]
     assert resources(credential.scopes) == {"https://eventhubs.azure.net"}

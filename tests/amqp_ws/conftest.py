@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.amqp_ws.recorder import RecordingWebSocket
 from tests.e2e.conftest import module_identity, pki
 from tests.support.azurite import TestPKI
 from tests.support.fake_namespace import FakeNamespace
@@ -22,6 +23,7 @@ __all__ = ["module_identity", "pki"]
 
 NAMESPACE = "keylessbus.servicebus.windows.net"
 HUBS = "keylesshubs.servicebus.windows.net"  # an Event Hubs namespace (a route says so)
+RECORDED = "keylessrec.servicebus.windows.net"  # tests/amqp_ws/recorder.py behind it
 WRONG_KEY = "d3JvbmcgYWNjZXNzIGtleSBmcm9tIHRoZSBhcHA="  # what the legacy app has
 SDK_TIMEOUT = 60.0  # seconds for one SDK scenario, start to end
 
@@ -41,7 +43,7 @@ class Through:
     """keyless (regular proxy mode) in front of the fake namespace(s)' wss port."""
 
     keyless: KeylessProcess
-    fakes: dict[str, FakeNamespace]
+    fakes: dict[str, Any]  # namespace -> FakeNamespace (or RecordingWebSocket): a wss_port
     identity: FakeIdentityEndpoint
 
     def proxy_options(self) -> dict[str, Any]:
@@ -49,6 +51,11 @@ class Through:
         return {"http_proxy": {"proxy_hostname": "http://127.0.0.1",
                                "proxy_port": self.keyless.port},
                 "connection_verify": self.keyless.ca_path}
+
+    def assert_no_secrets_logged(self) -> None:
+        log = self.keyless.log()
+        assert "sig=" not in log and "SharedAccessSignature sr" not in log
+        assert "eyJ" not in log  # a JWT's (base64 JSON) start
 
     def logins(self, result: str) -> float:
         return self.keyless.metric("keyless_listener_logins_total", listener="websocket:443",
@@ -60,7 +67,7 @@ def start_fake(workdir: Path, pki: TestPKI, namespace: str = NAMESPACE) -> FakeN
 
 
 def start_keyless(workdir: Path, pki: TestPKI, identity: FakeIdentityEndpoint,
-                  fakes: dict[str, FakeNamespace], *extra: str) -> Through:
+                  fakes: dict[str, Any], *extra: str) -> Through:
     args = [arg for namespace, fake in fakes.items()
             for arg in ("--connect-to", f"{namespace}:443:127.0.0.1:{fake.wss_port}")]
     config = workdir / "keyless.toml"
@@ -74,25 +81,22 @@ def start_keyless(workdir: Path, pki: TestPKI, identity: FakeIdentityEndpoint,
 
 
 @pytest.fixture(scope="module")
-def fakes(tmp_path_factory: pytest.TempPathFactory,
-          pki: TestPKI) -> Iterator[dict[str, FakeNamespace]]:
-    bus = start_fake(tmp_path_factory.mktemp("fake-bus"), pki, NAMESPACE)
+def fakes(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[dict[str, Any]]:
+    started: dict[str, Any] = {}
     try:
-        hubs = start_fake(tmp_path_factory.mktemp("fake-hubs"), pki, HUBS)
-    except BaseException:
-        bus.stop()
-        raise
-    try:
-        yield {NAMESPACE: bus, HUBS: hubs}
+        started[NAMESPACE] = start_fake(tmp_path_factory.mktemp("fake-bus"), pki, NAMESPACE)
+        started[HUBS] = start_fake(tmp_path_factory.mktemp("fake-hubs"), pki, HUBS)
+        started[RECORDED] = RecordingWebSocket(pki, RECORDED).start()
+        yield started
     finally:
-        hubs.stop()
-        bus.stop()
+        for running in reversed(started.values()):
+            running.stop()
 
 
 @pytest.fixture(scope="module")
 def through(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             module_identity: FakeIdentityEndpoint,
-            fakes: dict[str, FakeNamespace]) -> Iterator[Through]:
+            fakes: dict[str, Any]) -> Iterator[Through]:
     running = start_keyless(tmp_path_factory.mktemp("keyless-amqp-ws"), pki, module_identity,
                             fakes)
     try:

@@ -14,18 +14,14 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from addons import amqp_websocket
 from addons.amqp_websocket import AmqpOverWebSocket
 from proxy import metrics
+from proxy.amqp.stream import AmqpProtocolError
 from proxy.catalog import Catalog
 from proxy.flowstate import flow_state, start_state
 from proxy.tokens import Identity, TokenCache
 
 NAMESPACE = "keylessbus.servicebus.windows.net"
-
-
-class StandInError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,7 @@ class FramingConverter:
         while len(self.app) >= 4 and len(self.app) >= (size := int.from_bytes(self.app[:4])):
             one, self.app = bytes(self.app[:size]), self.app[size:]
             if one[4:] == b"garbage":
-                raise StandInError("not an AMQP frame")
+                raise AmqpProtocolError("not an AMQP frame")
             if one[4:] == b"bug":
                 raise RuntimeError("a converter bug quoting SharedAccessSignature sr=...")
             if one[4:] == b"sasl-plain":
@@ -69,11 +65,6 @@ class FramingConverter:
     def from_service(self, data: bytes) -> Output:
         self.seen.append(data)
         return Output(to_app=data.replace(b"secret", b"******"))
-
-
-@pytest.fixture(autouse=True)
-def stand_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(amqp_websocket, "protocol_errors", lambda: (StandInError,))
 
 
 class Harness:
@@ -163,6 +154,17 @@ def test_text_messages_are_not_amqp_and_are_dropped():
     assert h.converters[0].seen == []
 
 
+@pytest.mark.parametrize("path", ["/$servicebus/websocket/", "/$SERVICEBUS/WebSocket",
+                                  "/$servicebus/websocket?x=1"])
+def test_spellings_of_the_amqp_path_are_converted_too(path: str):
+    flow = tflow.twebsocketflow(messages=False)
+    start_state(flow, "servicebus", "keylessbus")
+    flow.request.path = path
+    h = Harness()
+    h.addon.websocket_start(flow)
+    assert flow_state(flow).amqp is not None
+
+
 def test_other_websockets_are_left_alone():
     h = Harness()
     flow = tflow.twebsocketflow(messages=False)
@@ -232,3 +234,12 @@ def test_a_plain_ws_upgrade_is_refused():
     flow = upgrade_flow(tls=False)
     Harness().addon.requestheaders(flow)
     assert flow.response is not None and flow.response.status_code == 403
+
+
+def test_a_long_connection_keeps_only_the_current_message():
+    h = Harness()
+    for n in range(5):
+        h.send(True, frame(b"transfer %d" % n))
+        h.send(False, b"flow %d" % n)
+    assert h.flow.websocket is not None
+    assert [m.content for m in h.flow.websocket.messages] == [b"flow 4"]

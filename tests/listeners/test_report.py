@@ -39,3 +39,19 @@ def test_password_logins_are_planned_and_converted_ones_clear_the_verdict() -> N
     after = {item["resource"]: item for item in build_report(calls.entries())["inventory"]}
     assert after["orders"]["local_auth_can_be_disabled"] is True
     assert after["sessions"]["local_auth_can_be_disabled"] is False
+
+
+def test_amqp_links_plan_the_sender_and_receiver_roles_by_service() -> None:
+    from proxy.amqp.session import _Events
+
+    calls = CallLog(None)
+    conn = connection(calls, "5672=bus.servicebus.windows.net", "amqp")
+    events = _Events(conn, lambda address: "eventhubs" if "telemetry" in address
+                     else "servicebus")
+    events("attach", {"role": "send", "address": "amqps://bus.servicebus.windows.net/orders"})
+    events("attach", {"role": "receive", "address": "amqps://bus.servicebus.windows.net/orders"})
+    events("attach", {"role": "send", "address": "amqps://bus.servicebus.windows.net/telemetry"})
+    roles = {(a["service"], a["role"]) for a in build_report(calls.entries())["role_assignments"]}
+    assert roles == {("servicebus", "Azure Service Bus Data Sender"),
+                     ("servicebus", "Azure Service Bus Data Receiver"),
+                     ("eventhubs", "Azure Event Hubs Data Sender")}

@@ -1,5 +1,6 @@
 // A legacy Node.js app with a WRONG database password (mysql2), for tests/mysql/test_e2e.py.
 // Connects to MYSQL_HOST:MYSQL_PORT as MYSQL_USER with MYSQL_PASSWORD, prints one JSON line.
+import fs from "node:fs";
 import mysql from "mysql2/promise";
 
 const config = {
@@ -10,6 +11,10 @@ const config = {
   database: process.env.MYSQL_DATABASE,
   connectTimeout: 10000,
 };
+if (process.env.MYSQL_SSL_CA) {
+  // keyless' CA; its leaf names the Azure server, not 127.0.0.1: the chain is verified
+  config.ssl = { ca: fs.readFileSync(process.env.MYSQL_SSL_CA), checkServerIdentity: () => undefined };
+}
 
 async function main() {
   const result = {};
@@ -25,6 +30,7 @@ async function main() {
   const [prepared] = await connection.execute(
     "SELECT id, name FROM node_items WHERE id BETWEEN ? AND ? ORDER BY id", [10, 14]);
   result.prepared = prepared.map((row) => [row.id, row.name]);
+  result.app_tls = connection.connection.stream.encrypted === true;
   const [cipher] = await connection.query("SHOW STATUS LIKE 'Ssl_cipher'");
   result.ssl_cipher = cipher[0].Value;
   const [who] = await connection.query("SELECT CURRENT_USER() AS who");

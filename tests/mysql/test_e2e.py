@@ -132,16 +132,19 @@ def test_one_token_fetch_serves_every_login(keyless, mysql_identity):
     assert len(mysql_identity.calls_for(OSSRDBMS_RESOURCE)) == 1
 
 
-def test_node_mysql2_app_with_a_wrong_password_works(keyless):
+@pytest.mark.parametrize("client_tls", [False, True], ids=["plain", "client-tls"])
+def test_node_mysql2_app_with_a_wrong_password_works(keyless, client_tls):
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is missing: install Node.js 20 (apt-get install -y nodejs npm)")
     if not (REPO / "node_modules" / "mysql2").is_dir():
         pytest.fail("mysql2 is missing: run `npm ci` in the repository root")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MYSQL_")},
-           "MYSQL_HOST": "127.0.0.1", "MYSQL_PORT": str(keyless.maria_port),
+           "MYSQL_HOST": "127.0.0.1",
+           "MYSQL_PORT": str(keyless.tls_port if client_tls else keyless.maria_port),
            "MYSQL_USER": APP_USER, "MYSQL_PASSWORD": WRONG_PASSWORD,
-           "MYSQL_DATABASE": TEST_DATABASE}
+           "MYSQL_DATABASE": TEST_DATABASE,
+           **({"MYSQL_SSL_CA": keyless.ca_path} if client_tls else {})}
     completed = subprocess.run([node, str(NODE_APP)], env=env, cwd=REPO, capture_output=True,
                                text=True, timeout=120)
     result = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -149,6 +152,7 @@ def test_node_mysql2_app_with_a_wrong_password_works(keyless):
     assert result["count"] == 1000 and result["total"] == sum(range(1000))
     assert result["prepared"] == [[i, f"item-{i}"] for i in range(10, 15)]
     assert result["ssl_cipher"]
+    assert result["app_tls"] is client_tls
     assert result["current_user"] == f"{APP_USER}@%"
     assert result["pool_queries"] == 40 and result["pool_connections"] == 20
 

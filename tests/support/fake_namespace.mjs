@@ -22,6 +22,13 @@ import { Duplex } from 'node:stream';
 
 const require = createRequire(import.meta.url);
 const rhea = require('rhea');
+const frames = require('rhea/lib/frames.js');
+
+// azure-eventhub's pyamqp reads a transfer's payload at index 11, after all eleven fields of
+// the performative; the service sends them all, rhea omits trailing defaults: fill them.
+const rheaTransfer = frames.transfer;
+frames.transfer = (fields) => rheaTransfer({ rcv_settle_mode: null, state: null, resume: false,
+    aborted: false, batchable: false, ...fields });
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const NAMESPACE = config.namespace.toLowerCase();
@@ -54,6 +61,8 @@ const eventHubs = {
 function entityFor(segments) {
     const path = segments.join('/');
     const root = segments[0];
+    // Event Hubs clients use the namespace-level "$management" (the hub is in the request).
+    if (path === '$management') return { kind: 'management', root: null, name: path };
     if (segments.length >= 2 && segments[segments.length - 1] === '$management') {
         return { kind: 'management', root, name: path };
     }
@@ -235,6 +244,12 @@ container.on('connection_close', cleanupConnection);
 container.on('connection_error', () => {});
 container.on('error', () => {});
 
+// azure-eventhub reads begin's handle-max and properties (index 4, 7): always send them.
+container.on('session_open', (context) => {
+    context.session.local.begin.handle_max = 255;
+    context.session.local.begin.properties = { 'com.microsoft:tracking-id': crypto.randomUUID() };
+});
+
 // The client attaches a sender: we receive on this link.
 container.on('receiver_open', (context) => {
     const link = context.receiver;
@@ -242,6 +257,7 @@ container.on('receiver_open', (context) => {
     link.set_target({ address });
     link.set_source({ address: link.remote.attach.source?.address });
     link.local.attach.properties = { 'com.microsoft:tracking-id': crypto.randomUUID() };
+    link.local.attach.max_message_size = 1048576;
     if (address === '$cbs') {
         record('attach', { connection: connState(link.connection).id, role: 'sender', address, accepted: true });
         link.fake_kind = 'cbs';
@@ -263,7 +279,7 @@ container.on('sender_open', (context) => {
     link.local.attach.properties = { 'com.microsoft:tracking-id': crypto.randomUUID() };
     link.set_source({ address, filter: source.filter });
     link.set_target({ address: link.remote.attach.target?.address });
-    if (address === '$cbs' || /\/\$management$/i.test(String(address))) {
+    if (address === '$cbs' || /(^|\/)\$management$/i.test(String(address))) {
         if (address !== '$cbs' && !authorizeAttach(link, address, 'receiver')) return;
         if (address === '$cbs') {
             record('attach', { connection: connState(link.connection).id, role: 'receiver', address, accepted: true });
@@ -332,7 +348,7 @@ function authorizeAttach(link, address, role) {
     } else if (!entity) {
         reason = `no entity ${segments.join('/')}`;
         condition = 'amqp:not-found';
-    } else if (config.check_attach && !validToken(state, segments)) {
+    } else if (config.check_attach && !validToken(state, tokenScope(entity, segments))) {
         reason = `no valid token for ${segments.join('/')}`;
     }
     record('attach', { connection: state.id, role, address, entity: entity?.name, accepted: !reason, reason });
@@ -340,15 +356,20 @@ function authorizeAttach(link, address, role) {
         refuseLink(link, condition, reason);
         return undefined;
     }
-    if (config.check_expiry) scheduleExpiry(link, segments);
+    if (config.check_expiry) scheduleExpiry(link, tokenScope(entity, segments));
     return entity;
+}
+
+function tokenScope(entity, segments) {
+    return entity.root === null ? null : segments;
 }
 
 function validToken(state, segments) {
     const now = Date.now() / 1000;
     let best;
     for (const token of state.tokens) {
-        if (token.expires > now && isPrefix(token.segments, segments) && (!best || token.expires > best.expires)) {
+        // segments null: any entity's token (namespace-level $management)
+        if (token.expires > now && (segments === null || isPrefix(token.segments, segments)) && (!best || token.expires > best.expires)) {
             best = token;
         }
     }
@@ -397,14 +418,19 @@ container.on('message', (context) => {
     return undefined;
 });
 
-function reply(connection, request, status, description, body) {
-    const replyLink = [...Object.values(connection.local_channel_map)].flatMap((s) => Object.values(s.links))
-        .find((l) => l.is_sender() && l.fake_kind === 'reply' && !l.is_closed()
-            && (l.remote.attach.target?.address === request.reply_to || l.local.attach.source?.value?.[0]?.value === request.reply_to))
-        ?? [...Object.values(connection.local_channel_map)].flatMap((s) => Object.values(s.links))
-            .find((l) => l.is_sender() && l.fake_kind === 'reply' && !l.is_closed());
+// Answers a request on the reply link of the same node ($cbs, $management), preferring the
+// one the request's reply-to names.
+function reply(context, status, description, body) {
+    const request = context.message;
+    const node = context.receiver.remote.attach.target?.address;
+    const candidates = Object.values(context.connection.local_channel_map)
+        .flatMap((s) => Object.values(s.links))
+        .filter((l) => l.is_sender() && l.fake_kind === 'reply' && !l.is_closed()
+            && l.remote.attach.source?.address === node);
+    const replyLink = candidates.find((l) => l.remote.attach.target?.address === request.reply_to)
+        ?? candidates[0];
     if (!replyLink) return;
-    replyLink.send({
+    const delivery = replyLink.send({
         correlation_id: request.message_id ?? request.correlation_id,
         to: request.reply_to,
         // CBS and Event Hubs answer with status-code; Service Bus' $management with statusCode.
@@ -412,6 +438,10 @@ function reply(connection, request, status, description, body) {
             statusCode: status, statusDescription: description },
         body,
     });
+    // Replies go pre-settled: a client that never settles them (pyamqp) must not hold rhea's
+    // outgoing delivery buffer (shared by the session's links) at its head forever.
+    delivery.settled = true;
+    delivery.remote_settled = true;
 }
 
 function onPutToken(context) {
@@ -446,7 +476,7 @@ function onPutToken(context) {
     }
     record('put_token', { connection: state.id, type, audience: name, token_kind: kind, accepted: !!verdict.ok,
         status: verdict.ok ? 200 : verdict.status, reason: verdict.reason, expires: verdict.expires });
-    reply(context.connection, message, verdict.ok ? 200 : verdict.status,
+    reply(context, verdict.ok ? 200 : verdict.status,
         verdict.ok ? 'OK' : verdict.reason, undefined);
 }
 
@@ -454,26 +484,27 @@ function onManagement(context) {
     const message = context.message;
     const props = message.application_properties ?? {};
     const entity = context.receiver.fake_entity;
-    const hub = eventHubs[entity.root];
-    record('management', { connection: connState(context.connection).id, entity: entity.root, operation: props.operation, type: props.type });
+    const root = entity.root ?? String(props.name ?? '').toLowerCase();
+    const hub = eventHubs[root];
+    record('management', { connection: connState(context.connection).id, entity: root, operation: props.operation, type: props.type });
     if (hub && props.operation === 'READ' && props.type === 'com.microsoft:eventhub') {
-        reply(context.connection, message, 200, 'OK', {
-            name: entity.root, type: 'com.microsoft:eventhub',
+        reply(context, 200, 'OK', {
+            name: root, type: 'com.microsoft:eventhub',
             created_at: rhea.types.wrap_timestamp(Date.now()), partition_count: rhea.types.wrap_int(2),
             partition_ids: rhea.types.wrap_array(Object.keys(hub.partitions), 0xa1),
         });
     } else if (hub && props.operation === 'READ' && props.type === 'com.microsoft:partition') {
         const events = hub.partitions[String(props.partition)]?.events ?? [];
         const last = events.length - 1;
-        reply(context.connection, message, 200, 'OK', {
-            name: entity.root, type: 'com.microsoft:partition', partition: String(props.partition),
+        reply(context, 200, 'OK', {
+            name: root, type: 'com.microsoft:partition', partition: String(props.partition),
             begin_sequence_number: rhea.types.wrap_long(0),
             last_enqueued_sequence_number: rhea.types.wrap_long(last),
             last_enqueued_offset: String(last), is_partition_empty: events.length === 0,
             last_enqueued_time_utc: rhea.types.wrap_timestamp(Date.now()),
         });
     } else {
-        reply(context.connection, message, 501, `operation ${props.operation} not implemented by the fake`, undefined);
+        reply(context, 501, `operation ${props.operation} not implemented by the fake`, undefined);
     }
 }
 
@@ -585,10 +616,12 @@ function startPosition(partition, filter) {
 
 // -- listeners -------------------------------------------------------------------------------
 
+// azure-eventhub reads the open frame's properties field (index 9): always send it.
+const OPEN_PROPERTIES = { product: 'keyless-fake-namespace' };
 const tlsOptions = { cert: fs.readFileSync(config.cert), key: fs.readFileSync(config.key) };
 const amqps = container.listen({
     transport: 'tls', host: '127.0.0.1', port: config.amqps_port, ...tlsOptions,
-    require_sasl: true, max_frame_size: 262144, idle_time_out: 240000,
+    require_sasl: true, max_frame_size: 262144, idle_time_out: 240000, properties: OPEN_PROPERTIES,
 });
 amqps.on('secureConnection', (socket) => record('connection', { transport: 'amqps', sni: socket.servername ?? null }));
 
@@ -612,7 +645,7 @@ wss.on('upgrade', (request, socket) => {
     socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
         + `Sec-WebSocket-Accept: ${accept}\r\nSec-WebSocket-Protocol: AMQPWSB10\r\n\r\n`);
     const stream = websocketStream(socket);
-    const connection = container.create_connection({ require_sasl: true, max_frame_size: 262144, idle_time_out: 240000 });
+    const connection = container.create_connection({ require_sasl: true, max_frame_size: 262144, idle_time_out: 240000, properties: OPEN_PROPERTIES });
     connection.fake_transport = 'wss';
     connection.accept(stream);
 });

@@ -75,7 +75,8 @@ class FakeNamespace:
                  namespace: str = "keylessbus.servicebus.windows.net", *,
                  local_auth: bool = False, token_lifetime_check: bool = True,
                  put_token_deadline: float = 20.0, record_transfers: bool = True,
-                 checks: dict[str, bool] | None = None) -> None:
+                 checks: dict[str, bool] | None = None,
+                 tls_names: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki = pki
@@ -84,6 +85,7 @@ class FakeNamespace:
         self.token_lifetime_check = token_lifetime_check
         self.put_token_deadline = put_token_deadline
         self.record_transfers = record_transfers
+        self.tls_names = tls_names  # more names for the TLS certificate (other-namespace tests)
         unknown = set(checks or ()) - set(CHECKS)
         if unknown:
             raise ValueError(f"unknown checks {sorted(unknown)}; known: {CHECKS}")
@@ -109,7 +111,7 @@ class FakeNamespace:
             raise FakeNamespaceError(f"node not found: {NODE_HINT}")
         if not (REPO / "node_modules" / "rhea").is_dir():
             raise FakeNamespaceError(f"node_modules/rhea missing: {NODE_HINT}")
-        cert, key = self.pki.issue_server_cert(self.namespace)
+        cert, key = self.pki.issue_server_cert(self.namespace, *self.tls_names)
         config = {
             "namespace": self.namespace,
             "amqps_port": self.amqps_port,
