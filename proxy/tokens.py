@@ -100,9 +100,11 @@ class TokenCache:
         replaces, since the client renews on the SAS's schedule)."""
         key = (identity, scope)
         token = self._cache.get(key)
-        if token is not None and valid_until is not None and token.expires_on < valid_until:
-            if key not in self._inflight:
-                self._cache.pop(key, None)
+        if token is not None and valid_until is not None and token.expires_on < valid_until \
+                and key not in self._inflight and self.invalidate(identity, scope):
+            # invalidate() also makes the credential forget its own copy (it would hand the
+            # same token back), at most once per 30 s per key: an identity whose tokens are
+            # all shorter keeps serving the one it has
             token = None
         if token is not None:
             metrics.TOKEN_CACHE.labels(result="hit").inc()

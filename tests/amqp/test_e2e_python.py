@@ -171,8 +171,10 @@ def test_a_connection_outlives_its_first_tokens_because_renewals_are_converted(
         tmp_path: Path, fake_namespace: FakeNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
     """The app's SAS lives 20 s (the SDK re-sends its put-token at 90 %, ~18 s), so a
     receiver kept open for 35 s renews on its own schedule; the fake refuses a SAS, so the
-    link keeps working only if every renewal is converted too. (The identity's tokens live
-    45 s: with shorter ones keyless cannot yet outlast them, see PATCHES-FOR-LEAD.md.)"""
+    link keeps working only if every renewal is converted too. The identity's tokens live
+    25 s: the renewal at ~18 s asks for one valid past the SAS's 20 s, which the cached one is
+    not, so keyless must really fetch a new one (the credential's own cache would hand the
+    same token back)."""
     from datetime import timedelta
 
     import azure.servicebus._base_handler as handler
@@ -181,7 +183,7 @@ def test_a_connection_outlives_its_first_tokens_because_renewals_are_converted(
     monkeypatch.setattr(handler, "_generate_sas_token",
                         lambda uri, policy, key, expiry=None: original(
                             uri, policy, key, timedelta(seconds=20)))
-    with FakeIdentityEndpoint(lifetime_seconds=45) as identity:
+    with FakeIdentityEndpoint(lifetime_seconds=25) as identity:
         running = start_keyless(tmp_path / "keyless", fake_namespace, identity,
                                 "--token-margin", "3")
         try:
