@@ -77,4 +77,4 @@ bench: $(VENV)/.test node_modules/.installed
 	$(BIN)/python -m bench.run --out docs --profile /tmp/keyless-profile.json
 
 fuzz: $(VENV)/.test
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/unit/test_fuzz_parsers.py tests/unit/test_strippers.py tests/unit/test_storage_conversion.py tests/postgres/test_codec.py tests/mysql/test_codec.py tests/mysql/test_commands.py tests/redis/test_codec.py -q
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/unit/test_fuzz_parsers.py tests/unit/test_strippers.py tests/unit/test_storage_conversion.py tests/postgres/test_codec.py tests/mysql/test_codec.py tests/mysql/test_commands.py tests/redis/test_codec.py tests/amqp/test_codec.py tests/amqp/test_stream.py -q
