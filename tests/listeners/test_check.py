@@ -20,6 +20,7 @@ from tests.support.keyless import keyless_command
 
 pytestmark = pytest.mark.e2e
 HOST = "checkacct.blob.core.windows.net"
+NAMESPACE = "checkbus.servicebus.windows.net"  # an AMQP listener's upstream, same TLS host
 
 
 @pytest.fixture()
@@ -29,7 +30,7 @@ def tls_host(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
     ca = trustme.CA()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert(HOST).configure_cert(context)
+    ca.issue_cert(HOST, NAMESPACE).configure_cert(context)
     cafile = tmp_path / "upstream-ca.pem"
     ca.cert_pem.write_to_path(str(cafile))
     listener = socket.create_server(("127.0.0.1", 0))
@@ -74,6 +75,8 @@ def test_check_passes_reports_every_finding_and_redacts_secrets(tmp_path, tls_ho
     with FakeIdentityEndpoint() as identity:
         args = ("--reverse", f"{free_port()}=https://{HOST}",
                 "--connect-to", f"{HOST}:443:127.0.0.1:{port}",
+                "--reverse", f"{free_port()}=amqps://{NAMESPACE}",
+                "--connect-to", f"{NAMESPACE}:5671:127.0.0.1:{port}",
                 "--set", f"ssl_verify_upstream_trusted_ca={cafile}",
                 "--ready-scopes", "https://storage.azure.com/.default",
                 "--proxy-auth", "user:s3cret-proxy-password")
@@ -82,6 +85,9 @@ def test_check_passes_reports_every_finding_and_redacts_secrets(tmp_path, tls_ho
         out = result.stdout
         assert "ok   token https://storage.azure.com/.default (identity default): valid for" in out
         assert f"ok   dial {HOST}:443: TLS verified" in out
+        assert f"-> {NAMESPACE}:5671: TLS verified" in out
+        assert ("ok   token https://servicebus.azure.net/.default (identity default): valid "
+                "for") in out
         assert "ok   ca: " in out and "is private (mode 600)" in out
         assert "proxy-auth = <redacted>" in out
         assert "s3cret-proxy-password" not in out + result.stderr
