@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from bench.redis_bench import benchmark
+from bench.redis_bench import relay as streams_relay  # copies bytes on asyncio streams
+from tests.redis.conftest import HOST  # the name redis_bench's relay verifies
 from tests.support.azurite import TestPKI, free_port
 from tests.support.redis_server import ADMIN_USER, RedisServer
-
-HOST = "ceiling.redis.cache.windows.net"
 
 
 class _Side(asyncio.Protocol):
@@ -82,27 +82,6 @@ async def protocol_relay(listen: int, upstream: int, cafile: str) -> None:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     server = await loop.create_server(App, "127.0.0.1", listen)
-    async with server:
-        await server.serve_forever()
-
-
-async def streams_relay(listen: int, upstream: int, cafile: str) -> None:
-    context = ssl.create_default_context(cafile=cafile)
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(64 * 1024):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up = await asyncio.open_connection("127.0.0.1", upstream, ssl=context,
-                                           server_hostname=HOST)
-        await asyncio.gather(pipe(reader, up[1]), pipe(up[0], writer), return_exceptions=True)
-
-    server = await asyncio.start_server(handle, "127.0.0.1", listen)
     async with server:
         await server.serve_forever()
 

@@ -55,7 +55,9 @@ from tests.support.netns import (
     RecordingTLSServer,
     link,
     namespaces,
+    readable_dir,
     require_netns,
+    run_app,
 )
 
 pytestmark = pytest.mark.e2e
@@ -105,13 +107,8 @@ class Pod:
 
     def app(self, *args: str, ca_bundle: str | None = None) -> dict[str, Any]:
         """The legacy app, inside the pod as its own UID; no proxy variables at all."""
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.workdir / "app"),
-               "REQUESTS_CA_BUNDLE": ca_bundle or self.keyless_ca_path}
-        done = self.pod.exec(sys.executable, str(APP), *args, uid=APP_UID, env=env,
-                             timeout=120, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        return result
+        return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(APP), *args,
+                       env={"REQUESTS_CA_BUNDLE": ca_bundle or self.keyless_ca_path})
 
     def apply_rules(self) -> None:
         if not self.redirecting():
@@ -142,18 +139,12 @@ class Pod:
         return self.keyless.metric("keyless_requests_total", outcome="tunnelled")
 
 
-def _readable_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
     require_netns()
     # Not under pytest's tmp_path: that is root's 0700 folder, and keyless and the app run
     # as other UIDs.
-    workdir = _readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-")))
+    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-")))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         spaces = stack.enter_context(namespaces("pod", "azure"))
@@ -167,7 +158,7 @@ def pod() -> Iterator[Pod]:
                             IMPOSTOR_HOST: IMPOSTOR_ADDRESS, SIX_HOST: SIX_ADDRESS,
                             REPLAY_HOST: REPLAY_ADDRESS})
 
-        pki = TestPKI(_readable_dir(workdir / "pki"))
+        pki = TestPKI(readable_dir(workdir / "pki"))
         azurite = Azurite(workdir / "azurite", pki, host=AZURITE_ADDRESS, blob_port=443)
         azure_ns.call(azurite.start)
         stack.callback(azurite.stop)
@@ -198,7 +189,7 @@ def pod() -> Iterator[Pod]:
         pod_ns.call(identity.start)  # on the pod's loopback: exempt from the redirect
         stack.callback(identity.stop)
 
-        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, _readable_dir(workdir / "keyless"), [
+        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, readable_dir(workdir / "keyless"), [
             # No --allow-clients: redirected connections keep the app's source address (the
             # pod's, not loopback), and keyless accepts them on its loopback listener.
             "--transparent",
@@ -209,7 +200,7 @@ def pod() -> Iterator[Pod]:
         stack.callback(keyless.stop)
         keyless.start()
         # The app trusts keyless' CA, as `keyless init --ca-out` would hand it over.
-        app_dir = _readable_dir(workdir / "app")
+        app_dir = readable_dir(workdir / "app")
         keyless_ca = app_dir / "keyless-ca.pem"
         shutil.copyfile(keyless.ca_path, keyless_ca)
         keyless_ca.chmod(0o644)

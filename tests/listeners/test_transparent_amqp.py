@@ -10,7 +10,6 @@ namespace (rhea; it refuses SAS put-tokens: local auth disabled) reachable at 10
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,9 @@ from tests.support.netns import (
     TcpForwarder,
     link,
     namespaces,
+    readable_dir,
     require_netns,
+    run_app,
 )
 
 pytestmark = pytest.mark.e2e
@@ -58,31 +59,21 @@ class Pod:
     rules: str
 
     def app(self, queue: str, ca: str | None = None) -> dict[str, Any]:
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.workdir / "app")}
-        done = self.pod.exec(sys.executable, str(APP), LEGACY, queue, ca or self.keyless_ca,
-                             uid=APP_UID, env=env, timeout=180, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        return result
-
-
-def _readable_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)
-    return path
+        return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(APP), LEGACY,
+                       queue, ca or self.keyless_ca, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
     require_netns()
-    workdir = _readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-amqp-")))
+    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-amqp-")))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         spaces = stack.enter_context(namespaces("amqppod", "amqpazure"))
         pod_ns, azure_ns = spaces["amqppod"], spaces["amqpazure"]
         link(pod_ns, f"{POD_ADDRESS}/24", azure_ns, [f"{AZURE_ADDRESS}/24"])
         pod_ns.write_hosts({NAMESPACE: AZURE_ADDRESS})
-        pki = TestPKI(_readable_dir(workdir / "pki"))
+        pki = TestPKI(readable_dir(workdir / "pki"))
         fake = FakeNamespace(workdir / "fake", pki, NAMESPACE)
         azure_ns.call(fake.start, timeout=60)
         stack.callback(fake.stop)
@@ -92,14 +83,14 @@ def pod() -> Iterator[Pod]:
         identity = FakeIdentityEndpoint()
         pod_ns.call(identity.start)
         stack.callback(identity.stop)
-        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, _readable_dir(workdir / "keyless"), [
+        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, readable_dir(workdir / "keyless"), [
             "--transparent",
             "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
             "--token-timeout", "5", "--log-level", "debug",
         ], {**identity.env(), **DEAD_PROXY_ENV, "HOME": str(workdir / "keyless")})
         stack.callback(keyless.stop)
         keyless.start()
-        app_dir = _readable_dir(workdir / "app")
+        app_dir = readable_dir(workdir / "app")
         keyless_ca = app_dir / "keyless-ca.pem"
         shutil.copyfile(keyless.ca_path, keyless_ca)
         keyless_ca.chmod(0o644)

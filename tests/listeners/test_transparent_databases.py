@@ -13,7 +13,6 @@ proves keyless logged in with the token; the same app without the rules is refus
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,9 @@ from tests.support.netns import (
     TcpForwarder,
     link,
     namespaces,
+    readable_dir,
     require_netns,
+    run_app,
 )
 from tests.support.postgres_server import PostgresServer
 from tests.support.redis_server import RedisServer
@@ -70,29 +71,18 @@ class Pod:
     rules: str
 
     def app(self, protocol: str, host: str, ca: str | None = None) -> dict[str, Any]:
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.workdir / "app")}
-        done = self.pod.exec(sys.executable, str(APP), protocol, host, USER,
-                             ca or self.keyless_ca, uid=APP_UID, env=env, timeout=120,
-                             check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        return result
+        return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(APP), protocol,
+                       host, USER, ca or self.keyless_ca)
 
     def logins(self, protocol: str, result: str = "converted") -> float:
         return self.keyless.metric("keyless_listener_logins_total", protocol=protocol,
                                    result=result)
 
 
-def _readable_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
     require_netns()
-    workdir = _readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-db-")))
+    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-db-")))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         spaces = stack.enter_context(namespaces("dbpod", "dbazure"))
@@ -100,7 +90,7 @@ def pod() -> Iterator[Pod]:
         link(pod_ns, f"{POD_ADDRESS}/24", azure_ns, [f"{AZURE_ADDRESS}/24"])
         pod_ns.write_hosts({PG_HOST: AZURE_ADDRESS, MYSQL_HOST: AZURE_ADDRESS,
                             REDIS_HOST: AZURE_ADDRESS, OUTSIDE_HOST: AZURE_ADDRESS})
-        pki = TestPKI(_readable_dir(workdir / "pki"))
+        pki = TestPKI(readable_dir(workdir / "pki"))
 
         # The real servers, in the "azure" namespace, on its loopback (their own settings),
         # forwarded from the Azure ports at the namespace's veth address.
@@ -133,7 +123,7 @@ def pod() -> Iterator[Pod]:
         identity.queue_tokens(REDIS_RESOURCE, cache_token)
         pod_ns.call(identity.start)
         stack.callback(identity.stop)
-        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, _readable_dir(workdir / "keyless"), [
+        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, readable_dir(workdir / "keyless"), [
             "--transparent", "--transparent-databases",
             "--transparent-listen", f"127.0.0.1:{DB_LISTEN}",
             "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
@@ -141,7 +131,7 @@ def pod() -> Iterator[Pod]:
         ], {**identity.env(), **DEAD_PROXY_ENV, "HOME": str(workdir / "keyless")})
         stack.callback(keyless.stop)
         keyless.start()
-        app_dir = _readable_dir(workdir / "app")
+        app_dir = readable_dir(workdir / "app")
         keyless_ca = app_dir / "keyless-ca.pem"
         shutil.copyfile(keyless.ca_path, keyless_ca)
         keyless_ca.chmod(0o644)

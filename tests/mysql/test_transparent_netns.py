@@ -11,7 +11,6 @@ keyless, which learns the server from the app's TLS server name and logs in with
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,15 @@ from tests.support.azurite import TestPKI
 from tests.support.identity_endpoint import FakeIdentityEndpoint, make_token
 from tests.support.keyless import keyless_command
 from tests.support.mysql_server import OSSRDBMS_RESOURCE, TEST_DATABASE, MariaDB
-from tests.support.netns import NamespacedKeyless, Netns, link, namespaces, require_netns
+from tests.support.netns import (
+    NamespacedKeyless,
+    Netns,
+    link,
+    namespaces,
+    readable_dir,
+    require_netns,
+    run_app,
+)
 
 pytestmark = pytest.mark.e2e
 KEYLESS_UID, APP_UID = 10001, 10002
@@ -53,12 +60,6 @@ except Exception as exc:
 """
 
 
-def readable_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)
-    return path
-
-
 @dataclass
 class MySQLPod:
     pod: Netns
@@ -71,13 +72,8 @@ class MySQLPod:
         script = self.workdir / "app" / "mysql_app.py"
         script.write_text(APP)
         script.chmod(0o644)
-        done = self.pod.exec(sys.executable, str(script), host, self.keyless_ca, USER,
-                             TEST_DATABASE, uid=APP_UID,
-                             env={"PATH": "/usr/bin:/bin", "HOME": str(self.workdir / "app")},
-                             timeout=120, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        result: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
-        return result
+        return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(script), host,
+                       self.keyless_ca, USER, TEST_DATABASE)
 
 
 @pytest.fixture(scope="module")

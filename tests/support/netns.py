@@ -20,6 +20,7 @@ Needs root, `ip` (iproute2), `iptables`/`ip6tables` and `setpriv` (util-linux).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -270,6 +271,24 @@ def link(a: Netns, a_address: str, b: Netns, b_addresses: Sequence[str]) -> None
         b.exec("ip", "addr", "add", address, "dev", b_end)
     a.exec("ip", "link", "set", a_end, "up")
     b.exec("ip", "link", "set", b_end, "up")
+
+
+def readable_dir(path: Path) -> Path:
+    """A folder the apps' and keyless' own UIDs can read (pytest's tmp_path is root's 0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    return path
+
+
+def run_app(netns: Netns, uid: int, workdir: Path, *argv: str, timeout: float = 120.0,
+            env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A legacy test app run inside `netns` as `uid`, no proxy variables; its last stdout
+    line is its JSON result."""
+    done = netns.exec(*argv, uid=uid, timeout=timeout, check=False, env={
+        "PATH": "/usr/bin:/bin", "HOME": str(workdir / "app"), **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 class NamespacedKeyless(KeylessProcess):
