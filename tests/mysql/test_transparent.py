@@ -18,7 +18,6 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pymysql
@@ -27,34 +26,18 @@ import pytest
 from proxy.audit import CallLog
 from proxy.ca import CA_KEY_AND_CERT, generate_ca
 from proxy.dial import AppDialer
-from proxy.listeners.connection import ClientTLS, Connection, Shared
+from proxy.listeners.connection import ClientTLS, Shared
 from proxy.listeners.spec import ListenerSpec, azure_host
 from proxy.listeners.upstream import UpstreamDialer, upstream_tls_context
 from proxy.mysql import session
 from proxy.tokens import Identity, TokenCache
 from tests.mysql.conftest import MYSQL_HOST
 from tests.support.identity_endpoint import make_token
+from tests.support.listener_session import RecordingConnection, StaticToken
 from tests.support.mysql_server import OSSRDBMS_RESOURCE, TEST_DATABASE
 
 pytestmark = pytest.mark.e2e
 WRONG_PASSWORD = "wrong-password-from-the-app-config"
-
-
-@dataclass
-class StaticToken:
-    token: str
-    expires_on: int
-    refresh_on: int | None = None
-
-
-class RecordingConnection(Connection):
-    """The framework's Connection, keeping each login result for the test."""
-
-    results: list[str]
-
-    def login(self, result: str) -> None:
-        self.results.append(result)
-        super().login(result)
 
 
 class TransparentMySQL:

@@ -14,7 +14,6 @@ import asyncio
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -23,7 +22,7 @@ import pytest
 from proxy.audit import CallLog
 from proxy.ca import CA_KEY_AND_CERT, generate_ca
 from proxy.dial import AppDialer
-from proxy.listeners.connection import ClientTLS, Connection, Shared
+from proxy.listeners.connection import ClientTLS, Shared
 from proxy.listeners.spec import ListenerSpec, azure_host
 from proxy.listeners.upstream import UpstreamDialer, upstream_tls_context
 from proxy.postgres import codec, session
@@ -31,26 +30,12 @@ from proxy.postgres.cancel import CANCEL_KEYS
 from proxy.tokens import Identity, TokenCache
 from tests.postgres.conftest import RESOURCE
 from tests.support.identity_endpoint import make_token
+from tests.support.listener_session import RecordingConnection, StaticToken
 from tests.support.postgres_server import AZURE_HOST
 
 pytestmark = pytest.mark.e2e
 ROLE = "transparent_identity"
 WRONG_PASSWORD = "legacy-Passw0rd-from-the-config"
-
-
-@dataclass
-class StaticToken:
-    token: str
-    expires_on: int
-    refresh_on: int | None = None
-
-
-class RecordingConnection(Connection):
-    results: list[str]
-
-    def login(self, result: str) -> None:
-        self.results.append(result)
-        super().login(result)
 
 
 class TransparentPostgres:
