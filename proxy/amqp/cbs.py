@@ -25,6 +25,7 @@ from proxy.amqp.codec import (
 )
 
 SAS_PREFIX = "SharedAccessSignature "
+CBS_NODE = "$cbs"
 PLACEHOLDER = "KeylessTokenUnavailable"  # the body sent instead of a SAS when no token: no secret
 APPLICATION_PROPERTIES, AMQP_VALUE, PROPERTIES = 0x74, 0x77, 0x73
 _ADDRESS = re.compile(r"^(?P<scheme>sb|amqps?|https?)://(?P<authority>[^/?#]*)(?P<rest>.*)$",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from proxy import metrics
 from proxy.amqp.codec import AmqpProtocolError
@@ -23,6 +24,7 @@ from proxy.redact import redact
 logger = logging.getLogger("proxy.amqp")
 
 CHUNK = 64 * 1024
+RENEW_POLL = 1.0  # seconds: how often a connection looks whether its token is due
 FIX = {
     "servicebus": ("assign the role 'Azure Service Bus Data Sender' and/or 'Azure Service Bus "
                    "Data Receiver' on the namespace (or the entity) to identity {identity}"),
@@ -48,7 +50,8 @@ class _Events:
             # the HTTP families too, by service: a put-token is the AMQP request that carries
             # the key
             metrics.REQUESTS.labels(service=service, outcome="converted").inc()
-            metrics.KEY_MATERIAL_STRIPPED.labels(service=service, scheme="SAS").inc()
+            metrics.KEY_MATERIAL_STRIPPED.labels(
+                service=service, scheme=details.get("scheme", "SAS")).inc()
         elif kind in ("token_unavailable", "put_token_refused"):
             if kind == "token_unavailable":
                 conn.login("token_unavailable")
@@ -64,11 +67,23 @@ class _Events:
                          f"{details.get('status')} {details.get('description', '')}",
                          FIX.get(service, FIX["servicebus"]).format(
                              identity=conn.spec.identity.label))
+        elif kind == "sasl_plain":
+            logger.info("amqp client %s logs in with SASL PLAIN as %r: answered by keyless, "
+                        "which logs in to %s with ANONYMOUS and the Entra token of identity %s",
+                        conn.peer, redact(details.get("key_name", ""))[:64],
+                        conn.spec.upstream[0], conn.spec.identity.label)
+        elif kind == "renewed":
+            conn.reauth("ok")
+        elif kind == "renew_failed":
+            conn.reauth("failed")
+            logger.warning("amqp %s: no fresh token for %s yet: %s", conn.peer,
+                           details.get("audience"), redact(details.get("reason", ""), limit=300))
         elif kind == "sasl_refused":
             conn.login("client_error")
             logger.warning("amqp client %s asked for SASL %s: keyless relays ANONYMOUS and "
-                           "MSSBCBS only (use the SDK's connection string; its SAS put-token "
-                           "is converted)", conn.peer, redact(details.get("mechanism", "")))
+                           "MSSBCBS, and answers PLAIN itself (use the SDK's connection "
+                           "string; its SAS put-token is converted)", conn.peer,
+                           redact(details.get("mechanism", "")))
         elif kind == "sas_seen" and not self.audited:
             self.audited = True
             metrics.REQUESTS.labels(service=service, outcome="audited").inc()
@@ -90,7 +105,8 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
     converter = AmqpConverter(
         conn.spec.upstream[0], conn.token_for,
         local_authority=None if conn.transparent else "*",
-        service_for=service_for, audit=conn.audit, on_event=_Events(conn, service_for))
+        service_for=service_for, audit=conn.audit, on_event=_Events(conn, service_for),
+        identity=conn.spec.identity.label)
     to_upstream = metrics.LISTENER_BYTES.labels(listener=conn.spec.name, direction="to_upstream")
     to_client = metrics.LISTENER_BYTES.labels(listener=conn.spec.name, direction="to_client")
 
@@ -124,8 +140,23 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
                                exc)
                 return
             await send(out)
+            if out.close:  # keyless' own put-token was refused: the app was told why
+                return
 
-    tasks = [asyncio.ensure_future(app_side()), asyncio.ensure_future(service_side())]
+    async def renewals() -> None:
+        # a SASL PLAIN connection's token is keyless' to renew (the converter says when)
+        while True:
+            due = converter.due()
+            wait = RENEW_POLL if due is None else min(RENEW_POLL, max(0.0, due - time.time()))
+            await asyncio.sleep(wait)
+            try:
+                out = await converter.tick()
+            except AmqpProtocolError:
+                return
+            await send(out)
+
+    tasks = [asyncio.ensure_future(app_side()), asyncio.ensure_future(service_side()),
+             asyncio.ensure_future(renewals())]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:

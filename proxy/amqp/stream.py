@@ -20,9 +20,10 @@ closes: keyless does not yet speak PLAIN for the app.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.amqp import cbs
@@ -47,6 +48,7 @@ from proxy.amqp.codec import (
     Described,
     Frame,
     Performative,
+    Symbol,
     Typed,
     encode_frame,
     encode_performative,
@@ -55,6 +57,7 @@ from proxy.amqp.codec import (
     parse_frame,
     parse_performative,
 )
+from proxy.amqp.own_cbs import OwnCbsSession, Reply, close_frame
 from proxy.tokens import Token, TokenUnavailable
 
 PRE_OPEN_CAP = 1024 * 1024  # frames before the peer's open said its max-frame-size
@@ -64,6 +67,11 @@ SERVICE_SCOPES = {"servicebus": "https://servicebus.azure.net/.default",
                   "eventhubs": "https://eventhubs.azure.net/.default"}
 SASL_PASS = frozenset(("ANONYMOUS", "MSSBCBS"))
 SASL_AUTH_FAILED = 1
+SASL_OK = 0
+OPEN_CHANNEL_MAX = 3
+DEFAULT_CHANNEL_MAX = 65535
+HOLD_CAP = 1024 * 1024  # app bytes held until keyless' own put-token is answered (PLAIN)
+RENEW_RETRY = 5.0  # seconds between renewal attempts when no fresher token came
 CBS = "$cbs"
 OK_STATUS = (200, 202)
 
@@ -131,6 +139,24 @@ class _Pending:
     reason: str | None  # None: converted; else why keyless had no token
 
 
+@dataclass(slots=True)
+class _Plain:
+    """A SASL PLAIN app's connection: keyless answered its login and owns its put-tokens."""
+
+    audience: str  # the namespace: sb://NS/
+    service: str
+    scope: str
+    token: Token  # the token of the put-token in flight (or the last accepted one)
+    phase: str = "sasl"  # sasl: upstream ANONYMOUS under way; amqp: open exchange; ready
+    held: list[tuple[str, bytes]] = field(default_factory=list)  # app bytes not yet sent
+    held_size: int = 0
+    open_sent: bool = False
+    session: OwnCbsSession | None = None
+    pending: str | None = None  # message-id of keyless' put-token awaiting its reply
+    expires: float = 0.0  # the accepted token's expiry
+    renew_at: float | None = None
+
+
 class AmqpConverter:
     """One AMQP connection's conversion: feed it the app's bytes and the service's bytes as
     they come (any chunking); it returns what to send where. Frames are kept one in, one out."""
@@ -138,13 +164,17 @@ class AmqpConverter:
     def __init__(self, namespace: str, tokens: Callable[[str, float | None], Awaitable[Token]],
                  *, local_authority: str | None = None,
                  service_for: Callable[[str], str] = _servicebus,
-                 audit: bool = False, on_event: Callable[[str, dict], None] = _ignore) -> None:
+                 audit: bool = False, on_event: Callable[[str, dict], None] = _ignore,
+                 identity: str = "", clock: Callable[[], float] = time.time) -> None:
         self.namespace = namespace
         self.tokens = tokens
         self.local_authority = local_authority
         self.service_for = service_for
         self.audit = audit
         self.on_event = on_event
+        self.identity = identity  # its label, for errors the app sees
+        self.clock = clock
+        self._plain: _Plain | None = None
         self._app = _Splitter("app")
         self._service = _Splitter("service")
         self._app_cbs: set[tuple[int, int]] = set()  # (app channel, handle) sending to $cbs
@@ -157,50 +187,103 @@ class AmqpConverter:
     async def from_app(self, data: bytes) -> Output:
         self._check()
         try:
-            to_service = bytearray()
+            to_service, to_app = bytearray(), bytearray()
             for kind, raw in self._app.feed(data):
                 if kind == "header":
                     if raw not in (PROTOCOL_AMQP, PROTOCOL_SASL):
                         raise AmqpProtocolError(
                             "the app asked for an AMQP protocol keyless does not relay "
                             "(TLS inside AMQP: use amqps to keyless' endpoint, or plain AMQP)")
-                    to_service += raw
+                    to_service += self._onward("header", raw)
                     continue
                 frame = parse_frame(raw)
                 if frame.heartbeat:
-                    to_service += raw
+                    to_service += self._onward("frame", raw)
                     continue
                 perf = parse_performative(frame)
                 if frame.type == FRAME_SASL:
-                    refusal = self._app_sasl(perf)
-                    if refusal is not None:
+                    if self._plain is not None:
+                        raise AmqpProtocolError("the app sent SASL frames after its PLAIN login")
+                    up, back = await self._app_sasl(perf)
+                    if back:  # keyless refused the login
                         self._broken = True
-                        return Output(bytes(to_service), refusal, close=True)
-                    to_service += raw
+                        return Output(bytes(to_service), back, close=True)
+                    to_service += raw if up is None else up
                     continue
-                to_service += await self._app_frame(frame, perf, raw)
-            return Output(to_service=bytes(to_service))
+                plain = self._plain
+                if (plain is not None and plain.session is not None
+                        and frame.channel >= plain.session.channel):
+                    raise AmqpProtocolError(
+                        f"the app used channel {frame.channel}, above the channel-max keyless "
+                        "told it (the top channel is keyless' own CBS session)")
+                out = await self._app_frame(frame, perf, raw)
+                to_service += self._onward("open" if perf.name == "open" else "frame", out)
+            return Output(to_service=bytes(to_service), to_app=bytes(to_app))
         except AmqpProtocolError:
             self._broken = True
             raise
 
-    def _app_sasl(self, perf: Performative) -> bytes | None:
+    def _onward(self, kind: str, raw: bytes) -> bytes:
+        """What of the app's converted bytes goes upstream now: all of it, except on a PLAIN
+        connection, whose bytes wait for the service's SASL outcome (the header and open) and
+        for keyless' own put-token's reply (everything after the open)."""
+        plain = self._plain
+        if plain is None:
+            return raw
+        plain.held.append((kind, raw))
+        plain.held_size += len(raw)
+        if plain.held_size > HOLD_CAP:
+            raise AmqpProtocolError(
+                f"the app sent over {HOLD_CAP} bytes before keyless' own put-token was "
+                "answered")
+        return self._release()
+
+    def _release(self) -> bytes:
+        plain = self._plain
+        assert plain is not None
+        out = bytearray()
+        while plain.held and plain.phase != "sasl" and (plain.phase == "ready"
+                                                        or not plain.open_sent):
+            kind, raw = plain.held.pop(0)
+            plain.held_size -= len(raw)
+            out += raw
+            if kind == "open":
+                plain.open_sent = True
+        return bytes(out)
+
+    async def _app_sasl(self, perf: Performative) -> tuple[bytes | None, bytes]:
+        """(what goes upstream instead of the frame, None: the frame itself; the answer to
+        the app when keyless refuses)."""
         if perf.name != "sasl-init":
-            return None
+            return None, b""
         mechanism = str(perf.field(SASL_INIT_MECHANISM) or "")
         if mechanism.upper() in SASL_PASS:
-            return None
+            return None, b""
+        key_name = _plain_user(perf.field(1)) if mechanism.upper() == "PLAIN" else None
         if self.audit:
-            key_name = None
-            response = perf.field(1)
-            if mechanism.upper() == "PLAIN" and isinstance(response, bytes):
-                parts = response.split(b"\x00")
-                key_name = parts[1].decode("utf-8", "replace") if len(parts) == 3 else None
             self.on_event("sas_seen", {"key_name": key_name or "", "mechanism": mechanism})
-            return None
+            return None, b""
+        if mechanism.upper() == "PLAIN":
+            return await self._plain_login(key_name or "")
         self.on_event("sasl_refused", {"mechanism": mechanism[:32]})
-        outcome = encode_performative("sasl-outcome", [Typed("ubyte", SASL_AUTH_FAILED)])
-        return encode_frame(FRAME_SASL, 0, outcome)
+        return b"", _sasl_outcome(SASL_AUTH_FAILED)
+
+    async def _plain_login(self, key_name: str) -> tuple[bytes | None, bytes]:
+        """SASL PLAIN holds the key: it never goes upstream. keyless logs in with ANONYMOUS
+        and, after the open, puts the identity's token for the whole namespace itself."""
+        audience = f"sb://{self.namespace}/"
+        service = self.service_for(audience)
+        scope = SERVICE_SCOPES.get(service, SERVICE_SCOPES["servicebus"])
+        try:
+            token = await self.tokens(scope, None)
+        except TokenUnavailable as exc:
+            self.on_event("token_unavailable", {"audience": audience,
+                                                "reason": str(exc)[:300] or "no token"})
+            return b"", _sasl_outcome(SASL_AUTH_FAILED)
+        self.on_event("sasl_plain", {"key_name": key_name, "audience": audience})
+        self._plain = _Plain(audience, service, scope, token)
+        init = encode_performative("sasl-init", [Symbol("ANONYMOUS")])
+        return encode_frame(FRAME_SASL, 0, init), b""
 
     async def _app_frame(self, frame: Frame, perf: Performative, raw: bytes) -> bytes:
         if perf.name == "open":
@@ -287,20 +370,135 @@ class AmqpConverter:
     def from_service(self, data: bytes) -> Output:
         self._check()
         try:
-            to_app = bytearray()
+            to_app, to_service = bytearray(), bytearray()
             for kind, raw in self._service.feed(data):
                 if kind == "header":
                     to_app += raw
                     continue
                 frame = parse_frame(raw)
-                if frame.heartbeat or frame.type == FRAME_SASL:
+                if frame.heartbeat:
                     to_app += raw
                     continue
-                to_app += self._service_frame(frame, parse_performative(frame), raw)
-            return Output(to_app=bytes(to_app))
+                perf = parse_performative(frame)
+                plain = self._plain
+                if frame.type == FRAME_SASL:
+                    to_app += self._service_sasl(perf, raw)
+                    continue
+                if plain is not None and plain.session is not None \
+                        and plain.session.owns(frame, perf):
+                    answer, reply = plain.session.from_service(frame, perf)
+                    to_service += answer
+                    if reply is not None:
+                        back, onward, close = self._own_reply(reply)
+                        to_app += back
+                        to_service += onward
+                        if close:
+                            self._broken = True
+                            return Output(bytes(to_service), bytes(to_app), close=True)
+                    continue
+                if plain is not None and perf.name == "open":
+                    back, onward = self._plain_open(frame, perf)
+                    to_app += back
+                    to_service += onward
+                    continue
+                to_app += self._service_frame(frame, perf, raw)
+            return Output(to_service=bytes(to_service), to_app=bytes(to_app))
         except AmqpProtocolError:
             self._broken = True
             raise
+
+    def _service_sasl(self, perf: Performative, raw: bytes) -> bytes:
+        """The service's SASL frames pass, except, on a PLAIN connection, the outcome of
+        keyless' ANONYMOUS login: the app gets its PLAIN login's outcome from keyless."""
+        plain = self._plain
+        if plain is None or plain.phase != "sasl" or perf.name != "sasl-outcome":
+            return raw
+        if _int(perf.field(0)) != SASL_OK:
+            self.on_event("put_token_rejected", {
+                "audience": plain.audience, "status": _int(perf.field(0)),
+                "description": "the service refused the SASL ANONYMOUS login"})
+            return raw  # the app sees the failure
+        plain.phase = "amqp"
+        return _sasl_outcome(SASL_OK)
+
+    def _plain_open(self, frame: Frame, perf: Performative) -> tuple[bytes, bytes]:
+        """The service's open on a PLAIN connection: keyless takes the top channel for its
+        own CBS session (the app is told a channel-max one lower) and puts its token."""
+        plain = self._plain
+        assert plain is not None
+        self._app.limit = _limit(perf.field(OPEN_MAX_FRAME_SIZE))
+        channel_max = _int(perf.field(OPEN_CHANNEL_MAX))
+        channel_max = DEFAULT_CHANNEL_MAX if channel_max < 0 else channel_max
+        if channel_max < 1:
+            raise AmqpProtocolError("the service allows one channel only: keyless needs a "
+                                    "second one for its own CBS session (SASL PLAIN)")
+        plain.session = OwnCbsSession(channel_max, "keyless")
+        to_app = _reencoded(frame, perf, {OPEN_CHANNEL_MAX: Typed("ushort", channel_max - 1)})
+        start = plain.session.start()
+        plain.pending, now = plain.session.put_token(plain.token.value, plain.audience,
+                                                     plain.token.expires_on)
+        return to_app, start + now
+
+    def _own_reply(self, reply: Reply) -> tuple[bytes, bytes, bool]:
+        """The service's answer to keyless' own put-token: (to the app, upstream, close)."""
+        plain = self._plain
+        assert plain is not None
+        if reply.message_id != plain.pending:
+            return b"", b"", False
+        plain.pending = None
+        first = plain.phase != "ready"
+        if reply.status_code in OK_STATUS:
+            now = self.clock()
+            plain.expires = plain.token.expires_on
+            plain.renew_at = _renew_at(plain.expires, now)
+            if not first:
+                self.on_event("renewed", {"audience": plain.audience})
+                return b"", b"", False
+            plain.phase = "ready"
+            self.on_event("put_token_converted", {"audience": plain.audience,
+                                                  "service": plain.service,
+                                                  "scheme": "SASL PLAIN"})
+            return b"", self._release(), False
+        self.on_event("put_token_rejected", {"audience": plain.audience,
+                                             "status": reply.status_code,
+                                             "description": reply.description})
+        description = (f"keyless put the Entra token of identity {self.identity or '?'} for "
+                       f"{plain.audience} (scope {plain.scope}) on this connection; the service "
+                       f"answered {reply.status_code} {reply.description}")
+        return close_frame("amqp:unauthorized-access", description), b"", True
+
+    def due(self) -> float | None:
+        """When keyless must put a fresh token on a PLAIN connection (clock seconds), or None:
+        the I/O layer calls `tick` then."""
+        plain = self._plain
+        if plain is None or plain.phase != "ready" or plain.pending is not None or self._broken:
+            return None
+        return plain.renew_at
+
+    async def tick(self) -> Output:
+        """Renew the PLAIN connection's token when due: a token that outlives the current
+        one (a fresh one if the cache would hand back one expiring first)."""
+        due = self.due()
+        if due is None or self.clock() < due:
+            return Output()
+        plain = self._plain
+        assert plain is not None and plain.session is not None
+        try:
+            token = await self.tokens(plain.scope, plain.expires + 1)
+        except TokenUnavailable as exc:
+            self.on_event("renew_failed", {"audience": plain.audience,
+                                           "reason": str(exc)[:300] or "no token"})
+            plain.renew_at = self.clock() + RENEW_RETRY
+            return Output()
+        if self._broken or plain.pending is not None:
+            return Output()
+        if token.expires_on <= plain.expires:  # none fresher yet: ask again shortly
+            plain.renew_at = self.clock() + RENEW_RETRY
+            return Output()
+        plain.token = token
+        plain.pending, out = plain.session.put_token(token.value, plain.audience,
+                                                     token.expires_on)
+        return Output(to_service=out)
 
     def _service_frame(self, frame: Frame, perf: Performative, raw: bytes) -> bytes:
         if perf.name == "open":
@@ -341,6 +539,26 @@ class AmqpConverter:
     def _check(self) -> None:
         if self._broken:
             raise AmqpProtocolError("this AMQP connection already failed")
+
+
+def _renew_at(expires: float, now: float) -> float:
+    """80 % into the token's life, and at most 60 s before it expires."""
+    left = expires - now
+    return expires - max(1.0, min(60.0, 0.2 * left))
+
+
+def _sasl_outcome(code: int) -> bytes:
+    return encode_frame(FRAME_SASL, 0, encode_performative("sasl-outcome",
+                                                           [Typed("ubyte", code)]))
+
+
+def _plain_user(response: Any) -> str | None:
+    """The authcid of a PLAIN response (`authzid NUL user NUL password`): the key name; the
+    password (the key) is not read."""
+    if not isinstance(response, bytes):
+        return None
+    parts = response.split(b"\x00")
+    return parts[1].decode("utf-8", "replace")[:128] if len(parts) == 3 else None
 
 
 def _limit(max_frame_size: Any) -> int:
