@@ -382,7 +382,9 @@ class AmqpConverter:
                 perf = parse_performative(frame)
                 plain = self._plain
                 if frame.type == FRAME_SASL:
-                    to_app += self._service_sasl(perf, raw)
+                    back, onward = self._service_sasl(perf, raw)
+                    to_app += back
+                    to_service += onward
                     continue
                 if plain is not None and plain.session is not None \
                         and plain.session.owns(frame, perf):
@@ -407,19 +409,20 @@ class AmqpConverter:
             self._broken = True
             raise
 
-    def _service_sasl(self, perf: Performative, raw: bytes) -> bytes:
+    def _service_sasl(self, perf: Performative, raw: bytes) -> tuple[bytes, bytes]:
         """The service's SASL frames pass, except, on a PLAIN connection, the outcome of
-        keyless' ANONYMOUS login: the app gets its PLAIN login's outcome from keyless."""
+        keyless' ANONYMOUS login: the app gets its PLAIN login's outcome from keyless, and
+        its AMQP header and open (if it sent them already) go on. (to the app, upstream)"""
         plain = self._plain
         if plain is None or plain.phase != "sasl" or perf.name != "sasl-outcome":
-            return raw
+            return raw, b""
         if _int(perf.field(0)) != SASL_OK:
             self.on_event("put_token_rejected", {
                 "audience": plain.audience, "status": _int(perf.field(0)),
                 "description": "the service refused the SASL ANONYMOUS login"})
-            return raw  # the app sees the failure
+            return raw, b""  # the app sees the failure
         plain.phase = "amqp"
-        return _sasl_outcome(SASL_OK)
+        return _sasl_outcome(SASL_OK), self._release()
 
     def _plain_open(self, frame: Frame, perf: Performative) -> tuple[bytes, bytes]:
         """The service's open on a PLAIN connection: keyless takes the top channel for its
