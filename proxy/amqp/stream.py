@@ -13,9 +13,16 @@ service's reply (correlation-id = its message-id) gets the status-description
 "KeylessTokenUnavailable: <reason>", keeping the service's failure status-code. The SAS never
 goes upstream (except under --audit, which changes nothing and reports the key name).
 
-SASL: ANONYMOUS and MSSBCBS pass through (the service's mechanism list too). Any other
-mechanism (PLAIN carries the key itself) is answered `auth` failure locally and the connection
-closes: keyless does not yet speak PLAIN for the app.
+SASL: ANONYMOUS and MSSBCBS pass through (the service's mechanism list too). PLAIN carries
+the key itself, so it never goes upstream: keyless gets the identity's token (none: the app
+gets `sasl-outcome auth` and the connection closes), sends its own sasl-init ANONYMOUS, keeps
+the service's outcome and answers the app `ok` when the service said ok; the app's AMQP header
+and open then go on. On the service's open keyless begins its own CBS session on the top
+channel the service allows (proxy/amqp/own_cbs.py; the app is shown a channel-max one lower),
+puts the token for the namespace (`sb://NS/`), and holds the app's frames after its open until
+the reply (200/202: they go; else the app's connection is closed with
+`amqp:unauthorized-access`). `due()`/`tick()` renew that token: the I/O layer calls `tick` when
+`due` says. Any other mechanism is answered `auth` failure locally and the connection closes.
 """
 
 from __future__ import annotations
