@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ WRONG_KEY = "d3Jvbmcta2V5LWZyb20tdGhlLWFwcA=="
 LEGACY = (f"Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName=RootManageSharedAccessKey;"
           f"SharedAccessKey={WRONG_KEY}")
 APP = Path(__file__).resolve().parents[1] / "apps" / "transparent_amqp_app.py"
+PLAIN_APP = Path(__file__).resolve().parents[1] / "amqp" / "node_plain_app.mjs"
 NODE_APP = Path(__file__).resolve().parents[1] / "apps" / "node" / "transparent_servicebus_app.mjs"
 
 
@@ -190,3 +192,23 @@ def test_the_unchanged_node_app_sends_and_receives_with_a_token(pod):
     assert seen and all(event.get("accepted") for event in seen), seen
     assert {event.get("type") for event in seen} == {"jwt"}  # no SAS reached the namespace
     assert pod.forwarder.connections > arrived  # through keyless, not looped back to it
+
+
+def test_an_unchanged_sasl_plain_client_sends_and_receives_with_a_token(pod):
+    """A generic AMQP client (rhea) with SASL PLAIN, user = key name, password = a WRONG key,
+    AMQPS to the namespace's own name: keyless answers PLAIN, logs in with ANONYMOUS and puts
+    the identity's token itself (the fake refuses PLAIN: local auth is disabled)."""
+    pod.pod.flush_nat()
+    pod.pod.run_recipe(pod.rules, pod.workdir)
+    puts_before = len(put_tokens(pod.fake))
+    sasl_before = len(pod.fake.events("sasl"))
+    body = f"transparent-plain-{uuid.uuid4()}"
+    result = run_app(pod.pod, APP_UID, pod.workdir, "/usr/bin/node", str(PLAIN_APP), "5671",
+                     "RootManageSharedAccessKey", WRONG_KEY, body, "0", NAMESPACE,
+                     pod.keyless_ca, timeout=90)
+    assert result == {"received": [body]}, (result, pod.keyless.log()[-4000:])
+    seen = put_tokens(pod.fake)[puts_before:]
+    assert [(p["token_kind"], p["audience"], p["accepted"]) for p in seen] == [
+        ("jwt", f"sb://{NAMESPACE}/", True)], seen
+    assert [e["mechanism"] for e in pod.fake.events("sasl")[sasl_before:]] == ["ANONYMOUS"]
+    assert WRONG_KEY not in pod.keyless.log()
