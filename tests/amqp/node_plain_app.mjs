@@ -36,8 +36,10 @@ const connection = container.connect({
     ...target, port: Number(port), username, password, reconnect: false, idle_time_out: 60000,
 });
 connection.on('connection_error', (context) => {
-    const error = context.connection.error ?? {};
-    finish({ error: `connection error: ${error.condition ?? ''} ${error.description ?? ''}` }, 1);
+    // a SASL failure is rhea's transport error; a close with an error the connection's
+    const error = context.error ?? context.connection.error ?? {};
+    finish({ error: `connection error: ${error.condition ?? ''} `
+        + `${error.description ?? error.message ?? ''}` }, 1);
 });
 connection.on('disconnected', (context) => {
     finish({ error: `disconnected: ${context.error?.message ?? context.error ?? 'closed'}`,

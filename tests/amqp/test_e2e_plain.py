@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.amqp.conftest import KEY_NAME, NAMESPACE, WRONG_KEY, Through, start_keyless
+from tests.support import entra
 from tests.support.fake_namespace import FakeNamespace
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 
@@ -104,8 +106,12 @@ def test_token_endpoint_down_fails_the_plain_login_and_keyless_keeps_serving(
                                 wait_ready=False)
         try:
             before = counts(fake_namespace)
+            started = time.monotonic()
             result = run_plain_app(running.port, "never")
-            assert "error" in result and result.get("received") in (None, []), result
+            # the SASL outcome auth (code 1), at once: not a hang until the app gives up
+            assert result == {"error": "connection error: amqp:unauthorized-access "
+                                       "Failed to authenticate: 1"}, result
+            assert time.monotonic() - started < 15
             assert running.logins("token_unavailable") == 1
             seen = connection_events(fake_namespace, before)
             assert not seen["put_token"] and not any(e["mechanism"] == "PLAIN"
@@ -116,5 +122,30 @@ def test_token_endpoint_down_fails_the_plain_login_and_keyless_keeps_serving(
             assert run_plain_app(running.port, body) == {"received": [body]}
             log = running.keyless.log()
             assert WRONG_KEY not in log and "eyJ" not in log
+        finally:
+            running.keyless.stop()
+
+
+def test_a_refused_put_token_closes_the_plain_app_with_what_keyless_tried(
+        tmp_path: Path, fake_namespace: FakeNamespace) -> None:
+    """The identity's token is one the service refuses (another issuer): the PLAIN app's
+    connection is closed with amqp:unauthorized-access naming the audience and identity,
+    never the token, and the app's attach never reached the service."""
+    with FakeIdentityEndpoint() as identity:
+        identity.queue_tokens("https://servicebus.azure.net",
+                              entra.mint("https://servicebus.azure.net",
+                                         issuer="https://sts.windows.net/not-trusted/"))
+        running = start_keyless(tmp_path / "keyless", fake_namespace, identity)
+        try:
+            before = counts(fake_namespace)
+            result = run_plain_app(running.port, "never")
+            error = result.get("error", "")
+            assert error.startswith("connection error: amqp:unauthorized-access keyless put "
+                                    "the Entra token of identity "), result
+            assert f"sb://{NAMESPACE}/" in error and "401" in error and "eyJ" not in error
+            seen = connection_events(fake_namespace, before)
+            assert [p["accepted"] for p in seen["put_token"]] == [False]
+            assert [e for e in seen["attach"] if e["address"] != "$cbs"] == []
+            assert running.logins("upstream_refused") == 1
         finally:
             running.keyless.stop()
