@@ -144,6 +144,21 @@ class _Splitter:
 class _Pending:
     audience: str
     reason: str | None  # None: converted; else why keyless had no token
+    scope: str = ""
+    token_expires: float | None = None  # the JWT's expiry
+    until: float | None = None  # the SAS's: the app re-sends its put-token then
+
+
+@dataclass(slots=True)
+class _Renewal:
+    """A token on the connection that keyless renews itself: the PLAIN connection's (until
+    None), or one an app's put-token got that expires before the app's SAS would."""
+
+    scope: str
+    expires: float  # the token on the connection for this audience
+    until: float | None  # the app renews itself then (its SAS's expiry); None: keyless always
+    renew_at: float
+    in_flight: bool = False
 
 
 @dataclass(slots=True)
@@ -153,15 +168,11 @@ class _Plain:
     audience: str  # the namespace: sb://NS/
     service: str
     scope: str
-    token: Token  # the token of the put-token in flight (or the last accepted one)
+    token: Token  # the token of the first put-token
     phase: str = "sasl"  # sasl: upstream ANONYMOUS under way; amqp: open exchange; ready
     held: list[tuple[str, bytes]] = field(default_factory=list)  # app bytes not yet sent
     held_size: int = 0
     open_sent: bool = False
-    session: OwnCbsSession | None = None
-    pending: str | None = None  # message-id of keyless' put-token awaiting its reply
-    expires: float = 0.0  # the accepted token's expiry
-    renew_at: float | None = None
 
 
 class AmqpConverter:
@@ -182,6 +193,10 @@ class AmqpConverter:
         self.identity = identity  # its label, for errors the app sees
         self.clock = clock
         self._plain: _Plain | None = None
+        self._own_channel: int | None = None  # reserved for keyless' own CBS session
+        self._own: OwnCbsSession | None = None
+        self._own_pending: dict[str, tuple[str, Token, bool]] = {}  # id → audience, token, first
+        self._renewals: dict[str, _Renewal] = {}  # audience → the token keyless renews
         self._app = _Splitter("app")
         self._service = _Splitter("service")
         self._app_cbs: set[tuple[int, int]] = set()  # (app channel, handle) sending to $cbs
@@ -217,9 +232,7 @@ class AmqpConverter:
                         return Output(bytes(to_service), back, close=True)
                     to_service += raw if up is None else up
                     continue
-                plain = self._plain
-                if (plain is not None and plain.session is not None
-                        and frame.channel >= plain.session.channel):
+                if self._own_channel is not None and frame.channel >= self._own_channel:
                     raise AmqpProtocolError(
                         f"the app used channel {frame.channel}, above the channel-max keyless "
                         "told it (the top channel is keyless' own CBS session)")
@@ -355,7 +368,9 @@ class AmqpConverter:
         except TokenUnavailable as exc:
             body, reason = cbs.PLACEHOLDER, str(exc)[:300] or "no token"
             self.on_event("token_unavailable", {"audience": audience, "reason": reason})
-        self._remember(request.message_id, _Pending(audience, reason))
+        self._remember(request.message_id, _Pending(
+            audience, reason, scope, token.expires_on if reason is None else None,
+            request.sas.expiry))
         message = cbs.rewritten_put_token(request, body, audience)
         out = encode_frame(FRAME_AMQP, frame.channel, frame.body[:perf.payload_offset] + message)
         if len(out) > self._app.limit:
@@ -387,15 +402,13 @@ class AmqpConverter:
                     to_app += raw
                     continue
                 perf = parse_performative(frame)
-                plain = self._plain
                 if frame.type == FRAME_SASL:
                     back, onward = self._service_sasl(perf, raw)
                     to_app += back
                     to_service += onward
                     continue
-                if plain is not None and plain.session is not None \
-                        and plain.session.owns(frame, perf):
-                    answer, reply = plain.session.from_service(frame, perf)
+                if self._own is not None and self._own.owns(frame, perf):
+                    answer, reply = self._own.from_service(frame, perf)
                     to_service += answer
                     if reply is not None:
                         back, onward, close = self._own_reply(reply)
@@ -405,8 +418,8 @@ class AmqpConverter:
                             self._broken = True
                             return Output(bytes(to_service), bytes(to_app), close=True)
                     continue
-                if plain is not None and perf.name == "open":
-                    back, onward = self._plain_open(frame, perf)
+                if perf.name == "open" and not self.audit:
+                    back, onward = self._service_open(frame, perf)
                     to_app += back
                     to_service += onward
                     continue
@@ -431,40 +444,65 @@ class AmqpConverter:
         plain.phase = "amqp"
         return _sasl_outcome(SASL_OK), self._release()
 
-    def _plain_open(self, frame: Frame, perf: Performative) -> tuple[bytes, bytes]:
-        """The service's open on a PLAIN connection: keyless takes the top channel for its
-        own CBS session (the app is told a channel-max one lower) and puts its token."""
+    def _service_open(self, frame: Frame, perf: Performative) -> tuple[bytes, bytes]:
+        """The service's open: keyless reserves the top channel the service allows for its
+        own CBS session (the app is shown a channel-max one lower); on a PLAIN connection it
+        begins that session now and puts its token. (to the app, upstream)"""
         plain = self._plain
-        assert plain is not None
         self._app.limit = _limit(perf.field(OPEN_MAX_FRAME_SIZE))
         channel_max = _int(perf.field(OPEN_CHANNEL_MAX))
         channel_max = DEFAULT_CHANNEL_MAX if channel_max < 0 else channel_max
         if channel_max < 1:
-            raise AmqpProtocolError("the service allows one channel only: keyless needs a "
-                                    "second one for its own CBS session (SASL PLAIN)")
-        plain.session = OwnCbsSession(channel_max, "keyless")
+            if plain is not None:
+                raise AmqpProtocolError("the service allows one channel only: keyless needs "
+                                        "a second one for its own CBS session (SASL PLAIN)")
+            return encode_frame(frame.type, frame.channel, frame.body), b""
+        self._own_channel = channel_max
         to_app = _reencoded(frame, perf, {OPEN_CHANNEL_MAX: Typed("ushort", channel_max - 1)})
-        start = plain.session.start()
-        plain.pending, now = plain.session.put_token(plain.token.value, plain.audience,
-                                                     plain.token.expires_on)
-        return to_app, start + now
+        if plain is None:
+            return to_app, b""
+        return to_app, self._own_put(plain.audience, plain.token, first=True)
+
+    def _own_put(self, audience: str, token: Token, *, first: bool = False) -> bytes:
+        """A put-token on keyless' own session (begun on first use)."""
+        assert self._own_channel is not None
+        start = b""
+        if self._own is None:
+            self._own = OwnCbsSession(self._own_channel, "keyless")
+            start = self._own.start()
+        message_id, now = self._own.put_token(token.value, audience, token.expires_on)
+        self._own_pending[message_id] = (audience, token, first)
+        return start + now
 
     def _own_reply(self, reply: Reply) -> tuple[bytes, bytes, bool]:
         """The service's answer to keyless' own put-token: (to the app, upstream, close)."""
+        entry = self._own_pending.pop(reply.message_id, None)
+        if entry is None:
+            return b"", b"", False
+        audience, token, first = entry
+        ok = reply.status_code in OK_STATUS
+        if first:
+            return self._plain_reply(ok, reply, token)
+        renewal = self._renewals.get(audience)
+        if renewal is None:
+            return b"", b"", False
+        renewal.in_flight = False
+        if not ok:
+            del self._renewals[audience]  # the app's links for it end when its token does
+            self.on_event("renew_failed", {
+                "audience": audience, "reason": f"the service answered {reply.status_code} "
+                                                f"{reply.description}"})
+            return b"", b"", False
+        self.on_event("renewed", {"audience": audience})
+        self._track(audience, renewal.scope, token.expires_on, renewal.until)
+        return b"", b"", False
+
+    def _plain_reply(self, ok: bool, reply: Reply, token: Token) -> tuple[bytes, bytes, bool]:
         plain = self._plain
         assert plain is not None
-        if reply.message_id != plain.pending:
-            return b"", b"", False
-        plain.pending = None
-        first = plain.phase != "ready"
-        if reply.status_code in OK_STATUS:
-            now = self.clock()
-            plain.expires = plain.token.expires_on
-            plain.renew_at = _renew_at(plain.expires, now)
-            if not first:
-                self.on_event("renewed", {"audience": plain.audience})
-                return b"", b"", False
+        if ok:
             plain.phase = "ready"
+            self._track(plain.audience, plain.scope, token.expires_on, None)
             self.on_event("put_token_converted", {"audience": plain.audience,
                                                   "service": plain.service,
                                                   "scheme": "SASL PLAIN"})
@@ -477,38 +515,46 @@ class AmqpConverter:
                        f"answered {reply.status_code} {reply.description}")
         return close_frame("amqp:unauthorized-access", description), b"", True
 
+    def _track(self, audience: str, scope: str, expires: float, until: float | None) -> None:
+        """Renew this audience's token before it expires, unless the app renews first."""
+        if self._own_channel is None or (until is not None and expires >= until - 1):
+            self._renewals.pop(audience, None)
+            return
+        if audience not in self._renewals and len(self._renewals) >= MAX_PENDING:
+            return
+        self._renewals[audience] = _Renewal(scope, expires, until,
+                                            _renew_at(expires, self.clock()))
+
     def due(self) -> float | None:
-        """When keyless must put a fresh token on a PLAIN connection (clock seconds), or None:
-        the I/O layer calls `tick` then."""
-        plain = self._plain
-        if plain is None or plain.phase != "ready" or plain.pending is not None or self._broken:
+        """When keyless must put a fresh token itself (clock seconds), or None: the I/O
+        layer calls `tick` then."""
+        if self._broken:
             return None
-        return plain.renew_at
+        times = [r.renew_at for r in self._renewals.values() if not r.in_flight]
+        return min(times) if times else None
 
     async def tick(self) -> Output:
-        """Renew the PLAIN connection's token when due: a token that outlives the current
-        one (a fresh one if the cache would hand back one expiring first)."""
+        """Renew the earliest due token: one that outlives the current one (a fresh one if
+        the cache would hand back one expiring first)."""
         due = self.due()
         if due is None or self.clock() < due:
             return Output()
-        plain = self._plain
-        assert plain is not None and plain.session is not None
+        audience, renewal = min(((a, r) for a, r in self._renewals.items() if not r.in_flight),
+                                key=lambda item: item[1].renew_at)
+        renewal.in_flight = True
         try:
-            token = await self.tokens(plain.scope, plain.expires + 1)
+            token = await self.tokens(renewal.scope, renewal.until or renewal.expires + 1)
         except TokenUnavailable as exc:
-            self.on_event("renew_failed", {"audience": plain.audience,
+            self.on_event("renew_failed", {"audience": audience,
                                            "reason": str(exc)[:300] or "no token"})
-            plain.renew_at = self.clock() + RENEW_RETRY
+            token = None
+        if self._broken or self._renewals.get(audience) is not renewal:
+            return Output()  # the app put a token of its own meanwhile
+        if token is None or token.expires_on <= renewal.expires:  # nothing fresher yet
+            renewal.in_flight = False
+            renewal.renew_at = self.clock() + RENEW_RETRY
             return Output()
-        if self._broken or plain.pending is not None:
-            return Output()
-        if token.expires_on <= plain.expires:  # none fresher yet: ask again shortly
-            plain.renew_at = self.clock() + RENEW_RETRY
-            return Output()
-        plain.token = token
-        plain.pending, out = plain.session.put_token(token.value, plain.audience,
-                                                     token.expires_on)
-        return Output(to_service=out)
+        return Output(to_service=self._own_put(audience, token))
 
     def _service_frame(self, frame: Frame, perf: Performative, raw: bytes) -> bytes:
         if perf.name == "open":
@@ -536,6 +582,11 @@ class AmqpConverter:
         if pending.reason is None:
             if reply.status_code in OK_STATUS:
                 self.on_event("put_token_converted", {"audience": pending.audience})
+                if pending.token_expires is not None:
+                    # a JWT shorter than the SAS: keyless re-puts it before it expires
+                    self._track(pending.audience, pending.scope, pending.token_expires,
+                                pending.until if pending.until is not None
+                                else pending.token_expires)
             else:
                 self.on_event("put_token_rejected", {
                     "audience": pending.audience, "status": reply.status_code,

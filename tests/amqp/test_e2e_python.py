@@ -259,3 +259,42 @@ def test_audit_mode_forwards_the_sas_and_records_the_key_name(
         assert "RootManageSharedAccessKey" in running.keyless.log()
     finally:
         running.keyless.stop()
+
+
+def test_identity_tokens_shorter_than_the_sas_are_renewed_by_keyless(
+        tmp_path: Path, fake_namespace: FakeNamespace) -> None:
+    """The app's SAS lasts the SDK's default hour (it re-sends its put-token only after
+    54 min); the identity's tokens live 30 s, after which the fake detaches the links. A
+    receiver kept open 45 s keeps working only because keyless re-puts a fresh token for
+    its audience on its own CBS session."""
+    with FakeIdentityEndpoint(lifetime_seconds=30) as identity:
+        running = start_keyless(tmp_path / "keyless", fake_namespace, identity,
+                                "--token-margin", "3")
+        try:
+            before = len(fake_namespace.events("put_token"))
+            detached = len(fake_namespace.events("link_detached"))
+            body = f"late-{uuid.uuid4()}"
+            got: list[str] = []
+            with client(running) as sb, sb.get_queue_receiver("orders",
+                                                              max_wait_time=3) as receiver:
+                start = time.monotonic()
+                sent = False
+                while time.monotonic() - start < 60 and body not in got:  # bounded
+                    if not sent and time.monotonic() - start > 40:
+                        with client(running) as other, other.get_queue_sender(
+                                "orders") as sender:
+                            sender.send_messages(ServiceBusMessage(body))
+                        sent = True
+                    for message in receiver.receive_messages(max_message_count=1,
+                                                             max_wait_time=2):
+                        receiver.complete_message(message)
+                        got.append(str(message))
+            assert body in got
+            puts = fake_namespace.events("put_token")[before:]
+            assert all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
+            receiver_puts = [p for p in puts if p["connection"] == puts[0]["connection"]]
+            assert len(receiver_puts) >= 2  # the SDK sent one; keyless the others
+            assert len(fake_namespace.events("link_detached")) == detached
+            assert running.keyless.metric("keyless_listener_reauths_total", result="ok") >= 1
+        finally:
+            running.keyless.stop()

@@ -331,3 +331,67 @@ def test_fuzz_garbage_after_plain(garbage, where):
         assert str(exc)
     assert KEY not in sent and b"RootManage" not in sent
     assert cbs.PLACEHOLDER.encode() not in sent
+
+
+def own_session(channel, service_channel=7):
+    """The service's side of keyless' own session begun on `channel`."""
+    return (frame("begin", [Typed("ushort", channel), uint(0), uint(100), uint(100)],
+                  service_channel)
+            + frame("attach", ["k-sender", uint(0), True, None, None, described(0x28, ["x"]),
+                               described(0x29, ["$cbs"])], service_channel)
+            + frame("attach", ["k-receiver", uint(1), False, None, None,
+                               described(0x28, ["$cbs"]), described(0x29, ["x"])],
+                    service_channel)
+            + frame("flow", [uint(0), uint(100), uint(0), uint(100), uint(0), uint(0),
+                             uint(10)], service_channel))
+
+
+def test_a_sas_apps_token_shorter_than_its_sas_is_renewed_by_keyless():
+    """The app's SAS lasts an hour, the identity's tokens 30 s: keyless re-puts a fresh token
+    for the app's audience on its own session before the first expires."""
+    from tests.amqp.test_stream import APP_START, SERVICE_START, put_token, reply
+
+    clock, events = Clock(), []
+    tokens = Tokens(lifetime=30, clock=clock)
+    conv = converter(tokens, events, clock=clock)
+    sas_expiry = int(clock.now) + 3600
+    run(conv.from_app(APP_START + put_token(sas_expiry)))
+    assert tokens.calls == [("https://servicebus.azure.net/.default", float(sas_expiry))]
+    back = conv.from_service(SERVICE_START + reply("m-1", 200, "OK"))
+    shown_open = next(p for p, _ in frames(back.to_app) if p.name == "open")
+    assert shown_open.fields[3] == Typed("ushort", 65534)  # the top channel is keyless'
+    first_expiry = clock.now + 30
+    assert conv.due() == pytest.approx(first_expiry - 6)
+    clock.now += 24
+    out = run(conv.tick())
+    assert tokens.calls[-1] == ("https://servicebus.azure.net/.default", float(sas_expiry))
+    assert [(p.name, f.channel) for p, f in frames(out.to_service)] == [
+        ("begin", 65535), ("attach", 65535), ("attach", 65535)]
+    answer = conv.from_service(own_session(65535))
+    assert answer.to_app == b""
+    (message_id, props, body, raw), = put_tokens(answer.to_service)
+    assert raw.channel == 65535 and props.get("name") == f"sb://{NS}/orders"
+    assert entra.verify(body, "https://servicebus.azure.net") == []
+    payload = (encode_section(0x73, [None, None, None, None, None, message_id])
+               + encode_section(0x74, Map((("status-code", Typed("int", 200)),
+                                           ("status-description", "OK")))))
+    back = conv.from_service(frame("transfer", [uint(1), uint(0), b"r", uint(0), True, False],
+                                   7, payload))
+    assert back.to_app == b""  # keyless' reply, not the app's
+    assert ("renewed", {"audience": f"sb://{NS}/orders"}) in events
+    assert conv.due() == pytest.approx(clock.now + 30 - 6)
+    # the app renews on its own (its next SAS): a token covering it ends keyless' renewals
+    tokens.lifetime = 7200
+    run(conv.from_app(put_token(sas_expiry + 3600, message_id="m-2")))
+    conv.from_service(reply("m-2", 200, "OK"))
+    assert conv.due() is None
+
+
+def test_a_token_that_covers_the_sas_needs_no_renewal():
+    from tests.amqp.test_stream import APP_START, SERVICE_START, put_token, reply
+
+    clock = Clock()
+    conv = converter(Tokens(lifetime=7200, clock=clock), clock=clock)
+    run(conv.from_app(APP_START + put_token(int(clock.now) + 3600)))
+    conv.from_service(SERVICE_START + reply("m-1", 200, "OK"))
+    assert conv.due() is None
