@@ -12,7 +12,9 @@ and this addon sends on what it returns, replacing, dropping or injecting messag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 WEBSOCKET_PATH = "/$servicebus/websocket"
 AMQP_SERVICES = frozenset({"servicebus", "eventhubs"})
 LISTENER = "websocket:443"  # the keyless_listener_logins_total{listener} label
+RENEW_POLL = 1.0  # seconds: how often a WebSocket's converter is asked whether a token is due
 # The converter's events, as keyless_listener_logins_total results ("put_token_refused", the
 # app's answer when keyless had no token, was counted as token_unavailable already).
 LOGIN_RESULTS = {
@@ -102,6 +105,7 @@ class AmqpOverWebSocket:
         self.calls = calls or CallLog(None)
         self.audit = audit
         self.converter, self.inject, self.close = converter, inject, close
+        self._renewing: dict[str, asyncio.Task[None]] = {}  # flow id → its renewal driver
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
@@ -145,6 +149,8 @@ class AmqpOverWebSocket:
                 on_event=FlowLogins(namespace, service, identity, self.calls))
         except Exception as exc:  # fail closed: without a converter no SAS may pass
             self._fail(flow, state, f"no converter ({type(exc).__name__})")
+            return
+        self._drive_renewals(flow, state)
 
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
         state = flow_state(flow)
@@ -189,6 +195,35 @@ class AmqpOverWebSocket:
         state = flow_state(flow)
         if state is not None:
             state.amqp = None
+        task = self._renewing.pop(flow.id, None)
+        if task is not None:
+            task.cancel()
+
+    def _drive_renewals(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """The tokens keyless renews itself (SASL PLAIN, identity tokens shorter than the
+        SAS): the converter says when (`due`), `tick` gives the frames to inject upstream."""
+        if not hasattr(state.amqp, "due"):
+            return  # a converter that renews nothing
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # outside an event loop (a unit test's direct call): nothing to drive
+        task = loop.create_task(self._renewals(flow, state))
+        self._renewing[flow.id] = task
+        task.add_done_callback(lambda _task: self._renewing.pop(flow.id, None))
+
+    async def _renewals(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        converter = state.amqp
+        while state.amqp is converter and converter is not None and not state.amqp_failed:
+            due = converter.due()
+            await asyncio.sleep(RENEW_POLL if due is None
+                                else min(RENEW_POLL, max(0.0, due - time.time())))
+            if state.amqp is not converter or state.amqp_failed:
+                return
+            with contextlib.suppress(AmqpProtocolError):
+                out = await converter.tick()
+                if out.to_service and not state.amqp_failed:
+                    self.inject(flow, False, out.to_service)
 
     def _fail(self, flow: http.HTTPFlow, state: FlowState, reason: str) -> None:
         state.amqp_failed = True
@@ -213,6 +248,10 @@ class FlowLogins:
         self.audited = False
 
     def __call__(self, kind: str, details: dict[str, Any]) -> None:
+        if kind in ("renewed", "renew_failed"):  # keyless' own put-token of a fresh token
+            metrics.LISTENER_REAUTHS.labels(
+                listener=LISTENER, result="ok" if kind == "renewed" else "failed").inc()
+            return
         result = LOGIN_RESULTS.get(kind)
         if result is None or (result == "audited" and self.audited):
             return  # an audited connection counts once, however many SAS it sends

@@ -28,6 +28,11 @@ class AmqpStream(Protocol):
 
     def from_service(self, data: bytes) -> Any: ...
 
+    # (optional) the tokens keyless renews itself: when next (clock seconds), and what to send
+    def due(self) -> float | None: ...
+
+    async def tick(self) -> Any: ...
+
 
 @dataclass(slots=True)
 class FlowState:

@@ -114,7 +114,8 @@ class OwnCbsSession:
             handle = _int(perf.field(ATTACH_HANDLE))
             if perf.field(ATTACH_ROLE) is False:
                 self._service_sender = handle
-                return self._flow(), None  # the service's sender of replies: give it credit
+                # the service's sender of replies: credit first, then any waiting request
+                return self._flow() + self._send_queued(), None
             self._service_receiver = handle
             return b"", None
         if perf.name == "flow":
@@ -164,7 +165,8 @@ class OwnCbsSession:
 
     def _send_queued(self) -> bytes:
         out = bytearray()
-        while self._queued and self._sender_credit > 0:
+        # a request goes once the service can answer it: its reply link attached, with credit
+        while self._queued and self._sender_credit > 0 and self._service_sender is not None:
             _message_id, message = self._queued.pop(0)
             delivery = self._next_outgoing_id
             out += encode_frame(FRAME_AMQP, self.channel, encode_performative(

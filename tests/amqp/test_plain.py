@@ -395,3 +395,24 @@ def test_a_token_that_covers_the_sas_needs_no_renewal():
     run(conv.from_app(APP_START + put_token(int(clock.now) + 3600)))
     conv.from_service(SERVICE_START + reply("m-1", 200, "OK"))
     assert conv.due() is None
+
+
+def test_keyless_request_waits_for_the_services_reply_link():
+    """Credit for keyless' sender can come before the service attached its reply link: the
+    put-token waits for that link (and keyless' credit on it), or its reply could not come."""
+    conv = converter(Tokens())
+    feed_app(conv, APP_SASL, 1000)
+    feed_service(conv, SERVICE_SASL + SERVICE_OUTCOME, 1000)
+    feed_app(conv, APP_AMQP, 1000)
+    conv.from_service(SERVICE_OPEN)
+    early = (frame("begin", [Typed("ushort", TOP), uint(0), uint(100), uint(100)], OWN)
+             + frame("attach", ["k-sender", uint(5), True, None, None, described(0x28, ["x"]),
+                                described(0x29, ["$cbs"])], OWN)
+             + frame("flow", [uint(0), uint(100), uint(0), uint(100), uint(5), uint(0),
+                              uint(50)], OWN))
+    assert put_tokens(conv.from_service(early).to_service) == []
+    late = frame("attach", ["k-receiver", uint(6), False, None, None,
+                            described(0x28, ["$cbs"]), described(0x29, ["x"])], OWN)
+    out = conv.from_service(late).to_service
+    assert [p.name for p, _ in frames(out)] == ["flow", "transfer"]
+    assert len(put_tokens(out)) == 1

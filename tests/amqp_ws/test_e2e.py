@@ -333,3 +333,53 @@ def test_node_event_hubs_app_over_websockets_with_a_wrong_key(through: Through) 
     attaches = [e for e in fake.events("attach")[attached:] if "Partitions/1" in e["address"]]
     assert attaches and all(e["accepted"] for e in attaches), attaches
     assert body in result["received"], result  # sent to partition 1, read back from it
+
+
+async def receive_for(connection_string: str, seconds: float, body: str,
+                      **options: object) -> list[str]:
+    """A receiver kept open `seconds`; `body` is sent (another connection) 5 s before the
+    end."""
+    got: list[str] = []
+    client = ServiceBusClient.from_connection_string(
+        connection_string, transport_type=TransportType.AmqpOverWebsocket, retry_total=0,
+        **options)
+    async with client, client.get_queue_receiver("orders", max_wait_time=3) as receiver:
+        start = time.monotonic()
+        sent = False
+        while time.monotonic() - start < seconds + 15 and body not in got:  # bounded
+            if not sent and time.monotonic() - start > seconds - 5:
+                await send_only(connection_string, "orders", body, **options)
+                sent = True
+            for message in await receiver.receive_messages(max_message_count=1,
+                                                           max_wait_time=2):
+                await receiver.complete_message(message)
+                got.append(str(message))
+    return got
+
+
+def test_identity_tokens_shorter_than_the_sas_are_renewed_over_websockets_too(
+        tmp_path: Path, pki: TestPKI, fakes: dict[str, FakeNamespace]) -> None:
+    """The SDK's SAS lasts an hour; the identity's tokens 30 s, after which the fake detaches
+    the links: a receiver open 45 s keeps working because keyless re-puts a fresh token on
+    its own CBS session, injected into the WebSocket."""
+    fake = fakes[NAMESPACE]
+    seen = len(put_tokens(fake))
+    detached = len(fake.events("link_detached"))
+    with FakeIdentityEndpoint(lifetime_seconds=30) as short:
+        running = start_keyless(tmp_path / "keyless", pki, short, fakes,
+                                "--token-margin", "3")
+        try:
+            body = f"late-ws-{uuid.uuid4()}"
+            got = bounded(receive_for(wrong_key_connection_string(), 45, body,
+                                      **running.proxy_options()), 90)
+            assert body in got
+            tokens = put_tokens(fake, seen)
+            assert all(t["token_kind"] == "jwt" and t["accepted"] for t in tokens), tokens
+            first = [t for t in tokens if t["connection"] == tokens[0]["connection"]]
+            assert len(first) >= 2  # the SDK's one, then keyless' renewals
+            assert len(fake.events("link_detached")) == detached
+            assert running.keyless.metric("keyless_listener_reauths_total",
+                                          listener="websocket:443", result="ok") >= 1
+            running.assert_no_secrets_logged()
+        finally:
+            running.keyless.stop()
