@@ -144,7 +144,8 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
                 return
 
     async def renewals() -> None:
-        # a SASL PLAIN connection's token is keyless' to renew (the converter says when)
+        # the tokens keyless renews itself (SASL PLAIN; identity tokens shorter than the
+        # SAS): the converter says when
         while True:
             due = converter.due()
             wait = RENEW_POLL if due is None else min(RENEW_POLL, max(0.0, due - time.time()))
@@ -152,7 +153,7 @@ async def serve(conn: Connection, reader: asyncio.StreamReader,
             try:
                 out = await converter.tick()
             except AmqpProtocolError:
-                return
+                continue  # the connection failed: its other sides end it
             await send(out)
 
     tasks = [asyncio.ensure_future(app_side()), asyncio.ensure_future(service_side()),
