@@ -21,8 +21,14 @@ and open then go on. On the service's open keyless begins its own CBS session on
 channel the service allows (proxy/amqp/own_cbs.py; the app is shown a channel-max one lower),
 puts the token for the namespace (`sb://NS/`), and holds the app's frames after its open until
 the reply (200/202: they go; else the app's connection is closed with
-`amqp:unauthorized-access`). `due()`/`tick()` renew that token: the I/O layer calls `tick` when
-`due` says. Any other mechanism is answered `auth` failure locally and the connection closes.
+`amqp:unauthorized-access`). Any other mechanism is answered `auth` failure locally and the
+connection closes.
+
+Renewals: keyless puts a fresh token itself, on that own session (begun when first needed; the
+top channel is reserved on every converted connection), for the PLAIN connection's namespace
+and for any audience whose converted put-token got a JWT that expires before the app's SAS
+(the app re-sends only on the SAS's schedule). `due()` says when; the I/O layer calls `tick()`
+then and sends what it returns.
 """
 
 from __future__ import annotations
