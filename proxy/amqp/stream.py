@@ -215,7 +215,7 @@ class AmqpConverter:
     async def from_app(self, data: bytes) -> Output:
         self._check()
         try:
-            to_service, to_app = bytearray(), bytearray()
+            to_service = bytearray()
             for kind, raw in self._app.feed(data):
                 if kind == "header":
                     if raw not in (PROTOCOL_AMQP, PROTOCOL_SASL):
@@ -244,7 +244,7 @@ class AmqpConverter:
                         "told it (the top channel is keyless' own CBS session)")
                 out = await self._app_frame(frame, perf, raw)
                 to_service += self._onward("open" if perf.name == "open" else "frame", out)
-            return Output(to_service=bytes(to_service), to_app=bytes(to_app))
+            return Output(to_service=bytes(to_service))
         except AmqpProtocolError:
             self._broken = True
             raise
