@@ -95,6 +95,7 @@ def maven_app(name: str) -> MavenApp:
                         f"~/.m2/settings.xml, or a ~/.m2 prefetched by .ci/run:\n"
                         f"{(built.stdout + built.stderr)[-4000:]}")
         (staging / "BUILT").write_text("ok\n")
+        staging.chmod(0o755)  # mkdtemp's 0700: apps also run as other UIDs (namespace tests)
         # another run may have finished the same build meanwhile: either copy is good
         if not done.exists():
             shutil.rmtree(build, ignore_errors=True)
