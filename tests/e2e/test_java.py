@@ -37,10 +37,25 @@ LEGACY_BLOB = (
     f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
     f"BlobEndpoint=https://{BLOB_HOST}"
 )
+LEGACY = {"AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB}
 # What the app sends with its Shared Key: create container, 3 staged blocks + commit, get
 # (downloadContent), list blocks, put sas.txt, list, 2 deletes, list, delete container.
 SHARED_KEY_REQUESTS = 13
 SAS_REQUESTS = 1  # the get through the SAS URL
+# azure-core's HTTP client plug-ins on the app's classpath: the provider class that
+# AZURE_HTTP_CLIENT_IMPLEMENTATION names, and the client class the app then reports using.
+# (With several on the classpath and none named, azure-core takes the first that
+# ServiceLoader finds: classpath order, not Netty.)
+CLIENTS = {
+    "netty": ("com.azure.core.http.netty.NettyAsyncHttpClientProvider",
+              "com.azure.core.http.netty.NettyAsyncHttpClient"),
+    "okhttp": ("com.azure.core.http.okhttp.OkHttpAsyncClientProvider",
+               "com.azure.core.http.okhttp.OkHttpAsyncHttpClient"),
+    "jdk": ("com.azure.core.http.jdk.httpclient.JdkHttpClientProvider",
+            "com.azure.core.http.jdk.httpclient.JdkHttpClient"),
+}
+# How each client reports a name it cannot resolve (only keyless knows the fake Azure names).
+UNRESOLVED = {"java.net.UnknownHostException", "java.nio.channels.UnresolvedAddressException"}
 # Anything that could route, trust or configure the JVM other than what each test passes.
 SCRUBBED = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY", "JAVA_TOOL_OPTIONS",
             "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "AZURE_STORAGE_CONNECTION_STRING",
@@ -53,6 +68,11 @@ def storage_app() -> MavenApp:
     return maven_app("storage")
 
 
+@pytest.fixture(params=sorted(CLIENTS))
+def client(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def truststore(keyless, tmp_path_factory) -> Path:
     """The recipe: the JDK's public CAs plus keyless' CA."""
@@ -63,20 +83,26 @@ def trusting(store: Path) -> list[str]:
     return [f"-Djavax.net.ssl.trustStore={store}", "-Djavax.net.ssl.trustStorePassword=changeit"]
 
 
-def run_java(app: MavenApp, env: dict[str, str], jvm_options: list[str] | None = None,
+def run_java(app: MavenApp, client: str, env: dict[str, str],
+             jvm_options: list[str] | None = None,
              ) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
-    """The app with `env` and, in JAVA_TOOL_OPTIONS, `jvm_options`; its JSON result."""
+    """The app on HTTP client `client` with `env` and, in JAVA_TOOL_OPTIONS, `jvm_options`;
+    its JSON result."""
     base = {k: v for k, v in os.environ.items() if k.upper() not in SCRUBBED}
     options = {"JAVA_TOOL_OPTIONS": " ".join(jvm_options)} if jvm_options else {}
     completed = subprocess.run(
         app.command(MAIN),
-        env={**base, "BLOB_SIZE": str(BLOB_SIZE), "SAS_SIGNATURE": SAS_SIGNATURE, **options,
-             **env},
+        env={**base, **app_env(client), **options, **env},
         capture_output=True, text=True, timeout=APP_TIMEOUT,
     )
     lines = completed.stdout.strip().splitlines()
     assert lines, f"no output (exit {completed.returncode}):\n{completed.stderr}"
     return json.loads(lines[-1]), completed
+
+
+def app_env(client: str) -> dict[str, str]:
+    return {"BLOB_SIZE": str(BLOB_SIZE), "SAS_SIGNATURE": SAS_SIGNATURE,
+            "AZURE_HTTP_CLIENT_IMPLEMENTATION": CLIENTS[client][0]}
 
 
 def counters(process: KeylessProcess) -> tuple[float, float, float]:
@@ -89,9 +115,10 @@ def counters(process: KeylessProcess) -> tuple[float, float, float]:
     )
 
 
-def assert_round_trip(result: dict[str, Any], completed: subprocess.CompletedProcess[str]):
+def assert_round_trip(result: dict[str, Any], completed: subprocess.CompletedProcess[str],
+                      client: str) -> None:
     assert completed.returncode == 0 and result["ok"], (result, completed.stderr[-3000:])
-    assert result["httpClient"] == "com.azure.core.http.netty.NettyAsyncHttpClient"
+    assert result["httpClient"] == CLIENTS[client][1]
     assert result["size"] == BLOB_SIZE
     assert result["downloadedSha256"] == result["uploadedSha256"]
     assert result["blockCount"] == 3  # staged blocks and a commit, not one put
@@ -120,32 +147,33 @@ def assert_never_reached_keyless(result: dict[str, Any], completed, process: Key
     """The app went around keyless: the fake name does not resolve outside keyless."""
     assert completed.returncode == 1 and not result["ok"], (result, completed.stderr[-3000:])
     assert result["step"] == "create" and result["status"] is None, result
-    assert "java.net.UnknownHostException" in result["causes"], result
+    assert UNRESOLVED & set(result["causes"]), result
     assert counters(process) == before
 
 
 # -- forward mode: what the SDK honours ----------------------------------------------------
 
 def test_https_proxy_host_system_properties_route_the_app_through_keyless(
-        storage_app, keyless, truststore):
+        storage_app, client, keyless, truststore):
     """The recommended way: one JAVA_TOOL_OPTIONS with -Dhttps.proxyHost/Port (azure-core
     reads them without java.net.useSystemProxies) and the truststore."""
     before = counters(keyless)
 
-    result, completed = run_java(storage_app, {"AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB}, [
+    result, completed = run_java(storage_app, client, LEGACY, [
         *trusting(truststore), "-Dhttps.proxyHost=127.0.0.1", f"-Dhttps.proxyPort={keyless.port}",
     ])
 
-    assert_round_trip(result, completed)
+    assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
 
 
-def test_https_proxy_environment_variable_alone_is_ignored(storage_app, keyless, truststore):
+def test_https_proxy_environment_variable_alone_is_ignored(
+        storage_app, client, keyless, truststore):
     """HTTPS_PROXY without -Djava.net.useSystemProxies=true: azure-core does not look at it,
     the app resolves the service's name itself (and fails here, where only keyless knows it)."""
     before = counters(keyless)
 
-    result, completed = run_java(storage_app, {
+    result, completed = run_java(storage_app, client, {
         "AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB, "HTTPS_PROXY": keyless.proxy_url,
     }, trusting(truststore))
 
@@ -153,22 +181,22 @@ def test_https_proxy_environment_variable_alone_is_ignored(storage_app, keyless,
 
 
 def test_https_proxy_environment_variable_with_use_system_proxies_routes_the_app(
-        storage_app, keyless, truststore):
+        storage_app, client, keyless, truststore):
     before = counters(keyless)
 
-    result, completed = run_java(storage_app, {
+    result, completed = run_java(storage_app, client, {
         "AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB, "HTTPS_PROXY": keyless.proxy_url,
     }, [*trusting(truststore), "-Djava.net.useSystemProxies=true"])
 
-    assert_round_trip(result, completed)
+    assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
 
 
 def test_no_proxy_naming_the_service_sends_the_app_around_keyless(
-        storage_app, keyless, truststore):
+        storage_app, client, keyless, truststore):
     before = counters(keyless)
 
-    result, completed = run_java(storage_app, {
+    result, completed = run_java(storage_app, client, {
         "AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB, "HTTPS_PROXY": keyless.proxy_url,
         "NO_PROXY": "localhost,.blob.core.windows.net",
     }, [*trusting(truststore), "-Djava.net.useSystemProxies=true"])
@@ -176,26 +204,27 @@ def test_no_proxy_naming_the_service_sends_the_app_around_keyless(
     assert_never_reached_keyless(result, completed, keyless, before)
 
 
-def test_no_proxy_of_other_names_keeps_the_app_on_keyless(storage_app, keyless, truststore):
+def test_no_proxy_of_other_names_keeps_the_app_on_keyless(
+        storage_app, client, keyless, truststore):
     """NO_PROXY for the cluster's own names (the Kubernetes recipe's) leaves Azure on keyless."""
     before = counters(keyless)
 
-    result, completed = run_java(storage_app, {
+    result, completed = run_java(storage_app, client, {
         "AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB, "HTTPS_PROXY": keyless.proxy_url,
         "NO_PROXY": "localhost,127.0.0.1,.svc,.cluster.local",
     }, [*trusting(truststore), "-Djava.net.useSystemProxies=true"])
 
-    assert_round_trip(result, completed)
+    assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
 
 
 def test_http_non_proxy_hosts_naming_the_service_sends_the_app_around_keyless(
-        storage_app, keyless, truststore):
+        storage_app, client, keyless, truststore):
     """http.nonProxyHosts applies to the https.proxy* properties too (there is no
     https.nonProxyHosts)."""
     before = counters(keyless)
 
-    result, completed = run_java(storage_app, {"AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB}, [
+    result, completed = run_java(storage_app, client, LEGACY, [
         *trusting(truststore), "-Dhttps.proxyHost=127.0.0.1", f"-Dhttps.proxyPort={keyless.port}",
         "-Dhttp.nonProxyHosts=localhost|*.blob.core.windows.net",
     ])
@@ -204,25 +233,26 @@ def test_http_non_proxy_hosts_naming_the_service_sends_the_app_around_keyless(
 
 
 def test_http_non_proxy_hosts_of_other_names_keeps_the_app_on_keyless(
-        storage_app, keyless, truststore):
+        storage_app, client, keyless, truststore):
     before = counters(keyless)
 
-    result, completed = run_java(storage_app, {"AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB}, [
+    result, completed = run_java(storage_app, client, LEGACY, [
         *trusting(truststore), "-Dhttps.proxyHost=127.0.0.1", f"-Dhttps.proxyPort={keyless.port}",
         "-Dhttp.nonProxyHosts=localhost|127.0.0.1|*.svc|*.cluster.local",
     ])
 
-    assert_round_trip(result, completed)
+    assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
 
 
 # -- calibration: the app really verifies TLS, the key really is wrong ---------------------
 
-def test_through_keyless_without_its_ca_the_app_fails_tls(storage_app, keyless):
+def test_through_keyless_without_its_ca_the_app_fails_tls(
+        storage_app, client, keyless):
     """The JDK's own cacerts (no keyless CA): the success above is the truststore's doing."""
     before = counters(keyless)
 
-    result, completed = run_java(storage_app, {"AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB}, [
+    result, completed = run_java(storage_app, client, LEGACY, [
         "-Dhttps.proxyHost=127.0.0.1", f"-Dhttps.proxyPort={keyless.port}",
     ])
 
@@ -232,10 +262,11 @@ def test_through_keyless_without_its_ca_the_app_fails_tls(storage_app, keyless):
     assert counters(keyless)[0] == before[0]
 
 
-def test_same_java_app_straight_to_azurite_is_refused(storage_app, azurite, pki, tmp_path):
+def test_same_java_app_straight_to_azurite_is_refused(
+        storage_app, client, azurite, pki, tmp_path):
     store = java_truststore(pki.ca_pem_path, tmp_path / "azurite-ca.p12")
 
-    result, completed = run_java(storage_app, {"AZURE_STORAGE_CONNECTION_STRING": (
+    result, completed = run_java(storage_app, client, {"AZURE_STORAGE_CONNECTION_STRING": (
         f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
         f"BlobEndpoint=https://127.0.0.1:{azurite.blob_port}/{ACCOUNT}")}, trusting(store))
 
@@ -250,7 +281,8 @@ def test_same_java_app_straight_to_azurite_is_refused(storage_app, azurite, pki,
 
 # -- reverse mode: no proxy, no CA ----------------------------------------------------------
 
-def test_reverse_mode_needs_no_proxy_and_no_truststore(storage_app, tmp_path, pki, azurite,
+def test_reverse_mode_needs_no_proxy_and_no_truststore(
+        storage_app, client, tmp_path, pki, azurite,
                                                         module_identity):
     port = free_port()
     process = KeylessProcess(tmp_path, [
@@ -261,11 +293,11 @@ def test_reverse_mode_needs_no_proxy_and_no_truststore(storage_app, tmp_path, pk
     try:
         before = counters(process)
 
-        result, completed = run_java(storage_app, {"AZURE_STORAGE_CONNECTION_STRING": (
+        result, completed = run_java(storage_app, client, {"AZURE_STORAGE_CONNECTION_STRING": (
             f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
             f"BlobEndpoint=http://localhost:{port}")})
 
-        assert_round_trip(result, completed)
+        assert_round_trip(result, completed, client)
         assert_converted(process, before)
     finally:
         assert process.stop() == 0, process.log()[-2000:]

@@ -21,10 +21,10 @@ import pytest
 
 from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV
 from tests.e2e.test_java import (
-    BLOB_SIZE,
+    CLIENTS,
     LEGACY_BLOB,
     MAIN,
-    SAS_SIGNATURE,
+    app_env,
     assert_converted,
     assert_round_trip,
     counters,
@@ -62,17 +62,21 @@ class JavaPod:
     service_truststore: Path
     rules: str
 
-    def java(self, store: Path) -> subprocess.CompletedProcess[str]:
+    def java(self, store: Path, client: str) -> subprocess.CompletedProcess[str]:
         """The app inside the pod as its own UID: the truststore, and no proxy setting."""
         return self.pod.exec(*self.app.command(MAIN), uid=APP_UID, timeout=120, check=False,
-                             env=self.env(store))
+                             env={"PATH": "/usr/bin:/bin", "HOME": str(self.workdir / "app"),
+                                  **self.env(store, client)})
 
-    def env(self, store: Path) -> dict[str, str]:
-        return {"PATH": "/usr/bin:/bin", "HOME": str(self.workdir / "app"),
-                "AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB, "BLOB_SIZE": str(BLOB_SIZE),
-                "SAS_SIGNATURE": SAS_SIGNATURE,
+    def env(self, store: Path, client: str) -> dict[str, str]:
+        return {**app_env(client), "AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB,
                 "JAVA_TOOL_OPTIONS": f"-Djavax.net.ssl.trustStore={store} "
                                      "-Djavax.net.ssl.trustStorePassword=changeit"}
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def client(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -113,39 +117,39 @@ def java_pod() -> Iterator[JavaPod]:
         yield JavaPod(pod_ns, workdir, pki, app, keyless, *stores, printed.stdout)
 
 
-def test_without_the_rules_azurite_refuses_the_java_apps_wrong_key(java_pod):
+def test_without_the_rules_azurite_refuses_the_java_apps_wrong_key(java_pod, client):
     java_pod.pod.flush_nat()
     before = counters(java_pod.keyless)
 
     # The app as it was before keyless: trusting the service's own CA, straight to Azurite.
-    done = java_pod.java(java_pod.service_truststore)
+    done = java_pod.java(java_pod.service_truststore, client)
 
     assert done.returncode == 1, done.stderr[-3000:]
     assert '"status":400,"code":"InvalidAuthenticationInfo"' in done.stdout, done.stdout
     assert counters(java_pod.keyless) == before
 
 
-def test_java_app_is_redirected_to_keyless_and_converted(java_pod):
+def test_java_app_is_redirected_to_keyless_and_converted(java_pod, client):
     pod = java_pod
     if "KEYLESS_OUTPUT" not in pod.pod.nat_rules():
         pod.pod.run_recipe(pod.rules, pod.workdir)
     before = counters(pod.keyless)
 
     result = run_app(pod.pod, APP_UID, pod.workdir, *pod.app.command(MAIN),
-                     env=pod.env(pod.keyless_truststore))
+                     env=pod.env(pod.keyless_truststore, client))
 
-    assert_round_trip(result, subprocess.CompletedProcess([], 0, "", ""))
+    assert_round_trip(result, subprocess.CompletedProcess([], 0, "", ""), client)
     assert_converted(pod.keyless, before)
     assert pod.keyless.uid_running() == KEYLESS_UID
 
 
-def test_redirected_java_app_without_keyless_ca_fails_tls(java_pod):
+def test_redirected_java_app_without_keyless_ca_fails_tls(java_pod, client):
     pod = java_pod
     if "KEYLESS_OUTPUT" not in pod.pod.nat_rules():
         pod.pod.run_recipe(pod.rules, pod.workdir)
     before = counters(pod.keyless)
 
-    done = pod.java(pod.service_truststore)  # trusts Azurite's CA, not keyless'
+    done = pod.java(pod.service_truststore, client)  # trusts Azurite's CA, not keyless'
 
     assert done.returncode == 1, done.stderr[-3000:]
     assert "javax.net.ssl.SSLHandshakeException" in done.stdout, done.stdout
