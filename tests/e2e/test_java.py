@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV
-from tests.support.azurite import ACCOUNT, WRONG_KEY, free_port
+from tests.support.azurite import ACCOUNT, WRONG_KEY, Azurite, free_port
 from tests.support.jvm import MavenApp, java_truststore, maven_app
 from tests.support.keyless import KeylessProcess
 
@@ -42,6 +43,9 @@ LEGACY = {"AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB}
 # (downloadContent), list blocks, put sas.txt, list, 2 deletes, list, delete container.
 SHARED_KEY_REQUESTS = 13
 SAS_REQUESTS = 1  # the get through the SAS URL
+_AZURITE_REQUEST = re.compile(
+    r"RequestMethod=(?P<method>\S+) RequestURL=(?P<url>\S+) RequestHeaders:(?P<headers>\{.*\})"
+    r" ClientIP=")
 # azure-core's HTTP client plug-ins on the app's classpath: the provider class that
 # AZURE_HTTP_CLIENT_IMPLEMENTATION names, and the client class the app then reports using.
 # (With several on the classpath and none named, azure-core takes the first that
@@ -142,6 +146,21 @@ def assert_converted(process: KeylessProcess, before: tuple[float, float, float]
     assert SAS_SIGNATURE not in log and "a2V5bGVzcy1qYXZh" not in log
 
 
+def assert_azurite_saw_tokens(azurite: Azurite, container: str) -> None:
+    """What reached the service for the app's container: tokens only, no key, no SAS."""
+    seen = []
+    for line in azurite.debug_log_text().splitlines():
+        match = _AZURITE_REQUEST.search(line)
+        if match and f"/{container}" in match["url"]:
+            headers = {k.lower(): v for k, v in json.loads(match["headers"]).items()}
+            seen.append((match["method"], match["url"],
+                         headers.get("authorization", "").split(" ", 1)[0]))
+    assert len(seen) >= SHARED_KEY_REQUESTS + SAS_REQUESTS, seen
+    assert {scheme for _, _, scheme in seen} == {"Bearer"}, seen
+    assert not [url for _, url, _ in seen if "sig=" in url], seen
+    assert "a2V5bGVzcy1qYXZh" not in azurite.debug_log_text()
+
+
 def assert_never_reached_keyless(result: dict[str, Any], completed, process: KeylessProcess,
                                  before: tuple[float, float, float]) -> None:
     """The app went around keyless: the fake name does not resolve outside keyless."""
@@ -154,7 +173,7 @@ def assert_never_reached_keyless(result: dict[str, Any], completed, process: Key
 # -- forward mode: what the SDK honours ----------------------------------------------------
 
 def test_https_proxy_host_system_properties_route_the_app_through_keyless(
-        storage_app, client, keyless, truststore):
+        storage_app, client, keyless, truststore, azurite):
     """The recommended way: one JAVA_TOOL_OPTIONS with -Dhttps.proxyHost/Port (azure-core
     reads them without java.net.useSystemProxies) and the truststore."""
     before = counters(keyless)
@@ -165,10 +184,11 @@ def test_https_proxy_host_system_properties_route_the_app_through_keyless(
 
     assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
+    assert_azurite_saw_tokens(azurite, result["container"])
 
 
 def test_https_proxy_environment_variable_alone_is_ignored(
-        storage_app, client, keyless, truststore):
+        storage_app, client, keyless, truststore, azurite):
     """HTTPS_PROXY without -Djava.net.useSystemProxies=true: azure-core does not look at it,
     the app resolves the service's name itself (and fails here, where only keyless knows it)."""
     before = counters(keyless)
@@ -181,7 +201,7 @@ def test_https_proxy_environment_variable_alone_is_ignored(
 
 
 def test_https_proxy_environment_variable_with_use_system_proxies_routes_the_app(
-        storage_app, client, keyless, truststore):
+        storage_app, client, keyless, truststore, azurite):
     before = counters(keyless)
 
     result, completed = run_java(storage_app, client, {
@@ -190,10 +210,11 @@ def test_https_proxy_environment_variable_with_use_system_proxies_routes_the_app
 
     assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
+    assert_azurite_saw_tokens(azurite, result["container"])
 
 
 def test_no_proxy_naming_the_service_sends_the_app_around_keyless(
-        storage_app, client, keyless, truststore):
+        storage_app, client, keyless, truststore, azurite):
     before = counters(keyless)
 
     result, completed = run_java(storage_app, client, {
@@ -205,7 +226,7 @@ def test_no_proxy_naming_the_service_sends_the_app_around_keyless(
 
 
 def test_no_proxy_of_other_names_keeps_the_app_on_keyless(
-        storage_app, client, keyless, truststore):
+        storage_app, client, keyless, truststore, azurite):
     """NO_PROXY for the cluster's own names (the Kubernetes recipe's) leaves Azure on keyless."""
     before = counters(keyless)
 
@@ -216,10 +237,11 @@ def test_no_proxy_of_other_names_keeps_the_app_on_keyless(
 
     assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
+    assert_azurite_saw_tokens(azurite, result["container"])
 
 
 def test_http_non_proxy_hosts_naming_the_service_sends_the_app_around_keyless(
-        storage_app, client, keyless, truststore):
+        storage_app, client, keyless, truststore, azurite):
     """http.nonProxyHosts applies to the https.proxy* properties too (there is no
     https.nonProxyHosts)."""
     before = counters(keyless)
@@ -233,7 +255,7 @@ def test_http_non_proxy_hosts_naming_the_service_sends_the_app_around_keyless(
 
 
 def test_http_non_proxy_hosts_of_other_names_keeps_the_app_on_keyless(
-        storage_app, client, keyless, truststore):
+        storage_app, client, keyless, truststore, azurite):
     before = counters(keyless)
 
     result, completed = run_java(storage_app, client, LEGACY, [
@@ -243,6 +265,7 @@ def test_http_non_proxy_hosts_of_other_names_keeps_the_app_on_keyless(
 
     assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
+    assert_azurite_saw_tokens(azurite, result["container"])
 
 
 # -- calibration: the app really verifies TLS, the key really is wrong ---------------------
@@ -299,6 +322,7 @@ def test_reverse_mode_needs_no_proxy_and_no_truststore(
 
         assert_round_trip(result, completed, client)
         assert_converted(process, before)
+        assert_azurite_saw_tokens(azurite, result["container"])
     finally:
         assert process.stop() == 0, process.log()[-2000:]
 

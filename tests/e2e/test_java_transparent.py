@@ -25,6 +25,7 @@ from tests.e2e.test_java import (
     LEGACY_BLOB,
     MAIN,
     app_env,
+    assert_azurite_saw_tokens,
     assert_converted,
     assert_round_trip,
     counters,
@@ -57,6 +58,7 @@ class JavaPod:
     workdir: Path
     pki: TestPKI
     app: MavenApp
+    azurite: Azurite
     keyless: NamespacedKeyless
     keyless_truststore: Path
     service_truststore: Path
@@ -114,7 +116,7 @@ def java_pod() -> Iterator[JavaPod]:
         printed = subprocess.run(
             [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
              "--uid", str(KEYLESS_UID)], capture_output=True, text=True, timeout=30, check=True)
-        yield JavaPod(pod_ns, workdir, pki, app, keyless, *stores, printed.stdout)
+        yield JavaPod(pod_ns, workdir, pki, app, azurite, keyless, *stores, printed.stdout)
 
 
 def test_without_the_rules_azurite_refuses_the_java_apps_wrong_key(java_pod, client):
@@ -140,6 +142,7 @@ def test_java_app_is_redirected_to_keyless_and_converted(java_pod, client):
 
     assert_round_trip(result, subprocess.CompletedProcess([], 0, "", ""), client)
     assert_converted(pod.keyless, before)
+    assert_azurite_saw_tokens(pod.azurite, result["container"])
     assert pod.keyless.uid_running() == KEYLESS_UID
 
 
