@@ -24,7 +24,7 @@ import pytest
 
 from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV
 from tests.support.azurite import ACCOUNT, WRONG_KEY, Azurite, free_port
-from tests.support.jvm import MavenApp, java_truststore, maven_app
+from tests.support.jvm import MavenApp, java_home, java_truststore, maven_app
 from tests.support.keyless import KeylessProcess
 
 pytestmark = pytest.mark.e2e
@@ -266,6 +266,21 @@ def test_http_non_proxy_hosts_of_other_names_keeps_the_app_on_keyless(
     assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
     assert_azurite_saw_tokens(azurite, result["container"])
+
+
+def aliases(store: Path) -> set[str]:
+    listed = subprocess.run(["keytool", "-list", "-keystore", str(store), "-storepass",
+                             "changeit"], capture_output=True, text=True, timeout=60, check=True)
+    return {line.split(",", 1)[0] for line in listed.stdout.splitlines()
+            if "trustedCertEntry" in line}
+
+
+def test_truststore_is_the_jdks_public_cas_plus_keyless_ca(truststore):
+    cacerts = java_home() / "lib" / "security" / "cacerts"
+    public = aliases(cacerts)
+
+    assert len(public) > 50, "the JDK's cacerts is (nearly) empty: install ca-certificates-java"
+    assert aliases(truststore) == public | {"keyless"}
 
 
 # -- calibration: the app really verifies TLS, the key really is wrong ---------------------
