@@ -38,6 +38,7 @@ LEGACY_BLOB = (
     f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={WRONG_KEY};"
     f"BlobEndpoint=https://{BLOB_HOST}"
 )
+PROXY_PASSWORD = "corp-proxy-password-6c1f"
 LEGACY = {"AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB}
 # What the app sends with its Shared Key: create container, 3 staged blocks + commit, get
 # (downloadContent), list blocks, put sas.txt, list, 2 deletes, list, delete container.
@@ -211,6 +212,31 @@ def test_https_proxy_environment_variable_with_use_system_proxies_routes_the_app
     assert_round_trip(result, completed, client)
     assert_converted(keyless, before)
     assert_azurite_saw_tokens(azurite, result["container"])
+
+
+def test_proxy_credentials_in_https_proxy(storage_app, client, keyless, truststore, azurite):
+    """An app whose HTTPS_PROXY still names a corporate proxy's user and password. keyless asks
+    for no proxy authentication and the password appears nowhere. Netty and OkHttp go through;
+    the JDK HttpClient plug-in then sends its requests WITHOUT their Authorization header
+    (the JDK's behaviour once a proxy Authenticator is set): keyless sees no key to convert,
+    passes the request on, and the service refuses it as anonymous."""
+    before = counters(keyless)
+    proxy = keyless.proxy_url.replace("http://", f"http://corp-user:{PROXY_PASSWORD}@")
+
+    result, completed = run_java(storage_app, client, {
+        "AZURE_STORAGE_CONNECTION_STRING": LEGACY_BLOB, "HTTPS_PROXY": proxy,
+    }, [*trusting(truststore), "-Djava.net.useSystemProxies=true"])
+
+    if client == "jdk":
+        assert completed.returncode == 1 and not result["ok"], (result, completed.stderr)
+        assert (result["step"], result["status"], result["code"]) == (
+            "create", 403, "AuthorizationFailure"), result
+        assert counters(keyless) == before
+    else:
+        assert_round_trip(result, completed, client)
+        assert_converted(keyless, before)
+        assert_azurite_saw_tokens(azurite, result["container"])
+    assert PROXY_PASSWORD not in keyless.log() + azurite.debug_log_text()
 
 
 def test_no_proxy_naming_the_service_sends_the_app_around_keyless(
