@@ -188,6 +188,21 @@ def test_https_proxy_host_system_properties_route_the_app_through_keyless(
     assert_azurite_saw_tokens(azurite, result["container"])
 
 
+def test_http_proxy_host_system_properties_alone_route_https_too(
+        storage_app, client, keyless, truststore, azurite):
+    """azure-core falls back to http.proxyHost/Port for https URLs (the JDK's own
+    HttpURLConnection would not)."""
+    before = counters(keyless)
+
+    result, completed = run_java(storage_app, client, LEGACY, [
+        *trusting(truststore), "-Dhttp.proxyHost=127.0.0.1", f"-Dhttp.proxyPort={keyless.port}",
+    ])
+
+    assert_round_trip(result, completed, client)
+    assert_converted(keyless, before)
+    assert_azurite_saw_tokens(azurite, result["container"])
+
+
 def test_https_proxy_environment_variable_alone_is_ignored(
         storage_app, client, keyless, truststore, azurite):
     """HTTPS_PROXY without -Djava.net.useSystemProxies=true: azure-core does not look at it,
