@@ -4,8 +4,9 @@ The app (tests/apps/java/storage, `LegacyStorageApp`) is the same code in every 
 environment changes: the proxy (environment variables or JVM system properties in
 `JAVA_TOOL_OPTIONS`, which every JVM reads at start) and the truststore (a copy of the JDK's
 `cacerts` plus keyless' CA, `-Djavax.net.ssl.trustStore`). No code change, no retry: the app
-builds its clients with the SDK's defaults (azure-core's Netty HTTP client) and tries each
-request once.
+builds its clients with the SDK's defaults and tries each request once. Each test runs on
+each of azure-core's HTTP client plug-ins (Netty, the default; OkHttp; the JDK HttpClient),
+chosen by azure-core's own AZURE_HTTP_CLIENT_IMPLEMENTATION.
 
 docs/languages/java.md states what these tests prove, line by line.
 """

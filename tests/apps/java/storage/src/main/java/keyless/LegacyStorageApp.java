@@ -28,8 +28,9 @@ import java.util.UUID;
  *
  * <p>It knows nothing about keyless. Whatever routes it (a proxy, a truststore) comes from its
  * environment or JVM options (JAVA_TOOL_OPTIONS), never from this code; it builds its clients
- * with the SDK's defaults, so azure-core picks the HTTP client (Netty) and reads the proxy
- * configuration itself.
+ * with the SDK's defaults, so azure-core picks the HTTP client (the plug-in that its
+ * AZURE_HTTP_CLIENT_IMPLEMENTATION names, else the first on the classpath) and reads the proxy
+ * configuration itself. It reports the client class it got.
  *
  * <p>Input: AZURE_STORAGE_CONNECTION_STRING, BLOB_SIZE (bytes, default 8 MiB + 17),
  * SAS_SIGNATURE (the bogus {@code sig} of the SAS URL it reads with). Output: one JSON line on
