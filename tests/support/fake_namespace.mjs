@@ -434,14 +434,20 @@ function reply(context, status, description, body) {
         correlation_id: request.message_id ?? request.correlation_id,
         to: request.reply_to,
         // CBS and Event Hubs answer with status-code; Service Bus' $management with statusCode.
-        application_properties: { 'status-code': status, 'status-description': description,
-            statusCode: status, statusDescription: description },
+        // Both are AMQP `int` as the service sends them (rhea would pick uint for a positive
+        // number; the Go SDK accepts only int32 and fails the put-token otherwise).
+        application_properties: { 'status-code': rhea.types.wrap_int(status),
+            'status-description': description, statusCode: rhea.types.wrap_int(status),
+            statusDescription: description },
         body,
     });
     // Replies go pre-settled: a client that never settles them (pyamqp) must not hold rhea's
-    // outgoing delivery buffer (shared by the session's links) at its head forever.
+    // outgoing delivery buffer (shared by the session's links) at its head forever. Only
+    // `settled`: rhea marks a pre-settled delivery remote_settled itself once it is sent, and
+    // drops settled + remote_settled ones from the buffer's head, sent or not. A reply that
+    // waits for credit (the Go SDK grants its new reply link's credit after the put-token
+    // went out) would be dropped, where the service delivers it when the credit comes.
     delivery.settled = true;
-    delivery.remote_settled = true;
 }
 
 function onPutToken(context) {
