@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV
+from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV, RECORDER_HOST
 from tests.support.azurite import ACCOUNT, WRONG_KEY
 from tests.support.golang import go_app
 from tests.support.keyless import KeylessProcess
@@ -196,3 +196,52 @@ def test_same_go_app_straight_to_azurite_is_refused(storage_app, azurite, pki):
     assert (result["status"], result["code"]) in {
         (400, "InvalidAuthenticationInfo"), (403, "AuthenticationFailed")
     }, result
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/2.0", "HTTP/1.1"])
+def test_raw_net_http_app_with_expect_100_continue_through_keyless(keyless, protocol):
+    # net/http's own client (tests/apps/go/cmd/rawblob): a Shared Key header it signs itself
+    # and an upload with `Expect: 100-continue`. keyless (mitmproxy) answers 100 Continue itself
+    # and drops the header before the upstream, so the body goes without the transport's 1 s
+    # wait (ExpectContinueTimeout) over HTTP/2 and over HTTP/1.1 (GODEBUG reaches net/http's
+    # bundled HTTP/2, unlike azcore's).
+    before = counters(keyless)
+    result, completed = run_app(go_app("rawblob"), {
+        "BLOB_ACCOUNT": ACCOUNT, "BLOB_ACCOUNT_KEY": WRONG_KEY,
+        "BLOB_ENDPOINT": f"https://{BLOB_HOST}", "HTTPS_PROXY": keyless.proxy_url,
+        "SSL_CERT_FILE": keyless.ca_path,
+        **({"GODEBUG": "http2client=0"} if protocol == "HTTP/1.1" else {}),
+    })
+    assert completed.returncode == 0 and result["ok"] and result["same"], (result,
+                                                                         completed.stderr)
+    calls = result["calls"]
+    assert [c["method"] for c in calls] == ["PUT", "PUT", "GET", "DELETE"], calls
+    assert {c["proto"] for c in calls} == {protocol}, calls
+    upload = calls[1]
+    assert upload["status"] == 201 and upload["got100Continue"], upload
+    assert not any(c["got100Continue"] for c in calls[2:]), calls
+    deadline = time.monotonic() + 30
+    while (now := counters(keyless))[1] - before[1] < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now[1] - before[1] >= len(calls), (before, now)  # each Shared Key stripped
+
+
+def test_expect_100_continue_is_answered_by_keyless_not_forwarded(keyless, catalog_recorder):
+    # What the upstream gets from that upload: the whole body, a token, and neither the
+    # app's `Expect` nor its Shared Key (a recording server answers 200 to everything).
+    before = len(catalog_recorder.requests)
+    result, completed = run_app(go_app("rawblob"), {
+        "BLOB_ACCOUNT": "recorder", "BLOB_ACCOUNT_KEY": WRONG_KEY,
+        "BLOB_ENDPOINT": f"https://{RECORDER_HOST}", "HTTPS_PROXY": keyless.proxy_url,
+        "SSL_CERT_FILE": keyless.ca_path,
+    })
+    assert completed.returncode == 0 and result["ok"], (result, completed.stderr)
+    assert result["calls"][1]["got100Continue"], result
+    uploads = [r for r in catalog_recorder.requests[before:]
+               if r.method == "PUT" and r.path.endswith("/raw.bin")]
+    assert len(uploads) == 1, catalog_recorder.requests[before:]
+    upload = uploads[0]
+    assert len(upload.body) == 256 * 1024 + 3
+    assert upload.header_all("expect") == [], upload.headers
+    authorization = upload.header_all("authorization")
+    assert len(authorization) == 1 and authorization[0].startswith("Bearer "), authorization
