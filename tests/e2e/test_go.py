@@ -245,3 +245,14 @@ def test_expect_100_continue_is_answered_by_keyless_not_forwarded(keyless, catal
     assert upload.header_all("expect") == [], upload.headers
     authorization = upload.header_all("authorization")
     assert len(authorization) == 1 and authorization[0].startswith("Bearer "), authorization
+
+
+def test_go_http2_connection_survives_idle_pings_through_keyless(storage_app, keyless):
+    # azcore's HTTP/2 transport pings a connection idle for 10 s and closes it when no answer
+    # comes within 5 s. After 17 s idle the app's next call still reuses its connection:
+    # keyless answered the pings (and kept the tunnel open) as a long-lived app needs.
+    result, completed = run_app(storage_app, through(keyless, SSL_CERT_FILE=keyless.ca_path,
+                                                     PAUSE_SECONDS="17"))
+    assert_round_trip(result, completed)
+    assert result["wire"]["protocols"] == {"HTTP/2.0": result["wire"]["requests"]}
+    assert result["reusedAfterPause"] is True, result

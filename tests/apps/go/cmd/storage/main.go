@@ -7,7 +7,8 @@
 //	SSL_CERT_FILE  read by crypto/x509 on Linux instead of its list of bundle files
 //	SSL_CERT_DIR   likewise, instead of its list of directories (/etc/ssl/certs, ...)
 //
-// Input:  AZURE_STORAGE_CONNECTION_STRING, BLOB_SIZE (bytes, default 3 MiB + 17).
+// Input:  AZURE_STORAGE_CONNECTION_STRING, BLOB_SIZE (bytes, default 3 MiB + 17) and
+// PAUSE_SECONDS (idle time before listing, default 0).
 // Output: one JSON line on stdout; exit code 0 on success, 1 on a refusal or any error.
 //
 // The only addition to what a legacy app does is an observing pipeline policy: it records the
@@ -172,10 +173,20 @@ func run(ctx context.Context, observed *wire) (map[string]any, error) {
 	if err != nil {
 		return nil, err
 	}
+	// PAUSE_SECONDS: idle like a long-lived app between calls (azcore's HTTP/2 transport
+	// pings an idle connection after 10 s and drops it if the ping goes unanswered for 5 s).
+	pause, _ := strconv.Atoi(os.Getenv("PAUSE_SECONDS"))
+	time.Sleep(time.Duration(pause) * time.Second)
+	observed.mu.Lock()
+	reusedBefore := observed.Reused
+	observed.mu.Unlock()
 	listed, err := listNames(ctx, client, container)
 	if err != nil {
 		return nil, err
 	}
+	observed.mu.Lock()
+	reusedAfterPause := observed.Reused > reusedBefore
+	observed.mu.Unlock()
 
 	// A SAS URL signed with the same wrong key, read by a client with no credential at all.
 	note := []byte("hello through a bogus SAS")
@@ -225,6 +236,7 @@ func run(ctx context.Context, observed *wire) (map[string]any, error) {
 		"sasRead":          string(sasRead),
 		"sasSignature":     signature, // bogus (wrong key): the tests look for it in logs
 		"afterDelete":      afterDelete,
+		"reusedAfterPause": reusedAfterPause,
 	}, nil
 }
 
