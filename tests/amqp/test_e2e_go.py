@@ -72,12 +72,32 @@ def test_go_queue_round_trip_with_the_wrong_key(servicebus_app: Path, through: T
     assert WRONG_KEY not in log and "sig=" not in log
 
 
+def test_same_go_app_with_its_sas_straight_at_the_namespace_is_refused(
+        servicebus_app: Path, fake_namespace: FakeNamespace) -> None:
+    # Calibration, straight: without UseDevelopmentEmulator the SDK speaks AMQPS. The
+    # connection string names the namespace (the TLS name, which the fake's certificate
+    # covers), the app's custom endpoint setting dials the fake's AMQPS port, SSL_CERT_FILE
+    # trusts the test CA. The SAS the app signs with its key is refused (local auth off).
+    before = len(fake_namespace.events("put_token"))
+    result, completed = run_app(
+        servicebus_app,
+        f"Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName={KEY_NAME};SharedAccessKey={WRONG_KEY}",
+        f"go-direct-{uuid.uuid4()}", SSL_CERT_FILE=fake_namespace.ca_pem_path,
+        SERVICEBUS_CUSTOM_ENDPOINT=f"localhost:{fake_namespace.amqps_port}")
+
+    assert completed.returncode == 1 and not result["ok"], (result, completed.stderr)
+    puts = fake_namespace.events("put_token")[before:]
+    assert puts and {p["token_kind"] for p in puts} == {"sas"}, (puts, result)
+    assert not any(p["accepted"] for p in puts), puts
+    assert result["code"] == "unauthorized" \
+        or result["condition"] == "amqp:unauthorized-access", result
+
+
 def test_same_go_app_with_its_own_sas_is_refused_by_the_namespace(
         servicebus_app: Path, tmp_path: Path, fake_namespace: FakeNamespace,
         module_identity: FakeIdentityEndpoint) -> None:
-    # Calibration: the app's own SAS reaches the fake unchanged through keyless --audit (which
-    # forwards key material as sent) and is refused, as by a namespace with local auth off.
-    # (Straight at the fake's AMQPS port the Go SDK cannot even connect: see the next test.)
+    # keyless --audit forwards the app's own SAS unchanged: the namespace refuses it, and
+    # keyless counts an audited login, no conversion.
     running = start_keyless(tmp_path / "keyless", fake_namespace, module_identity, "--audit")
     try:
         before = len(fake_namespace.events("put_token"))

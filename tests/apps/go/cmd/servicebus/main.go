@@ -6,7 +6,8 @@
 //
 // Input:  SERVICEBUS_CONNECTION_STRING, SERVICEBUS_QUEUE (default "orders"),
 //
-//	SERVICEBUS_MESSAGES (default 3), SERVICEBUS_BODY_PREFIX (default "go-order").
+//	SERVICEBUS_MESSAGES (default 3), SERVICEBUS_BODY_PREFIX (default "go-order"),
+//	SERVICEBUS_CUSTOM_ENDPOINT (host:port to dial instead of the namespace; default none).
 //
 // Output: one JSON line on stdout; exit code 0 on success, 1 on a refusal or any error.
 package main
@@ -42,7 +43,10 @@ func run(ctx context.Context) (map[string]any, error) {
 	prefix := env("SERVICEBUS_BODY_PREFIX", "go-order")
 	client, err := azservicebus.NewClientFromConnectionString(
 		os.Getenv("SERVICEBUS_CONNECTION_STRING"),
-		&azservicebus.ClientOptions{RetryOptions: azservicebus.RetryOptions{MaxRetries: 1}})
+		&azservicebus.ClientOptions{RetryOptions: azservicebus.RetryOptions{MaxRetries: 1},
+			// where to dial instead of the namespace (as for a private endpoint); the TLS
+			// name stays the namespace's
+			CustomEndpoint: os.Getenv("SERVICEBUS_CUSTOM_ENDPOINT")})
 	if err != nil {
 		return nil, err
 	}
