@@ -434,8 +434,11 @@ function reply(context, status, description, body) {
         correlation_id: request.message_id ?? request.correlation_id,
         to: request.reply_to,
         // CBS and Event Hubs answer with status-code; Service Bus' $management with statusCode.
-        application_properties: { 'status-code': status, 'status-description': description,
-            statusCode: status, statusDescription: description },
+        // The service encodes it as an AMQP int: the Java SDK casts it to Integer, and fails
+        // on rhea's default for a non-negative number (uint).
+        application_properties: { 'status-code': rhea.types.wrap_int(status),
+            'status-description': description,
+            statusCode: rhea.types.wrap_int(status), statusDescription: description },
         body,
     });
     // Replies go pre-settled: a client that never settles them (pyamqp) must not hold rhea's
@@ -508,8 +511,13 @@ function onManagement(context) {
     }
 }
 
+// rhea encodes a footer before the body (the spec and the service put it last), and proton-j
+// (Java) then sees no body at all: the stored copy keeps every section but an empty footer
+// (the Java SDK sends one with every message).
 function stored(message, extra) {
-    return { ...message, message_annotations: { ...(message.message_annotations ?? {}), ...extra } };
+    const { footer, ...rest } = message;
+    const kept = footer && Object.keys(footer).length ? { footer } : {};
+    return { ...rest, ...kept, message_annotations: { ...(message.message_annotations ?? {}), ...extra } };
 }
 
 // The messages a transfer carries: a batch (message-format 0x80013700, which rhea hands over
