@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from tests.amqp.conftest import KEY_NAME, NAMESPACE, WRONG_KEY, Through, start_keyless
+from tests.amqp_ws.conftest import start_keyless as start_ws_keyless
 from tests.e2e.conftest import DEAD_PROXY_ENV
 from tests.support.azurite import TestPKI, free_port
 from tests.support.fake_namespace import FakeNamespace
@@ -293,3 +294,35 @@ def test_transparent_the_unchanged_java_app_sends_and_receives_with_a_token(pod:
     assert pod.keyless.metric("keyless_listener_logins_total", protocol="amqp",
                               result="converted") >= 2
     assert WRONG_KEY not in pod.keyless.log()
+
+
+# -- AMQP over WebSockets through forward (proxy) mode ---------------------------------------
+
+
+def test_java_amqp_over_websockets_through_keyless_as_its_proxy(
+        java_app: MavenApp, tmp_path: Path, pki: TestPKI,
+        module_identity: FakeIdentityEndpoint) -> None:
+    """AmqpTransportType.AMQP_WEB_SOCKETS with the JVM's proxy system properties naming
+    keyless (regular proxy mode) and a truststore with keyless' CA; the ordinary connection
+    string, a WRONG key. keyless converts the put-tokens inside the WebSocket."""
+    with FakeNamespace(tmp_path / "ns", pki, NAMESPACE) as namespace:
+        running = start_ws_keyless(tmp_path / "keyless", pki, module_identity,
+                                   {NAMESPACE: namespace})
+        try:
+            store = java_truststore(running.keyless.ca_path, tmp_path / "truststore.p12")
+            result = run_java(
+                java_app, LEGACY, "orders", 2,
+                f"-Djavax.net.ssl.trustStore={store}",
+                "-Djavax.net.ssl.trustStorePassword=changeit",
+                "-Dhttps.proxyHost=127.0.0.1", f"-Dhttps.proxyPort={running.keyless.port}",
+                env={"SERVICEBUS_TRANSPORT": "AMQP_WEB_SOCKETS"})
+            assert result["ok"], json.dumps(result, indent=1)
+            assert sorted(result["received_ids"]) == sorted(result["sent"])
+            puts = namespace.events("put_token")
+            assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
+            assert {e["transport"] for e in namespace.events("open")} == {"wss"}
+            assert running.logins("converted") >= 2
+            running.assert_no_secrets_logged()
+            assert WRONG_KEY not in running.keyless.log()
+        finally:
+            running.keyless.stop()

@@ -640,10 +640,21 @@ const wss = https.createServer(tlsOptions, (request, response) => {
 });
 wss.on('upgrade', (request, socket) => {
     const protocols = String(request.headers['sec-websocket-protocol'] ?? '').split(',').map((p) => p.trim());
-    const path = request.url.split('?')[0];
-    const ok = path === '/$servicebus/websocket' && protocols.includes('AMQPWSB10')
+    // The request target may be absolute-form (the Java SDK's proton-j-extensions sends
+    // `GET https://NS/$servicebus/websocket`), which an HTTP server must accept (RFC 9112
+    // 3.2.2); then its host must be the namespace.
+    const absolute = /^[a-z][a-z0-9+.-]*:\/\//i.test(request.url);
+    let target;
+    try {
+        target = new URL(request.url, `https://${NAMESPACE}`);
+    } catch {
+        target = null;
+    }
+    const path = target?.pathname ?? request.url;
+    const ok = target !== null && target.hostname === NAMESPACE
+        && path === '/$servicebus/websocket' && protocols.includes('AMQPWSB10')
         && String(request.headers.upgrade).toLowerCase() === 'websocket';
-    record('websocket', { path, protocols, accepted: ok });
+    record('websocket', { path, absolute, protocols, accepted: ok });
     if (!ok) {
         socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
         return;
