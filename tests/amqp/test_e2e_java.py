@@ -108,6 +108,51 @@ def test_java_topic_subscription_through_the_local_endpoint(java_app: MavenApp,
     assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
 
 
+
+def test_java_processor_client_through_the_local_endpoint(java_app: MavenApp,
+                                                          through: Through) -> None:
+    """ServiceBusProcessorClient (what Spring-style apps use): completes in its callback."""
+    before = len(through.namespace.events("put_token"))
+    result = run_java(java_app, through.connection_string(), "orders", 2,
+                      env={"SERVICEBUS_RECEIVER": "processor"})
+    assert result["ok"], json.dumps(result, indent=1)
+    assert sorted(result["received_ids"]) == sorted(result["sent"])
+    puts = puts_since(through.namespace, before)
+    assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
+
+
+def test_java_session_receiver_through_the_local_endpoint(java_app: MavenApp,
+                                                          through: Through) -> None:
+    """A session queue: the messages carry a session id, a session receiver accepts it (the
+    attach's com.microsoft:session-filter passes keyless unchanged)."""
+    settled = len(through.namespace.events("settled"))
+    result = run_java(java_app, through.connection_string(), "sessions", 2,
+                      env={"SERVICEBUS_RECEIVER": "session"})
+    assert result["ok"], json.dumps(result, indent=1)
+    assert sorted(result["received_ids"]) == sorted(result["sent"])
+    done = [e for e in through.namespace.events("settled")[settled:]
+            if e["entity"] == "sessions"]
+    assert [e["outcome"] for e in done] == ["accepted", "accepted"], done
+
+
+def test_java_app_sees_keyless_failure_when_no_token_can_be_had(
+        java_app: MavenApp, tmp_path: Path, fake_namespace: FakeNamespace) -> None:
+    """The identity endpoint is down: the put-token still goes upstream (no SAS), refused;
+    the Java SDK's exception carries keyless' description."""
+    with FakeIdentityEndpoint(mode="error") as down:
+        running = start_keyless(tmp_path / "keyless", fake_namespace, down, wait_ready=False)
+        try:
+            before = len(fake_namespace.events("put_token"))
+            result = run_java(java_app, running.connection_string(), "orders", 1)
+            assert not result["ok"] and not result["sent"], json.dumps(result, indent=1)
+            assert "KeylessTokenUnavailable: " in result["error"], result["error"]
+            after = puts_since(fake_namespace, before)
+            assert after and not any(p["token_kind"] == "sas" or p["accepted"] for p in after)
+            assert running.logins("token_unavailable") >= 1
+            assert "sig=" not in running.keyless.log() and WRONG_KEY not in running.keyless.log()
+        finally:
+            running.keyless.stop()
+
 class TlsRelay:
     """Plain TCP on 127.0.0.1:port, relayed over verified TLS to the fake namespace: what a
     `UseDevelopmentEmulator=true` client (plain AMQP) needs to reach the fake (AMQPS only)

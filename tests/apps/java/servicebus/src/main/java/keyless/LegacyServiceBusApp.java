@@ -4,6 +4,7 @@ import com.azure.core.amqp.AmqpRetryOptions;
 import com.azure.core.amqp.AmqpTransportType;
 import com.azure.messaging.servicebus.ServiceBusClientBuilder;
 import com.azure.messaging.servicebus.ServiceBusMessage;
+import com.azure.messaging.servicebus.ServiceBusProcessorClient;
 import com.azure.messaging.servicebus.ServiceBusReceivedMessage;
 import com.azure.messaging.servicebus.ServiceBusReceiverClient;
 import com.azure.messaging.servicebus.ServiceBusSenderClient;
@@ -11,6 +12,7 @@ import com.azure.messaging.servicebus.models.ServiceBusReceiveMode;
 
 import java.time.Duration;
 import java.util.ArrayList;
+import java.util.Collections;
 import java.util.List;
 import java.util.UUID;
 
@@ -24,7 +26,10 @@ import java.util.UUID;
  *   java keyless.LegacyServiceBusApp TOPIC/SUBSCRIPTION [COUNT]
  *
  * SERVICEBUS_TRANSPORT=AMQP_WEB_SOCKETS chooses AMQP over WebSockets (443), which takes the
- * JVM's proxy system properties. Every wait is bounded; a watchdog ends a hung run.
+ * JVM's proxy system properties. SERVICEBUS_RECEIVER chooses how it receives: "client" (the
+ * default, ServiceBusReceiverClient), "processor" (ServiceBusProcessorClient, completing in
+ * its callback) or "session" (the messages carry a session id; a session receiver accepts
+ * that session). Every wait is bounded; a watchdog ends a hung run.
  */
 public final class LegacyServiceBusApp {
     private static final Duration TRY_TIMEOUT = Duration.ofSeconds(20);
@@ -71,7 +76,8 @@ public final class LegacyServiceBusApp {
     }
 
     private static void run(String connectionString, String entity, int count, List<String> sent,
-                            List<String> receivedIds, List<String> receivedBodies) {
+                            List<String> receivedIds, List<String> receivedBodies)
+            throws InterruptedException {
         ServiceBusClientBuilder builder = new ServiceBusClientBuilder()
             .connectionString(connectionString)
             .retryOptions(new AmqpRetryOptions().setMaxRetries(0).setTryTimeout(TRY_TIMEOUT));
@@ -90,26 +96,95 @@ public final class LegacyServiceBusApp {
             senderBuilder.queueName(entity);
             receiverBuilder.queueName(entity);
         }
+        String mode = System.getenv().getOrDefault("SERVICEBUS_RECEIVER", "client");
+        String session = "java-session-" + UUID.randomUUID();
         try (ServiceBusSenderClient sender = senderBuilder.buildClient()) {
             List<ServiceBusMessage> messages = new ArrayList<>();
             for (int i = 0; i < count; i++) {
                 String id = "java-" + UUID.randomUUID();
-                messages.add(new ServiceBusMessage("body of " + id).setMessageId(id));
+                ServiceBusMessage message = new ServiceBusMessage("body of " + id).setMessageId(id);
+                messages.add("session".equals(mode) ? message.setSessionId(session) : message);
             }
             sender.sendMessages(messages);
             for (ServiceBusMessage message : messages) {
                 sent.add(message.getMessageId());
             }
         }
-        try (ServiceBusReceiverClient receiver = receiverBuilder.buildClient()) {
-            long deadline = System.currentTimeMillis() + RECEIVE_DEADLINE_MS;
-            while (!receivedIds.containsAll(sent) && System.currentTimeMillis() < deadline) {
-                for (ServiceBusReceivedMessage message : receiver.receiveMessages(count, RECEIVE_WAIT)) {
-                    receiver.complete(message);
-                    receivedIds.add(message.getMessageId());
-                    receivedBodies.add(message.getBody().toString());
+        long deadline = System.currentTimeMillis() + RECEIVE_DEADLINE_MS;
+        switch (mode) {
+            case "processor" -> receiveWithProcessor(builder, parts, entity, sent, receivedIds,
+                receivedBodies, deadline);
+            case "session" -> {
+                ServiceBusClientBuilder.ServiceBusSessionReceiverClientBuilder sessions =
+                    builder.sessionReceiver().receiveMode(ServiceBusReceiveMode.PEEK_LOCK);
+                if (parts.length == 2) {
+                    sessions.topicName(parts[0]).subscriptionName(parts[1]);
+                } else {
+                    sessions.queueName(entity);
+                }
+                try (var sessionClient = sessions.buildClient();
+                     ServiceBusReceiverClient receiver = sessionClient.acceptSession(session)) {
+                    receiveWithClient(receiver, count, sent, receivedIds, receivedBodies, deadline);
                 }
             }
+            case "client" -> {
+                try (ServiceBusReceiverClient receiver = receiverBuilder.buildClient()) {
+                    receiveWithClient(receiver, count, sent, receivedIds, receivedBodies, deadline);
+                }
+            }
+            default -> throw new IllegalArgumentException("SERVICEBUS_RECEIVER " + mode);
+        }
+    }
+
+    private static void receiveWithClient(ServiceBusReceiverClient receiver, int count,
+                                          List<String> sent, List<String> receivedIds,
+                                          List<String> receivedBodies, long deadline) {
+        while (!receivedIds.containsAll(sent) && System.currentTimeMillis() < deadline) {
+            for (ServiceBusReceivedMessage message : receiver.receiveMessages(count, RECEIVE_WAIT)) {
+                receiver.complete(message);
+                receivedIds.add(message.getMessageId());
+                receivedBodies.add(message.getBody().toString());
+            }
+        }
+    }
+
+    private static void receiveWithProcessor(ServiceBusClientBuilder builder, String[] parts,
+                                             String entity, List<String> sent,
+                                             List<String> receivedIds, List<String> receivedBodies,
+                                             long deadline) throws InterruptedException {
+        List<String> ids = Collections.synchronizedList(new ArrayList<>());
+        List<String> bodies = Collections.synchronizedList(new ArrayList<>());
+        List<Throwable> errors = Collections.synchronizedList(new ArrayList<>());
+        ServiceBusClientBuilder.ServiceBusProcessorClientBuilder processor = builder.processor()
+            .receiveMode(ServiceBusReceiveMode.PEEK_LOCK)
+            .disableAutoComplete()
+            .maxConcurrentCalls(1)
+            .processMessage(context -> {
+                context.complete();
+                ids.add(context.getMessage().getMessageId());
+                bodies.add(context.getMessage().getBody().toString());
+            })
+            .processError(context -> errors.add(context.getException()));
+        if (parts.length == 2) {
+            processor.topicName(parts[0]).subscriptionName(parts[1]);
+        } else {
+            processor.queueName(entity);
+        }
+        ServiceBusProcessorClient client = processor.buildProcessorClient();
+        client.start();
+        try {
+            while (!ids.containsAll(sent) && errors.isEmpty() && System.currentTimeMillis() < deadline) {
+                Thread.sleep(100);
+            }
+        } finally {
+            client.close();
+        }
+        synchronized (ids) {
+            receivedIds.addAll(ids);
+            receivedBodies.addAll(bodies);
+        }
+        if (!errors.isEmpty() && !receivedIds.containsAll(sent)) {
+            throw new IllegalStateException("processor error", errors.get(0));
         }
     }
 
