@@ -3,7 +3,8 @@ re-authentication before the token expires.
 
 On connect keyless opens TLS to the cache and sends `AUTH <oid> <token>` (the listener's
 `user=` instead of the token's object id if set) before any command of the app. The app's own
-`AUTH <key>` / `AUTH <user> <key>` is answered `+OK` locally; `HELLO <ver> AUTH <user> <key>`
+`AUTH <key>` / `AUTH <user> <key>` is answered `+OK` locally (inside MULTI it becomes keyless'
+own AUTH, which the server queues); `HELLO <ver> AUTH <user> <key>`
 goes upstream without its AUTH part, so the protocol switch happens on the server. The key
 never leaves keyless (except under --audit, which forwards it and records the login).
 
@@ -289,7 +290,16 @@ class Session:
             out.append(command.raw)
             self.expect(FORWARD)
             return
-        if len(command.args) not in (1, 2):
+        if self.in_multi:
+            # Inside MULTI the server queues it (+QUEUED) and EXEC's array holds its answer:
+            # keyless' own AUTH takes its place, so both come from the server, in order. A
+            # wrong arity goes as a bare AUTH (no secret), so the server aborts the
+            # transaction as it would have.
+            args = (self.user, self.token.value) if len(command.args) in (1, 2) and \
+                self.token is not None else ()
+            out.append(encode_command(b"AUTH", *args))
+            self.expect(FORWARD)
+        elif len(command.args) not in (1, 2):
             self.local(b"-ERR wrong number of arguments for 'auth' command\r\n")
         else:
             self.local(OK)  # keyless already logged this connection in with its token

@@ -142,3 +142,32 @@ def test_attach_without_a_token_is_refused(namespace):
     attaches = [e for e in namespace.events("attach") if e["address"].endswith("/orders")]
     assert attaches and attaches[0]["accepted"] is False
     assert attaches[0]["reason"] == "no valid token for orders"
+
+
+class JwtOfAnotherType(MintingCredential):
+    """A valid Entra token that the real SDK sends with a put-token `type` other than "jwt": it
+    takes the type from a credential's `token_type`. (Its own SAS goes as type "jwt" from the
+    Python SDK, and keyless recognises a SAS by its body, so no SDK trips this rule by itself.)"""
+
+    token_type = b"urn:keyless-test:not-jwt"
+
+
+def jwt_of_another_type(ns: FakeNamespace) -> ServiceBusClient:
+    return servicebus_entra(ns, JwtOfAnotherType())
+
+
+def test_a_jwt_put_with_another_type_is_refused(namespace):
+    with pytest.raises(ServiceBusError):
+        send_one(jwt_of_another_type(namespace))
+    assert refused_reasons(namespace) == {
+        "token type urn:keyless-test:not-jwt with a jwt body"}
+    assert_nothing_delivered(namespace)
+
+
+def test_the_same_put_token_passes_with_the_type_rule_off(tmp_path, pki):
+    """The rule's own mutation check: only `type` made the test above refuse."""
+    with FakeNamespace(tmp_path / "ns", pki, checks={"check_type": False}) as ns:
+        send_one(jwt_of_another_type(ns))
+        puts = ns.events("put_token")
+        assert puts and all(p["accepted"] for p in puts), puts
+        assert {p["type"] for p in puts} == {"urn:keyless-test:not-jwt"}

@@ -2,7 +2,10 @@
 its SAS connection string (a WRONG key), AMQPS to the namespace's own name and port 5671, TLS
 verified against the CA file it is given; it knows nothing of keyless. Prints one JSON line.
 
-    python transparent_amqp_app.py CONNECTION_STRING QUEUE CA_FILE
+    python transparent_amqp_app.py CONNECTION_STRING QUEUE CA_FILE [websocket]
+
+With `websocket` it uses `transport_type=AmqpOverWebsocket` (wss to the namespace's port 443),
+as apps behind firewalls that close 5671 do; still no proxy setting.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import uuid
 
 
 def main() -> int:
-    from azure.servicebus import ServiceBusClient, ServiceBusMessage
+    from azure.servicebus import ServiceBusClient, ServiceBusMessage, TransportType
 
     connection_string, queue, ca = sys.argv[1:4]
+    transport = (TransportType.AmqpOverWebsocket if sys.argv[4:5] == ["websocket"]
+                 else TransportType.Amqp)
     body = f"transparent-{uuid.uuid4()}"
     try:
         with ServiceBusClient.from_connection_string(
-                connection_string, connection_verify=ca, retry_total=0) as client:
+                connection_string, connection_verify=ca, retry_total=0,
+                transport_type=transport) as client:
             with client.get_queue_sender(queue) as sender:
                 sender.send_messages(ServiceBusMessage(body))
             with client.get_queue_receiver(queue, max_wait_time=10) as receiver:

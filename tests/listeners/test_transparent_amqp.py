@@ -1,9 +1,10 @@
 """Transparent mode for AMQPS (5671), with real iptables in network namespaces.
 
 The "pod" runs keyless (`--transparent`, UID 10001), the fake identity endpoint and the
-legacy app: the real azure-servicebus SDK with its SAS connection string (a WRONG key), no
-proxy settings and no code change, as UID 10002, trusting keyless' CA, under exactly the
-rules `keyless iptables` prints (which redirect 5671 by default). "azure" runs the fake
+legacy app: the real azure-servicebus SDK (Python) or @azure/service-bus (Node.js) with its
+SAS connection string (a WRONG key), no proxy settings and no code change, as UID 10002,
+trusting keyless' CA, under exactly the rules `keyless iptables` prints (which redirect 5671 by
+default). "azure" runs the fake
 namespace (rhea; it refuses SAS put-tokens: local auth disabled) reachable at 10.200.2.2:5671.
 """
 
@@ -45,6 +46,7 @@ WRONG_KEY = "d3Jvbmcta2V5LWZyb20tdGhlLWFwcA=="
 LEGACY = (f"Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName=RootManageSharedAccessKey;"
           f"SharedAccessKey={WRONG_KEY}")
 APP = Path(__file__).resolve().parents[1] / "apps" / "transparent_amqp_app.py"
+NODE_APP = Path(__file__).resolve().parents[1] / "apps" / "node" / "transparent_servicebus_app.mjs"
 
 
 @dataclass
@@ -56,11 +58,18 @@ class Pod:
     keyless: NamespacedKeyless
     fake: FakeNamespace
     forwarder: TcpForwarder
+    wss_forwarder: TcpForwarder
     rules: str
 
-    def app(self, queue: str, ca: str | None = None) -> dict[str, Any]:
+    def app(self, queue: str, ca: str | None = None, *transport: str) -> dict[str, Any]:
         return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(APP), LEGACY,
-                       queue, ca or self.keyless_ca, timeout=180)
+                       queue, ca or self.keyless_ca, *transport, timeout=180)
+
+    def node_app(self, queue: str, ca: str | None = None) -> dict[str, Any]:
+        node = shutil.which("node")
+        assert node, "Node.js is needed: apt-get install nodejs, then npm ci"
+        return run_app(self.pod, APP_UID, self.workdir, node, str(NODE_APP), LEGACY, queue,
+                       timeout=180, env={"NODE_EXTRA_CA_CERTS": ca or self.keyless_ca})
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +89,9 @@ def pod() -> Iterator[Pod]:
         forwarder = TcpForwarder(AZURE_ADDRESS, 5671, fake.amqps_port)
         azure_ns.call(forwarder.start)
         stack.callback(forwarder.stop)
+        wss_forwarder = TcpForwarder(AZURE_ADDRESS, 443, fake.wss_port)
+        azure_ns.call(wss_forwarder.start)
+        stack.callback(wss_forwarder.stop)
         identity = FakeIdentityEndpoint()
         pod_ns.call(identity.start)
         stack.callback(identity.stop)
@@ -99,7 +111,7 @@ def pod() -> Iterator[Pod]:
              "--uid", str(KEYLESS_UID)], capture_output=True, text=True, timeout=30,
             check=True)
         yield Pod(pod_ns, workdir, pki, str(keyless_ca), keyless, fake, forwarder,
-                  printed.stdout)
+                  wss_forwarder, printed.stdout)
 
 
 def put_tokens(fake: FakeNamespace) -> list[dict[str, Any]]:
@@ -126,6 +138,54 @@ def test_the_unchanged_app_sends_and_receives_with_a_token(pod):
 
     assert result["outcome"] == "ok", (result, pod.keyless.log()[-4000:])
     assert result["uid"] == APP_UID and pod.keyless.uid_running() == KEYLESS_UID
+    seen = put_tokens(pod.fake)[before:]
+    assert seen and all(event.get("accepted") for event in seen), seen
+    assert {event.get("type") for event in seen} == {"jwt"}  # no SAS reached the namespace
+    assert pod.forwarder.connections > arrived  # through keyless, not looped back to it
+
+
+def test_amqp_over_websockets_on_443_is_converted_too(pod):
+    """An app on `AmqpOverWebsocket` (wss to 443, no proxy setting): the 443 rule takes it to
+    keyless' transparent HTTPS side, which converts the AMQP inside the WebSocket."""
+    pod.pod.flush_nat()
+    before = len(put_tokens(pod.fake))
+    straight = pod.app("orders", pod.pki.ca_pem_path, "websocket")
+    assert straight["outcome"] == "refused", straight
+    refused = put_tokens(pod.fake)[before:]  # refused by the namespace, for its SAS
+    assert refused and not any(event.get("accepted") for event in refused), straight
+
+    pod.pod.run_recipe(pod.rules, pod.workdir)
+    before = len(put_tokens(pod.fake))
+    arrived = pod.wss_forwarder.connections
+
+    result = pod.app("orders", None, "websocket")
+
+    assert result["outcome"] == "ok", (result, pod.keyless.log()[-4000:])
+    seen = put_tokens(pod.fake)[before:]
+    assert seen and all(event.get("accepted") for event in seen), seen
+    assert {event.get("token_kind") for event in seen} == {"jwt"}  # no SAS reached it
+    assert pod.wss_forwarder.connections > arrived
+
+
+def test_without_the_rules_the_node_app_is_refused_too(pod):
+    pod.pod.flush_nat()
+    before = len(put_tokens(pod.fake))
+    result = pod.node_app("orders", ca=pod.pki.ca_pem_path)  # straight to the namespace
+    assert result["outcome"] == "refused", result
+    seen = put_tokens(pod.fake)[before:]
+    assert seen and all(not event.get("accepted") for event in seen), seen
+
+
+def test_the_unchanged_node_app_sends_and_receives_with_a_token(pod):
+    pod.pod.flush_nat()
+    pod.pod.run_recipe(pod.rules, pod.workdir)
+    before = len(put_tokens(pod.fake))
+    arrived = pod.forwarder.connections
+
+    result = pod.node_app("orders")
+
+    assert result["outcome"] == "ok", (result, pod.keyless.log()[-4000:])
+    assert result["uid"] == APP_UID
     seen = put_tokens(pod.fake)[before:]
     assert seen and all(event.get("accepted") for event in seen), seen
     assert {event.get("type") for event in seen} == {"jwt"}  # no SAS reached the namespace

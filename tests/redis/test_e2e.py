@@ -67,6 +67,10 @@ def test_pipeline_and_multi_exec(through: Through) -> None:
     with app.pipeline(transaction=True) as tx:
         tx.incr("counter").incr("counter").get("counter")
         assert tx.execute() == [1, 2, b"2"]
+    # an app that (re-)authenticates inside its transaction: queued, answered in EXEC
+    with app.pipeline(transaction=True) as tx:
+        tx.execute_command("AUTH", WRONG_KEY).incr("counter")
+        assert tx.execute() == [True, 3]  # redis-py reads AUTH's +OK as True
 
 
 def test_pubsub_and_blpop(through: Through) -> None:

@@ -85,6 +85,19 @@ def test_reauth_is_swallowed_even_split_across_reads_and_waits_for_exec() -> Non
     assert asyncio.run(scenario()) is True
 
 
+def test_the_apps_auth_inside_multi_is_queued_as_keyless_own() -> None:
+    s, to_app, to_server = session()
+    sent = app_sends(s, to_server, cmd("MULTI") + cmd("AUTH", "the-key") + cmd("INCR", "x")
+                     + cmd("AUTH", "a", "b", "c") + cmd("EXEC"))
+    # the server queues an AUTH with keyless' token; a wrong arity goes bare (no secret)
+    assert sent == cmd("MULTI") + cmd("AUTH", "oid-1", "old-token") + cmd("INCR", "x") + \
+        cmd("AUTH") + cmd("EXEC")
+    assert b"the-key" not in sent
+    replies = (b"+OK\r\n+QUEUED\r\n+QUEUED\r\n-ERR wrong number of arguments\r\n"
+               b"-EXECABORT Transaction discarded\r\n")
+    assert server_sends(s, to_app, replies) == replies  # the app gets the server's own
+
+
 def test_reauth_with_replies_switched_off() -> None:
     s, to_app, to_server = session()
     assert app_sends(s, to_server, cmd("CLIENT", "REPLY", "OFF") + cmd("SET", "k", "v")) == \
