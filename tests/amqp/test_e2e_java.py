@@ -75,11 +75,18 @@ def puts_since(namespace: FakeNamespace, before: int) -> list[dict[str, Any]]:
     return namespace.events("put_token")[before:]
 
 
+def connections_metric(through: Through) -> float:
+    return through.keyless.metric("keyless_listener_connections_total", protocol="amqp")
+
+
 def test_java_queue_round_trip_through_the_local_endpoint(java_app: MavenApp,
                                                           through: Through) -> None:
     before = len(through.namespace.events("put_token"))
     attaches = len(through.namespace.events("attach"))
+    opens = len(through.namespace.events("open"))
     converted = through.logins("converted")
+    connections = connections_metric(through)
+    relayed = through.keyless.metric("keyless_listener_bytes_total", direction="to_client")
 
     result = run_java(java_app, through.connection_string(), "orders", 3)
 
@@ -88,15 +95,22 @@ def test_java_queue_round_trip_through_the_local_endpoint(java_app: MavenApp,
     assert sorted(result["received"]) == sorted(f"body of {id_}" for id_ in result["sent"])
     puts = puts_since(through.namespace, before)
     assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
-    assert all(p["audience"].startswith(f"amqp://{NAMESPACE}/") or
-               p["audience"].startswith(f"sb://{NAMESPACE}/") for p in puts), puts
-    assert through.logins("converted") >= converted + 2  # the sender's and receiver's
+    # the Java SDK's audience form, with the local host:port rewritten to the namespace
+    assert {p["audience"] for p in puts} == {f"amqp://{NAMESPACE}/orders"}, puts
+    assert {e["hostname"] for e in through.namespace.events("open")[opens:]} == {NAMESPACE}
+    # keyless' metrics: one login converted per put-token, the sender's and the receiver's
+    # connections, and the messages relayed back
+    assert through.logins("converted") >= converted + len(puts) >= converted + 2
+    assert connections_metric(through) >= connections + 2
+    assert through.keyless.metric("keyless_listener_bytes_total",
+                                  direction="to_client") > relayed
     attached = [e for e in through.namespace.events("attach")[attaches:]
                 if e.get("entity") == "orders"]
-    assert attached and all(e["accepted"] for e in attached), attached
+    assert {e["role"] for e in attached} == {"sender", "receiver"}, attached
+    assert all(e["accepted"] for e in attached), attached
     log = through.keyless.log()
-    assert WRONG_KEY not in log and "sig=" not in log
-    assert WRONG_KEY not in through.keyless.metrics()
+    assert "sig=" not in log and "SharedAccessSignature" not in log and WRONG_KEY not in log
+    assert "sig=" not in through.keyless.metrics()
 
 
 def test_java_topic_subscription_through_the_local_endpoint(java_app: MavenApp,
@@ -104,9 +118,11 @@ def test_java_topic_subscription_through_the_local_endpoint(java_app: MavenApp,
     before = len(through.namespace.events("put_token"))
     result = run_java(java_app, through.connection_string(), "events/audit", 2)
     assert result["ok"], json.dumps(result, indent=1)
+    assert sorted(result["received_ids"]) == sorted(result["sent"])
     puts = puts_since(through.namespace, before)
     assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
-
+    assert {p["audience"] for p in puts} == {f"amqp://{NAMESPACE}/events",
+                                             f"amqp://{NAMESPACE}/events/subscriptions/audit"}
 
 
 def test_java_processor_client_through_the_local_endpoint(java_app: MavenApp,
