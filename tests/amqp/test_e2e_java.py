@@ -33,7 +33,7 @@ from tests.amqp.conftest import KEY_NAME, NAMESPACE, WRONG_KEY, Through, start_k
 from tests.amqp_ws.conftest import start_keyless as start_ws_keyless
 from tests.e2e.conftest import DEAD_PROXY_ENV
 from tests.support.azurite import TestPKI, free_port
-from tests.support.fake_namespace import FakeNamespace
+from tests.support.fake_namespace import FakeNamespace, sas_token
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.jvm import MavenApp, java_truststore, maven_app
 from tests.support.keyless import keyless_command
@@ -123,6 +123,21 @@ def test_java_topic_subscription_through_the_local_endpoint(java_app: MavenApp,
     assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
     assert {p["audience"] for p in puts} == {f"amqp://{NAMESPACE}/events",
                                              f"amqp://{NAMESPACE}/events/subscriptions/audit"}
+
+
+def test_java_app_with_a_ready_made_sas_in_its_connection_string(java_app: MavenApp,
+                                                                  through: Through) -> None:
+    """`SharedAccessSignature=...` instead of a key (apps handed a SAS, not the key): the SDK
+    puts that SAS in its put-tokens as it is; keyless converts them the same way."""
+    sas = sas_token(f"sb://localhost:{through.port}/orders", key=WRONG_KEY)
+    before = len(through.namespace.events("put_token"))
+    result = run_java(java_app, f"Endpoint=sb://localhost:{through.port};"
+                      f"SharedAccessSignature={sas};UseDevelopmentEmulator=true", "orders", 1)
+    assert result["ok"], json.dumps(result, indent=1)
+    puts = puts_since(through.namespace, before)
+    assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts), puts
+    signature = sas.split("sig=", 1)[1].split("&", 1)[0]
+    assert signature not in through.keyless.log() and "sig=" not in through.keyless.log()
 
 
 def test_java_processor_client_through_the_local_endpoint(java_app: MavenApp,
