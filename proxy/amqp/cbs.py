@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.amqp.codec import (
     PROPERTIES_CORRELATION_ID,
@@ -147,12 +148,22 @@ class CbsReply:
     description: str | None
 
 
+# A reply's status under either spelling: CBS says status-code, Service Bus' $management
+# statusCode; the Java SDK reads statusCode/statusDescription first when a reply has both.
+STATUS_CODE_KEYS = ("status-code", "statusCode")
+STATUS_DESCRIPTION_KEYS = ("status-description", "statusDescription")
+
+
+def _first(props: Map, keys: tuple[str, ...]) -> Any:
+    return next((props.get(key) for key in keys if props.get(key) is not None), None)
+
+
 def read_reply(payload: bytes) -> CbsReply:
     sections = parse_message(payload)
     props = _app_properties(sections)
-    code = props.get("status-code")
+    code = _first(props, STATUS_CODE_KEYS)
     value = getattr(code, "value", code)
-    description = props.get("status-description")
+    description = _first(props, STATUS_DESCRIPTION_KEYS)
     return CbsReply(sections, correlation_id(sections),
                     int(value) if isinstance(value, int) and not isinstance(value, bool) else None,
                     description if isinstance(description, str) else None)
@@ -163,6 +174,8 @@ def reply_with_description(reply: CbsReply, description: str) -> bytes:
     for s in reply.sections:
         if s.code == APPLICATION_PROPERTIES:
             props = _app_properties([s]).replace("status-description", description)
+            if props.get("statusDescription") is not None:  # what the Java SDK shows
+                props = props.replace("statusDescription", description)
             out.append(encode_section(APPLICATION_PROPERTIES, props))
         else:
             out.append(s.raw)

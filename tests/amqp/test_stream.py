@@ -182,6 +182,37 @@ def test_no_token_fails_closed_and_the_reply_says_why():
         "token_unavailable", "put_token_refused"]
 
 
+
+def test_no_token_reply_says_why_under_both_spellings_of_the_status():
+    """A reply with statusCode/statusDescription too (Service Bus' $management spelling):
+    the Java SDK reads those first, so keyless' reason goes in both."""
+    conv = converter(Tokens(fail="the identity endpoint is unreachable"))
+    run(conv.from_app(APP_START + put_token(int(time.time()) + 60)))
+    payload = (encode_section(0x73, [None, None, None, None, None, "m-1"])
+               + encode_section(0x74, Map((("status-code", Typed("int", 401)),
+                                           ("status-description", "InvalidToken"),
+                                           ("statusCode", Typed("int", 401)),
+                                           ("statusDescription", "InvalidToken")))))
+    service_reply = frame("transfer", [uint(0), uint(0), b"0", uint(0), False, False], 0,
+                          payload)
+    back = conv.from_service(SERVICE_START + service_reply)
+    last, raw = frames(back.to_app)[-1]
+    props = parse_message(raw.body[last.payload_offset:])[1].value
+    said = "KeylessTokenUnavailable: the identity endpoint is unreachable"
+    assert props.get("status-description") == said and props.get("statusDescription") == said
+    assert props.get("statusCode") == Typed("int", 401)
+
+
+def test_a_reply_with_only_the_legacy_status_is_read():
+    legacy = (encode_section(0x73, [None, None, None, None, None, "m-9"])
+              + encode_section(0x74, Map((("statusCode", Typed("int", 401)),
+                                          ("statusDescription", "no role")))))
+    reply_read = cbs.read_reply(legacy)
+    assert (reply_read.status_code, reply_read.description) == (401, "no role")
+    rewritten = cbs.reply_with_description(reply_read, "KeylessTokenUnavailable: x")
+    props = parse_message(rewritten)[1].value
+    assert props.get("statusDescription") == "KeylessTokenUnavailable: x"
+
 def test_service_refusal_of_a_converted_token_is_reported():
     events = []
     conv = converter(Tokens(), events)

@@ -434,14 +434,20 @@ function reply(context, status, description, body) {
         correlation_id: request.message_id ?? request.correlation_id,
         to: request.reply_to,
         // CBS and Event Hubs answer with status-code; Service Bus' $management with statusCode.
-        application_properties: { 'status-code': status, 'status-description': description,
-            statusCode: status, statusDescription: description },
+        // Both are AMQP `int` as the service sends them: rhea would pick uint for a positive
+        // number, which the Go SDK (int32 only) and the Java SDK (a cast to Integer) refuse.
+        application_properties: { 'status-code': rhea.types.wrap_int(status),
+            'status-description': description, statusCode: rhea.types.wrap_int(status),
+            statusDescription: description },
         body,
     });
     // Replies go pre-settled: a client that never settles them (pyamqp) must not hold rhea's
-    // outgoing delivery buffer (shared by the session's links) at its head forever.
+    // outgoing delivery buffer (shared by the session's links) at its head forever. Only
+    // `settled`: rhea marks a pre-settled delivery remote_settled itself once it is sent, and
+    // drops settled + remote_settled ones from the buffer's head, sent or not. A reply that
+    // waits for credit (the Go SDK grants its new reply link's credit after the put-token
+    // went out) would be dropped, where the service delivers it when the credit comes.
     delivery.settled = true;
-    delivery.remote_settled = true;
 }
 
 function onPutToken(context) {
@@ -508,8 +514,13 @@ function onManagement(context) {
     }
 }
 
+// rhea encodes a footer before the body (the spec and the service put it last), and proton-j
+// (Java) then sees no body at all: the stored copy keeps every section but an empty footer
+// (the Java SDK sends one with every message).
 function stored(message, extra) {
-    return { ...message, message_annotations: { ...(message.message_annotations ?? {}), ...extra } };
+    const { footer, ...rest } = message;
+    const kept = footer && Object.keys(footer).length ? { footer } : {};
+    return { ...rest, ...kept, message_annotations: { ...(message.message_annotations ?? {}), ...extra } };
 }
 
 // The messages a transfer carries: a batch (message-format 0x80013700, which rhea hands over
@@ -632,10 +643,21 @@ const wss = https.createServer(tlsOptions, (request, response) => {
 });
 wss.on('upgrade', (request, socket) => {
     const protocols = String(request.headers['sec-websocket-protocol'] ?? '').split(',').map((p) => p.trim());
-    const path = request.url.split('?')[0];
-    const ok = path === '/$servicebus/websocket' && protocols.includes('AMQPWSB10')
+    // The request target may be absolute-form (the Java SDK's proton-j-extensions sends
+    // `GET https://NS/$servicebus/websocket`), which an HTTP server must accept (RFC 9112
+    // 3.2.2); then its host must be the namespace.
+    const absolute = /^[a-z][a-z0-9+.-]*:\/\//i.test(request.url);
+    let target;
+    try {
+        target = new URL(request.url, `https://${NAMESPACE}`);
+    } catch {
+        target = null;
+    }
+    const path = target?.pathname ?? request.url;
+    const ok = target !== null && target.hostname === NAMESPACE
+        && path === '/$servicebus/websocket' && protocols.includes('AMQPWSB10')
         && String(request.headers.upgrade).toLowerCase() === 'websocket';
-    record('websocket', { path, protocols, accepted: ok });
+    record('websocket', { path, absolute, protocols, accepted: ok });
     if (!ok) {
         socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
         return;
