@@ -125,7 +125,8 @@ LISTENER_LOGINS = Counter(
 )
 LISTENER_REAUTHS = Counter(
     "keyless_listener_reauths",
-    "Re-authentications of live connections with a fresh token (Redis), by result.",
+    ("Re-authentications of live connections with a fresh token (Redis AUTH; AMQP "
+    "put-tokens keyless renews itself), by result."),
     ["listener", "result"],
     registry=REGISTRY,
 )
