@@ -17,10 +17,12 @@ from azure.eventhub import EventData, EventHubConsumerClient, EventHubProducerCl
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
 from azure.servicebus.exceptions import ServiceBusError
 
-from tests.amqp.conftest import NAMESPACE, Through, start_keyless
+from tests.amqp.conftest import KEY_NAME, NAMESPACE, WRONG_KEY, Through, start_keyless
 from tests.amqp_fake.test_calibration import send_and_complete
+from tests.support.azurite import free_port
 from tests.support.fake_namespace import FakeNamespace
 from tests.support.identity_endpoint import FakeIdentityEndpoint
+from tests.support.keyless import KeylessProcess
 
 pytestmark = pytest.mark.e2e
 WAIT = 10  # seconds an SDK waits for a message: a bound
@@ -298,3 +300,36 @@ def test_identity_tokens_shorter_than_the_sas_are_renewed_by_keyless(
             assert running.keyless.metric("keyless_listener_reauths_total", result="ok") >= 1
         finally:
             running.keyless.stop()
+
+
+def test_several_local_endpoints_for_several_namespaces(tmp_path: Path, pki,
+                                                        module_identity: FakeIdentityEndpoint
+                                                        ) -> None:
+    """One keyless, two `--reverse PORT=amqps://NS` listeners: each app's connection goes to
+    its own namespace, rewritten to that namespace's name (the fakes refuse another name)."""
+    names = ("keylessbus.servicebus.windows.net", "otherbus.servicebus.windows.net")
+    with FakeNamespace(tmp_path / "ns1", pki, names[0]) as first, \
+            FakeNamespace(tmp_path / "ns2", pki, names[1]) as second:
+        fakes = dict(zip(names, (first, second), strict=True))
+        ports = {name: free_port() for name in names}
+        args: list[str] = ["--set", f"ssl_verify_upstream_trusted_ca={first.ca_pem_path}"]
+        for name, fake in fakes.items():
+            args += ["--reverse", f"{ports[name]}=amqps://{name}",
+                     "--connect-to", f"{name}:5671:127.0.0.1:{fake.amqps_port}"]
+        keyless = KeylessProcess(tmp_path / "keyless", args, module_identity.env()).start()
+        try:
+            for name in names:
+                body = f"for-{name}-{uuid.uuid4()}"
+                app = ServiceBusClient.from_connection_string(
+                    f"Endpoint=sb://localhost:{ports[name]};SharedAccessKeyName="
+                    f"{KEY_NAME};SharedAccessKey={WRONG_KEY};UseDevelopmentEmulator=true",
+                    retry_total=0)
+                assert send_and_complete(app, body, queue="orders") == [body]
+            for name, fake in fakes.items():
+                assert {e["hostname"] for e in fake.events("open")} == {name}
+                puts = fake.events("put_token")
+                assert puts and all(p["accepted"] and p["token_kind"] == "jwt" for p in puts)
+                assert {p["audience"].split("/")[2] for p in puts} == {name}
+            assert WRONG_KEY not in keyless.log()
+        finally:
+            keyless.stop()
