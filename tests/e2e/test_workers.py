@@ -59,6 +59,9 @@ def search(pki) -> Iterator[tuple[FakeAzure, Search]]:
     upstream = Search()
     with FakeAzure(pki.issue_server_cert(HOST)) as fake:
         fake.add(re.escape(HOST), None, upstream)
+        # 500 requests released at once by the first token open as many upstream
+        # connections: a listen backlog of 5 (socketserver's default) would drop most
+        fake._server.socket.listen(1024)
         yield fake, upstream
 
 
