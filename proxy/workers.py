@@ -44,7 +44,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATUS_EVERY = 0.5  # seconds between a worker's readiness reports
 STATUS_STALE = 3.0  # a worker silent this long is not counted as ready
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
-STARTUP_FAILED = 2  # a worker's exit code for a StartupError (bad port, bad options)
 
 
 class SupervisorError(Exception):
@@ -277,8 +276,9 @@ class Supervisor:
 
     async def keep_running(self, worker: WorkerState) -> None:
         """Start the worker; start it again whenever it dies, until the pod stops."""
-        failures = 0
+        failures = launches = 0
         while not self._stopping.is_set():
+            launches += 1
             worker.ready, worker.reported_at = False, 0.0
             started = time.monotonic()
             worker.process = await asyncio.create_subprocess_exec(
@@ -293,8 +293,10 @@ class Supervisor:
             mark_process_dead(worker.process.pid, str(self.multiproc_dir))
             if self._stopping.is_set():
                 return
-            if code == STARTUP_FAILED and not worker.ever_ready:
-                self.failed = f"worker {worker.number} could not start (exit {code})"
+            if not worker.ever_ready and launches == 1:
+                # a worker that fails on the pod's first start (port taken, bad option)
+                # would fail again: the pod fails to start, as one process would
+                self.failed = f"worker {worker.number} exited with {code} before it was ready"
                 self._stopping.set()
                 return
             metrics.WORKER_RESTARTS.inc()
