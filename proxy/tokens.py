@@ -176,8 +176,8 @@ class TokenCache:
         started = time.perf_counter()
         try:
             info = await self._source(identity, scope)
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, TokenUnavailable):
+            raise  # a TokenUnavailable already says why (--workers: the supervisor's reason)
         except Exception as exc:  # any credential failure becomes a clear, secret-free reason
             self._fetched("error")
             reason = redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

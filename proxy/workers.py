@@ -113,8 +113,8 @@ class SupervisorTokens:
         self._stale.discard(identity)
         answer = await ask(self.socket_path, {"op": "token", "identity": identity.client_id,
                                               "scope": scope, "fresh": fresh}, self.timeout)
-        if "error" in answer:
-            raise SupervisorError(str(answer["error"]))
+        if "error" in answer:  # the supervisor's own reason, as one process would give it
+            raise TokenUnavailable(str(answer["error"]))
         try:
             return SuppliedToken(str(answer["token"]), float(answer["expires_on"]),
                                  float(answer["refresh_on"]))

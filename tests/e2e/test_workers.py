@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -218,3 +219,52 @@ def test_sigterm_lets_every_in_flight_request_finish_then_all_exit_0(
         assert keyless.process.wait(timeout=30) == 0, keyless.log()
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
         assert "draining" in keyless.log()
+
+
+def test_a_token_error_is_refused_with_the_supervisors_reason_not_a_hang(
+    tmp_path, pki, search, monkeypatch
+):
+    fake, upstream = search
+    with FakeIdentityEndpoint(mode="error") as identity:
+        keyless = start_workers(tmp_path, 2, fake, pki, identity, "--token-timeout", "5")
+        try:
+            route_app_through(monkeypatch, keyless)
+            seen = len(upstream.seen)
+            started = time.monotonic()
+            refused = put()
+            assert time.monotonic() - started < 15
+            assert refused.status_code == 503, refused.text
+            # the supervisor's reason, as one process would give it, not a relay error
+            assert refused.json()["error"]["message"].startswith(
+                "could not get a token for scope https://search.azure.com/.default "
+                "(identity default): ClientAuthenticationError: ")
+            assert len(upstream.seen) == seen, "a request without a token reached the service"
+        finally:
+            assert keyless.stop() == 0, keyless.log()
+
+
+def test_a_port_taken_fails_the_start_and_no_worker_stays(tmp_path, pki, search):
+    fake, _ = search
+    with FakeIdentityEndpoint() as identity, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        keyless = KeylessProcess(tmp_path / "taken", [
+            "--workers", "2", "--connect-to", f"{HOST}:443:127.0.0.1:{fake.port}",
+        ], {**identity.env(), **DEAD_PROXY_ENV})
+        keyless.port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            keyless.start(timeout=60)
+        assert "before it was ready" in keyless.log()
+
+
+def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path, pki, search):
+    fake, _ = search
+    with FakeIdentityEndpoint() as identity:
+        keyless = start_workers(tmp_path, 2, fake, pki, identity)
+        assert keyless.process is not None
+        workers = worker_pids(keyless.process.pid)
+        keyless.process.kill()
+        keyless.process.wait(timeout=10)
+        poll(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30,
+             "the orphaned workers exited")
+        assert "the supervisor is gone: draining" in keyless.log()
