@@ -22,6 +22,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -241,8 +243,26 @@ class Supervisor:
         os.chmod(self.socket_path, 0o600)
         return server
 
+    def from_a_worker(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether the peer is one of our workers (SO_PEERCRED): besides the directory's mode,
+        no other process of the user (or root) is handed a token."""
+        sock = writer.get_extra_info("socket")
+        try:
+            pid, _uid, _gid = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                      struct.calcsize("3i")))
+        except (OSError, AttributeError):
+            return False
+        return any(worker.process is not None and worker.process.pid == pid
+                   and worker.process.returncode is None for worker in self.workers)
+
     async def _answer_worker(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
+        if not self.from_a_worker(writer):
+            logger.warning("refused a connection to the token socket from a process that is "
+                           "not a worker")
+            writer.close()
+            return
         try:
             async with asyncio.timeout(self.settings.token_timeout + 10):
                 request = json.loads(await reader.readline())

@@ -268,3 +268,31 @@ def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path, pki, search):
         poll(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30,
              "the orphaned workers exited")
         assert "the supervisor is gone: draining" in keyless.log()
+
+
+def test_the_token_socket_answers_only_the_workers(tmp_path, pki, search, monkeypatch):
+    fake, _ = search
+    with FakeIdentityEndpoint() as identity:
+        keyless = start_workers(tmp_path, 2, fake, pki, identity)
+        try:
+            route_app_through(monkeypatch, keyless)
+            assert put().status_code == 201  # the supervisor holds a token now
+            assert keyless.process is not None
+            worker = worker_pids(keyless.process.pid)[0]
+            environ = dict(item.split("=", 1) for item in Path(
+                f"/proc/{worker}/environ").read_text().split("\0") if "=" in item)
+            path = environ["KEYLESS_INTERNAL_SUPERVISOR_SOCKET"]
+            assert oct(Path(path).parent.stat().st_mode & 0o777) == "0o700"
+            with socket.socket(socket.AF_UNIX) as stranger:  # this test is not a worker
+                stranger.settimeout(10)
+                stranger.connect(path)
+                stranger.sendall(b'{"op": "token", "identity": null, '
+                                 b'"scope": "https://search.azure.com/.default"}\n')
+                try:
+                    answer = stranger.recv(65536)
+                except ConnectionResetError:  # closed with our request unread
+                    answer = b""
+                assert answer == b""  # closed, nothing handed out
+            assert "not a worker" in keyless.log()
+        finally:
+            assert keyless.stop() == 0, keyless.log()
