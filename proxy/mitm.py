@@ -138,6 +138,17 @@ def share_listen_ports() -> None:
     shared.start_server = start_server_reusing_port
     shared.keyless_reuse_port = True
     mode_servers.asyncio = shared  # type: ignore[assignment]
+    # A reverse https mode also binds a UDP socket (HTTP/3), which cannot be shared; keyless'
+    # reverse ports serve plain HTTP: under --workers they listen on TCP alone.
+    listen = mode_servers.AsyncioServerInstance.listen
+
+    async def listen_tcp_only(self: mode_servers.AsyncioServerInstance, host: str,
+                              port: int) -> list:
+        if self.mode.transport_protocol == "both":
+            return [await start_server_reusing_port(self.handle_stream, host, port)]
+        return await listen(self, host, port)
+
+    mode_servers.AsyncioServerInstance.listen = listen_tcp_only  # type: ignore[method-assign]
     listener_server.REUSE_PORT = True
 
 

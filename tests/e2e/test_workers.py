@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from tests.e2e.conftest import DEAD_PROXY_ENV, FAKE_HOSTS, route_app_through
+from tests.support.azurite import free_port
 from tests.support.fake_azure import Expect, FakeAzure, FakeRequest, FakeResponse, check
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.keyless import KeylessProcess
@@ -294,5 +295,31 @@ def test_the_token_socket_answers_only_the_workers(tmp_path, pki, search, monkey
                     answer = b""
                 assert answer == b""  # closed, nothing handed out
             assert "not a worker" in keyless.log()
+        finally:
+            assert keyless.stop() == 0, keyless.log()
+
+
+def test_reverse_mode_under_two_workers(tmp_path, pki, search):
+    """A reverse https mode binds TCP and UDP in mitmproxy; under --workers its port is
+    shared over TCP (the app speaks plain HTTP to it)."""
+    fake, upstream = search
+    with FakeIdentityEndpoint() as identity:
+        reverse_port = free_port()
+        keyless = start_workers(tmp_path, 2, fake, pki, identity,
+                                "--reverse", f"{reverse_port}=https://{HOST}")
+        try:
+            seen = len(upstream.seen)
+            answers = []
+            for _ in range(20):
+                with requests.Session() as app:  # a new connection each
+                    app.trust_env = False  # no proxy: the reverse port is the service
+                    answers.append(app.put(f"http://127.0.0.1:{reverse_port}/indexes/i/docs"
+                                           "?api-version=2024-07-01", data=b"{}",
+                                           headers={"api-key": DUMMY_KEY}, timeout=30))
+            assert [a.status_code for a in answers] == [201] * 20
+            assert len(upstream.seen) == seen + 20 and not upstream.problems
+            per_worker = [keyless.metric("keyless_worker_requests_total", worker=str(n))
+                          for n in range(2)]
+            assert sum(per_worker) == 20 and all(count > 0 for count in per_worker), per_worker
         finally:
             assert keyless.stop() == 0, keyless.log()
