@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 import requests
 
+from proxy.audit import STATE_FILE, CallLog
 from tests.e2e.conftest import DEAD_PROXY_ENV, FAKE_HOSTS, route_app_through
 from tests.support.azurite import free_port
 from tests.support.fake_azure import Expect, FakeAzure, FakeRequest, FakeResponse, check
@@ -131,6 +132,10 @@ def test_two_workers_share_the_port_and_metrics_sum_across_them(
             assert keyless.stop() == 0, keyless.log()
     log = keyless.log()
     assert " worker=0 " in log and " worker=1 " in log and " worker=supervisor " in log
+    # one audit state file, in today's format, with both workers' calls merged into it
+    calls = CallLog(keyless.confdir / STATE_FILE).entries()
+    assert [(c["service"], c["handled"], c["count"]) for c in calls] == [
+        ("search", "converted", 40)]
     assert not any(token in log for token in identity.issued)
 
 
