@@ -148,16 +148,18 @@ CA_EXPIRY = Gauge(
     registry=REGISTRY,
     multiprocess_mode="max",  # one CA for all workers
 )
+# --workers only (registered by the supervisor; a worker's values reach the supervisor through
+# the multiprocess files, whatever the registry): one process shows exactly what it showed.
 WORKER_RESTARTS = Counter(
     "keyless_worker_restarts",
     "--workers: worker processes that died and were started again by the supervisor.",
-    registry=REGISTRY,
+    registry=None,
 )
 WORKER_REQUESTS = Counter(
     "keyless_worker_requests",
     "--workers: HTTP requests each worker process received (worker = its number).",
     ["worker"],
-    registry=REGISTRY,
+    registry=None,
 )
 
 

@@ -378,7 +378,9 @@ async def supervise(settings, argv: Sequence[str]) -> int:
                         wait_timeout=settings.token_timeout, forget=source.forget,
                         count_lookups=False)  # the workers count the lookups requests make
     collector = metrics.TokenExpiryCollector(tokens.peek, time.time)
-    metrics.REGISTRY.register(collector)
+    pod_only = [collector, metrics.WORKER_RESTARTS, metrics.WORKER_REQUESTS]
+    for one in pod_only:
+        metrics.REGISTRY.register(one)
     runtime_dir = Path(tempfile.mkdtemp(prefix="keyless-workers-"))  # 0700
     supervisor = Supervisor(settings, argv, tokens, runtime_dir)
     state_file = settings.confdir / STATE_FILE
@@ -414,7 +416,8 @@ async def supervise(settings, argv: Sequence[str]) -> int:
     finally:
         server.close()
         await admin.stop()
-        metrics.REGISTRY.unregister(collector)
+        for one in pod_only:
+            metrics.REGISTRY.unregister(one)
         await tokens.close()
         await source.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)

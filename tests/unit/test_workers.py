@@ -80,3 +80,11 @@ def test_shared_call_log_merges_concurrent_writers_in_todays_format(tmp_path):
     data = json.loads(path.read_text())
     assert data["version"] == 1 and set(data) == {"version", "calls"}
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_one_process_shows_no_worker_metrics():
+    from prometheus_client import generate_latest
+
+    from proxy import metrics
+
+    assert b"keyless_worker_" not in generate_latest(metrics.REGISTRY)
