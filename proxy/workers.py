@@ -381,7 +381,10 @@ async def supervise(settings, argv: Sequence[str]) -> int:
     pod_only = [collector, metrics.WORKER_RESTARTS, metrics.WORKER_REQUESTS]
     for one in pod_only:
         metrics.REGISTRY.register(one)
-    runtime_dir = Path(tempfile.mkdtemp(prefix="keyless-workers-"))  # 0700
+    try:  # 0700; a short path: a Unix socket's path is limited to 107 bytes
+        runtime_dir = Path(tempfile.mkdtemp(prefix="keyless-workers-"))
+    except OSError:  # a read-only root filesystem: the confdir is writable
+        runtime_dir = Path(tempfile.mkdtemp(prefix="workers-", dir=settings.confdir))
     supervisor = Supervisor(settings, argv, tokens, runtime_dir)
     state_file = settings.confdir / STATE_FILE
     admin = AdminServer(supervisor.health, *settings.admin,

@@ -68,7 +68,7 @@ def test_shared_call_log_merges_concurrent_writers_in_todays_format(tmp_path):
     old = CallLog(path)
     old.record(KEY)
     old.save()  # what a previous run left
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # pytest has threads: no fork
     writers = [context.Process(target=record_and_save, args=(str(path), 40)) for _ in range(3)]
     for writer in writers:
         writer.start()
