@@ -74,10 +74,8 @@ class Health:
 class AdminServer:
     def __init__(self, health: Health, host: str, port: int,
                  report: Callable[[], dict[str, Any]] = dict,
-                 report_token: str | None = None,
-                 exposition: Callable[[], bytes] = lambda: generate_latest(REGISTRY)) -> None:
+                 report_token: str | None = None) -> None:
         self.health = health
-        self.exposition = exposition  # --workers: the supervisor sums the workers' metrics
         self.report_data = report
         self._report_token = report_token.encode() if report_token else None
         self.host, self.port = host, port
@@ -100,7 +98,7 @@ class AdminServer:
 
     async def metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
-            body=self.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def healthz(self, _request: web.Request) -> web.Response:

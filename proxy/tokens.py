@@ -73,12 +73,7 @@ class TokenCache:
         refresh_retry: float = 30.0,
         maxsize: int = 1024,
         forget: Callable[[Identity], None] | None = None,
-        count_fetches: bool = True,
-        count_lookups: bool = True,
     ) -> None:
-        # --workers: a worker's fetches go to the supervisor, whose lookups are the workers'
-        # fetches; each side counts only what means something at its level
-        self._count_fetches, self._count_lookups = count_fetches, count_lookups
         self._source = source
         self._forget = forget
         self._invalidated_at: dict[Key, float] = {}
@@ -112,13 +107,11 @@ class TokenCache:
             # all shorter keeps serving the one it has
             token = None
         if token is not None:
-            if self._count_lookups:
-                metrics.TOKEN_CACHE.labels(result="hit").inc()
+            metrics.TOKEN_CACHE.labels(result="hit").inc()
             if self._clock() >= token.refresh_on:
                 self._refresh(key)
             return token
-        if self._count_lookups:
-            metrics.TOKEN_CACHE.labels(result="miss").inc()
+        metrics.TOKEN_CACHE.labels(result="miss").inc()
         task = self._inflight.get(key) or self._start_fetch(key)
         try:
             token = await asyncio.wait_for(asyncio.shield(task), self._wait_timeout)
@@ -176,10 +169,10 @@ class TokenCache:
         started = time.perf_counter()
         try:
             info = await self._source(identity, scope)
-        except (asyncio.CancelledError, TokenUnavailable):
-            raise  # a TokenUnavailable already says why (--workers: the supervisor's reason)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # any credential failure becomes a clear, secret-free reason
-            self._fetched("error")
+            metrics.TOKEN_FETCHES.labels(result="error").inc()
             reason = redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             logger.warning("token fetch failed for scope %s (identity %s): %s",
                            scope, identity.label, reason)
@@ -187,12 +180,11 @@ class TokenCache:
                 f"could not get a token for scope {scope} (identity {identity.label}): {reason}"
             ) from None
         finally:
-            if self._count_fetches:
-                metrics.TOKEN_FETCH_SECONDS.observe(time.perf_counter() - started)
+            metrics.TOKEN_FETCH_SECONDS.observe(time.perf_counter() - started)
         now = self._clock()
         expires_on = float(info.expires_on)
         if expires_on - self._margin <= now:
-            self._fetched("expired")
+            metrics.TOKEN_FETCHES.labels(result="expired").inc()
             raise TokenUnavailable(
                 f"the token for scope {scope} (identity {identity.label}) expires within "
                 f"{self._margin:g}s of issue"
@@ -202,7 +194,7 @@ class TokenCache:
             # The source handed back the token we have (azure-identity serves its own cached
             # token while its refresh is failing or paused): keep it, and ask again only after
             # the retry pause, so an unchanged token never turns into a tight refresh loop.
-            self._fetched("unchanged")
+            metrics.TOKEN_FETCHES.labels(result="unchanged").inc()
             postponed = replace(current, refresh_on=now + self._refresh_retry)
             self._cache[key] = postponed
             self._refresh_in(key, self._refresh_retry)
@@ -217,14 +209,10 @@ class TokenCache:
         self._refresh_failed_at.pop(key, None)
         # Idle sidecars refresh too: a timer fires at refresh_on even without traffic.
         self._refresh_in(key, max(0.0, refresh_on - now))
-        self._fetched("ok")
+        metrics.TOKEN_FETCHES.labels(result="ok").inc()
         logger.info("token cached for scope %s (identity %s), expires in %ds",
                     scope, identity.label, int(expires_on - now))
         return token
-
-    def _fetched(self, result: str) -> None:
-        if self._count_fetches:
-            metrics.TOKEN_FETCHES.labels(result=result).inc()
 
     def _refresh_in(self, key: Key, delay: float) -> None:
         if old := self._timers.pop(key, None):
