@@ -11,6 +11,8 @@ visited, so `--set scripts=...` keeps working.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import exceptions, hooks, master
@@ -24,10 +26,12 @@ def implements(addon: Any, hook: str) -> bool:
 class HookIndex(AddonManager):
     def __init__(self, proxy_master: master.Master) -> None:
         super().__init__(proxy_master)
-        self._visit: dict[str, list[Any]] = {}
+        self._visit: dict[str, list[tuple[Any, Callable[..., Any] | None]]] = {}
         self._indexed: tuple[int, int] = (0, -1)
 
-    def visited(self, hook: str) -> list[Any]:
+    def visited(self, hook: str) -> list[tuple[Any, Callable[..., Any] | None]]:
+        """The addons to visit for `hook`, each with its handler; None for a container,
+        whose children are looked up on each call as mitmproxy does."""
         # add() appends to the chain, remove() and clear() replace it: identity plus length
         # tells whether the index is current, without walking the chain.
         state = (id(self.chain), len(self.chain))
@@ -36,20 +40,35 @@ class HookIndex(AddonManager):
             self._indexed = state
         visit = self._visit.get(hook)
         if visit is None:
-            visit = [a for a in self.chain if hasattr(a, "addons") or implements(a, hook)]
+            visit = [(a, None) if hasattr(a, "addons") else (a, getattr(a, hook))
+                     for a in self.chain if hasattr(a, "addons") or implements(a, hook)]
             self._visit[hook] = visit
         return visit
 
     async def trigger_event(self, event: hooks.Hook) -> None:
-        for addon in self.visited(event.name):
+        args: list[Any] | None = None  # the same for every addon: listed once
+        for addon, handler in self.visited(event.name):
             try:
-                with safecall():
-                    await self.invoke_addon(addon, event)
+                if handler is None:
+                    with safecall():
+                        await self.invoke_addon(addon, event)
+                    continue
+                if args is None:
+                    args = event.args()
+                try:
+                    result = handler(*args)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+                except exceptions.AddonHalt:
+                    raise
+                except Exception:
+                    with safecall():  # mitmproxy's own report of an addon's error
+                        raise
             except exceptions.AddonHalt:
                 return
 
     def trigger(self, event: hooks.Hook) -> None:
-        for addon in self.visited(event.name):
+        for addon, _ in self.visited(event.name):
             try:
                 with safecall():
                     self.invoke_addon_sync(addon, event)

@@ -11,12 +11,14 @@ import socket
 import time
 import types
 from collections.abc import Callable
+from typing import Any
 
 from mitmproxy import addons as mitm_addons
-from mitmproxy import exceptions, master, options
+from mitmproxy import exceptions, hooks, http, master, options
 from mitmproxy.addons import errorcheck
 from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.utils import asyncio_utils
 
 from addons.amqp_websocket import AmqpOverWebSocket
 from addons.azure_auth import AzureAuth
@@ -123,6 +125,39 @@ def redact_mitmproxy_error_pages() -> None:
     _http1.make_error_response = redacted
 
 
+def lighten_mitmproxy() -> None:
+    """Three checks mitmproxy itself runs only `if __debug__` (they vanish under `python -O`,
+    which keyless does not use: it would drop every assert), costing ~5 % of keyless' CPU
+    per request (py-spy, docs/benchmarks.md): a type check of every field of every parsed
+    request and response (its parser builds them with the right types), an environment
+    lookup (PYTEST_CURRENT_TEST) to name each of the ~6 tasks of a request, and the hook
+    arguments listed through dataclasses.fields() on every call of every hook."""
+    if getattr(hooks.Hook.args, "keyless_light", False):
+        return
+    # the dataclasses' generated __init__ calls it: it stays, doing nothing
+    http.MessageData.__post_init__ = lambda self: None  # type: ignore[method-assign]
+
+    def set_task_debug_info(task: asyncio.Task, *, name: str,
+                            client: tuple | None = None) -> None:
+        task.created = time.time()  # type: ignore[attr-defined]
+        task.set_name(name)
+        if client:
+            task.client = client  # type: ignore[attr-defined]
+
+    asyncio_utils.set_task_debug_info = set_task_debug_info
+    names: dict[type, tuple[str, ...]] = {}
+
+    def args(self: hooks.Hook) -> list[Any]:
+        cls = type(self)
+        fields = names.get(cls)
+        if fields is None:
+            fields = names[cls] = tuple(f.name for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return [getattr(self, name) for name in fields]
+
+    args.keyless_light = True  # type: ignore[attr-defined]
+    hooks.Hook.args = args  # type: ignore[method-assign]
+
+
 def share_listen_ports() -> None:
     """--workers: every worker binds the same ports with SO_REUSEPORT and the kernel spreads
     the connections. mitmproxy creates its TCP servers in one place (mode_servers calls
@@ -194,6 +229,7 @@ def app_dialer(settings: Settings, guard: DenyDestinations) -> AppDialer:
 def build_master(settings: Settings, tokens: TokenCache, health: Health,
                  calls: CallLog) -> master.Master:
     redact_mitmproxy_error_pages()
+    lighten_mitmproxy()
     opts = options.Options()
     m = KeylessMaster(opts)
     catalog = settings.catalog()

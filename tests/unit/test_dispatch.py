@@ -8,6 +8,7 @@ from typing import Any
 
 from mitmproxy import exceptions, hooks, options
 from mitmproxy.addonmanager import AddonManager
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 
 from proxy.dispatch import HookIndex, KeylessMaster
 
@@ -92,7 +93,7 @@ async def test_order_is_the_chain_and_addons_without_the_hook_are_skipped(master
     master.addons.add(Recorder("a", calls), Quiet(), Recorder("b", calls))
     await master.addons.trigger_event(hooks.RunningHook())
     assert calls == ["a", "b"]
-    assert [getattr(a, "name", None) for a in master.addons.visited("running")] == ["a", "b"]
+    assert [getattr(a, "name", None) for a, _ in master.addons.visited("running")] == ["a", "b"]
     assert master.addons.visited("request") == []
 
 
@@ -152,3 +153,41 @@ def test_same_calls_as_mitmproxys_manager() -> None:
 
     assert asyncio.run(calls_with(HookIndex)) == asyncio.run(calls_with(AddonManager)) \
         == ["a", "b"] * 3
+
+
+class AsyncRecorder:
+    """An async hook gets the event's arguments and is awaited before the next addon runs."""
+
+    name = "async"
+
+    def __init__(self, calls: list[str], fail: bool = False) -> None:
+        self.calls, self.fail = calls, fail
+
+    async def requestheaders(self, flow: Any) -> None:
+        await asyncio.sleep(0)
+        self.calls.append(f"async {flow}")
+        if self.fail:
+            raise RuntimeError("async boom")
+
+
+class FlowRecorder:
+    name = "flow"
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def requestheaders(self, flow: Any) -> None:
+        self.calls.append(f"sync {flow}")
+
+
+def test_async_handlers_are_awaited_in_order_and_their_errors_logged(caplog) -> None:
+    calls: list[str] = []
+
+    async def body(master: KeylessMaster) -> None:
+        master.addons.add(AsyncRecorder(calls, fail=True), FlowRecorder(calls))
+        await master.addons.trigger_event(HttpRequestHeadersHook("the-flow"))  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.ERROR):
+        with_master(body)()
+    assert calls == ["async the-flow", "sync the-flow"]
+    assert "Addon error: async boom" in caplog.text
