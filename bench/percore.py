@@ -1,6 +1,7 @@
 """Per core: keyless ÷ plain mitmdump, forward mode (HTTPS through the proxy), one run.
 
-    python -m bench.percore [--seconds S] [--rounds N] [--generator go|python] [--out FILE]
+    python -m bench.percore [--seconds S] [--rounds N] [--generator go|python]
+                            [--upstream nginx|aiohttp] [--out FILE]
 
 Both proxies run for the whole benchmark against one local HTTPS upstream that demands a Bearer
 token (nginx from Debian with `--generator go`, the aiohttp fast upstream with `python`);
@@ -80,12 +81,14 @@ def run_python(target: Target, mode: str, concurrency: int, seconds: float) -> d
     return {"requests": result.requests, "seconds": result.seconds, "generator_cpu": 0.0}
 
 
-def run(seconds: float, rounds: int, workdir: Path, generator: str) -> dict[str, Any]:
+def run(seconds: float, rounds: int, workdir: Path, generator: str,
+        upstream_kind: str | None = None) -> dict[str, Any]:
     pki = TestPKI(workdir / "pki")
     measure = run_go if generator == "go" else run_python
+    upstream_kind = upstream_kind or ("nginx" if generator == "go" else "aiohttp")
     with contextlib.ExitStack() as stack:
         cert, key = pki.issue_server_cert(BENCH_HOST)
-        if generator == "go":
+        if upstream_kind == "nginx":
             upstream, upstream_port = start_nginx(workdir, cert, key)
         else:
             upstream, upstream_port = spawn_with_port(
@@ -139,7 +142,8 @@ def run(seconds: float, rounds: int, workdir: Path, generator: str) -> dict[str,
                 "machine_busy_cores": {n: round(t["busy"] / t["seconds"], 2)
                                        for n, t in (("mitmdump", m), ("keyless", k))},
             })
-        return {"generator": generator, "rows": rows, "seconds_per_run": seconds,
+        return {"generator": generator, "upstream": upstream_kind, "rows": rows,
+                "seconds_per_run": seconds,
                 "rounds": rounds}
 
 
@@ -148,12 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--generator", choices=("go", "python"), default="go")
+    parser.add_argument("--upstream", choices=("nginx", "aiohttp"),
+                        help="default: nginx with the go generator, aiohttp with python")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="keyless-bench-percore-") as workdir:
-        results = run(args.seconds, args.rounds, Path(workdir), args.generator)
-    print(f"generator {results['generator']}; {'mode':<11}{'c':>3}{'mitmdump':>10}{'keyless':>9}"
-          f"{'ratio':>8}{'mitmdump req/cpu-s':>20}{'keyless req/cpu-s':>19}{'ratio':>8}")
+        results = run(args.seconds, args.rounds, Path(workdir), args.generator, args.upstream)
+    print(f"{results['generator']} -> {results['upstream']:<7}; {'mode':<11}{'c':>3}"
+          f"{'mitmdump':>10}{'keyless':>9}{'ratio':>8}{'mitmdump req/cpu-s':>20}"
+          f"{'keyless req/cpu-s':>19}{'ratio':>8}")
     for row in results["rows"]:
         print(f"{'':<20}{row['mode']:<11}{row['concurrency']:>3}{row['mitmdump_rps']:>10}"
               f"{row['keyless_rps']:>9}{row['throughput_ratio']:>8}"
