@@ -116,6 +116,28 @@ def plan(pod: Mapping[str, Any], options: PodOptions, defaults: Defaults) -> lis
     return ops
 
 
+def notes(pod: Mapping[str, Any], options: PodOptions, defaults: Defaults) -> list[str]:
+    """What the user should know about this injection (AdmissionReview warnings and the log):
+    the variables keyless left as the app had them. Names only, never values."""
+    spec = pod.get("spec") or {}
+    found = []
+    managed = {name for name, _, _ in app_environment(options, defaults)}
+    for container in _all_containers(spec):
+        if container.get("name") in options.skip_containers:
+            continue
+        for entry in container.get("env") or []:
+            name = entry.get("name")
+            if name not in managed:
+                continue
+            if "value" not in entry and "valueFrom" in entry:
+                found.append(f"keyless: container {container.get('name')}: {name} comes from "
+                             "valueFrom, left as it is")
+            elif name in TRUST_FILES and entry.get("value"):
+                found.append(f"keyless: container {container.get('name')}: kept its own {name}"
+                             " (add keyless' CA to it, or the TLS to Azure fails)")
+    return found
+
+
 # -- the app containers ----------------------------------------------------------------------
 
 

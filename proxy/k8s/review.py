@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.k8s.defaults import Defaults
-from proxy.k8s.inject import decide, plan
+from proxy.k8s.inject import decide, notes, plan
 
 API_VERSION = "admission.k8s.io/v1"
 MAX_BODY = 8 * 1024 * 1024
@@ -83,12 +83,14 @@ def answer(body: bytes, defaults: Defaults) -> Answer:
         if not decision.inject or decision.options is None:
             return _skip(uid, who, decision.reason)
         patch = plan(obj, decision.options, defaults)
+        warnings = notes(obj, decision.options, defaults)
     except (TypeError, AttributeError, KeyError, ValueError) as exc:
         # a pod shape the planner did not expect: leave it alone rather than fail it
         return _skip(uid, who, f"unexpected pod shape ({type(exc).__name__})")
-    return Answer(200, allowed(uid, patch),
+    kept = "".join(f"; {w.removeprefix('keyless: ')}" for w in warnings)
+    return Answer(200, allowed(uid, patch, warnings),
                   f"uid={uid} pod={who} decision=inject reason={decision.reason} "
-                  f"operations={len(patch)}")
+                  f"operations={len(patch)}{kept}")
 
 
 def _skip(uid: str, who: str, reason: str) -> Answer:
