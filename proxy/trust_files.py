@@ -12,7 +12,9 @@ Public certificates only: nothing here is secret (the store's password is the cu
 from __future__ import annotations
 
 import os
+import re
 import ssl
+import warnings
 from pathlib import Path
 
 from cryptography import x509
@@ -31,15 +33,28 @@ def system_ca_file() -> Path:
     return Path(ssl.get_default_verify_paths().cafile or FALLBACK_SYSTEM_CAS)
 
 
+PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----",
+                       re.S)
+
+
 def _certificates(pem: bytes, where: str) -> list[x509.Certificate]:
-    try:
-        return x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
-        raise TrustFileError(f"{where}: not a PEM certificate list ({exc})") from None
+    """Each PEM block on its own: one odd certificate in a distribution's bundle (a negative
+    serial, which newer cryptography refuses) must not keep the pod from starting."""
+    found = []
+    for block in PEM_BLOCK.findall(pem):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                found.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                continue
+    if not found:
+        raise TrustFileError(f"{where}: not a PEM certificate list (no certificate in it)")
+    return found
 
 
 def bundle(system_pem: bytes, ca_pem: bytes) -> bytes:
-    """System CAs then keyless' CA, one PEM file (both parts validated first)."""
+    """System CAs then keyless' CA, one PEM file (both parts checked to hold certificates)."""
     _certificates(system_pem, "system CAs")
     _certificates(ca_pem, "keyless CA")
     return system_pem.rstrip(b"\n") + b"\n" + ca_pem.lstrip(b"\n")

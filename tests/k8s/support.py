@@ -169,3 +169,43 @@ class Webhook:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait(timeout=10)
+
+
+PODS_CONFIG_EXAMPLE = """\
+# a webhook config file, as the chart's ConfigMap would hold it
+image: registry.example.com/keyless:9.9.9
+imagePullPolicy: Always
+resources:
+  requests: {cpu: 20m, memory: 96Mi}
+  limits: {memory: 192Mi}
+readyScopes: ["https://storage.azure.com/.default"]
+proxyPort: 8181
+noProxy: ["10.0.0.0/8"]
+excludeNamespaces: [legacy]
+"""
+
+
+def injected(pod: dict[str, Any], config: str = "") -> dict[str, Any]:
+    """The pod as the webhook's planner patches it (in-process, same code the server runs)."""
+    from proxy.k8s.defaults import parse_defaults
+    from proxy.k8s.inject import decide, plan
+
+    defaults = parse_defaults(yaml.safe_load(config) or {} if config else {},
+                              {"POD_NAMESPACE": WEBHOOK_NAMESPACE,
+                               "KUBERNETES_SERVICE_HOST": API_SERVER})
+    decision = decide(pod, pod["metadata"].get("namespace", "default"), defaults)
+    assert decision.inject and decision.options, decision.reason
+    return jsonpatch.JsonPatch(plan(pod, decision.options, defaults)).apply(pod)
+
+
+def injected_command(pod: dict[str, Any], container: str, paths: dict[str, str]) -> list[str]:
+    """The command of one injected container, with pod paths mapped to local ones."""
+    patched = injected(pod)
+    found = next(c for c in patched["spec"]["initContainers"] if c["name"] == container)
+    return [map_paths(arg, paths) for arg in found["command"]]
+
+
+def map_paths(value: str, paths: dict[str, str]) -> str:
+    for pod_path, local in paths.items():
+        value = value.replace(pod_path, local)
+    return value
