@@ -7,6 +7,7 @@ import copy
 import http.client
 import json
 import os
+import re
 import ssl
 import subprocess
 import time
@@ -206,6 +207,9 @@ def injected_command(pod: dict[str, Any], container: str, paths: dict[str, str])
 
 
 def map_paths(value: str, paths: dict[str, str]) -> str:
-    for pod_path, local in paths.items():
-        value = value.replace(pod_path, local)
-    return value
+    """Pod paths (whole path components, longest first) to local ones, in one pass."""
+    if not paths:
+        return value
+    names = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w./-])({names})(?=/|$|[^\w.-])")
+    return pattern.sub(lambda m: paths[m.group(1)], value)
