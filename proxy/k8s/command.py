@@ -19,6 +19,8 @@ WEBHOOK_FLAGS = (
      "checked for a new pair."),
     ("config", "FILE", "/etc/keyless-webhook/config.yaml", "The injection defaults (YAML or "
      "JSON; optional)."),
+    ("shutdown-delay", "SECONDS", "5", "On SIGTERM, fail /readyz and keep serving this long "
+     "before exiting (so no review reaches a stopped webhook)."),
     ("log-level", "LEVEL", "info", "debug, info, warning or error."),
     ("log-format", "FORMAT", "json", "json or text."),
 )
@@ -54,6 +56,9 @@ def main(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> i
         interval = float(setting(args, "tls-reload-interval", environ))
         if not 0 < interval <= 3600:
             raise ValueError("--tls-reload-interval must be in (0, 3600] seconds")
+        delay = float(setting(args, "shutdown-delay", environ))
+        if not 0 <= delay <= 300:
+            raise ValueError("--shutdown-delay must be in [0, 300] seconds")
         level = parse_log_level(setting(args, "log-level", environ))
         log_format = parse_log_format(setting(args, "log-format", environ))
         config = Path(setting(args, "config", environ))
@@ -67,7 +72,7 @@ def main(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> i
         return 2
     setup_logging(level, log_format)
     try:
-        serve(listen, certificate, defaults)
+        serve(listen, certificate, defaults, delay)
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

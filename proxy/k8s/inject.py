@@ -64,6 +64,8 @@ def decide(pod: Mapping[str, Any], namespace: str, defaults: Defaults) -> Decisi
         options = pod_options(annotations, defaults)
     except AnnotationError as exc:
         return Decision(False, f"invalid option: {exc}")
+    if ((spec.get("os") or {}).get("name") or "linux") != "linux":
+        return Decision(False, "not a Linux pod (keyless' image is Linux only)")
     if spec.get("hostNetwork"):
         return Decision(False, "hostNetwork pod: keyless' ports and iptables rules would be "
                                "the node's")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import socket
 import ssl
 import threading
@@ -90,6 +91,7 @@ class WebhookServer(ThreadingHTTPServer):
         self.address_family = family
         self.certificate = certificate
         self.defaults = defaults
+        self.draining = threading.Event()
         super().__init__(address, WebhookHandler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -116,8 +118,13 @@ class WebhookHandler(BaseHTTPRequestHandler):
         pass  # one decision line per review instead of an access log
 
     def do_GET(self) -> None:
-        if self.path in ("/healthz", "/readyz"):
+        if self.path == "/healthz":
             self._send(200, {"status": "ok"})
+        elif self.path == "/readyz":
+            # draining: out of the Service's endpoints, still answering what arrives
+            draining = self.server.draining.is_set()
+            self._send(503 if draining else 200,
+                       {"status": "draining" if draining else "ok"})
         else:
             self._send(404, {"error": "not found"})
 
@@ -141,7 +148,12 @@ class WebhookHandler(BaseHTTPRequestHandler):
             self._discard(length - len(head))
             self._answer(too_large(head, length))
             return
-        self._answer(answer(self.rfile.read(length), self.server.defaults))
+        body = self.rfile.read(length)
+        try:
+            result = answer(body, self.server.defaults)
+        except Exception as exc:  # a bug must not hang the API server's call: answer, log
+            result = error(500, f"internal error ({type(exc).__name__})")
+        self._answer(result)
 
     def _discard(self, remaining: int) -> None:
         while remaining > 0:
@@ -167,10 +179,28 @@ class WebhookHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def serve(address: tuple[str, int], certificate: ReloadingCertificate,
-          defaults: Defaults) -> None:
+def serve(address: tuple[str, int], certificate: ReloadingCertificate, defaults: Defaults,
+          shutdown_delay: float = 5.0) -> None:
+    """Serve until SIGTERM/SIGINT; then fail /readyz and keep answering for `shutdown_delay`
+    seconds, so the Service stops sending reviews before the process goes (a review that
+    reached a dying webhook would be Ignored: a pod created without keyless)."""
     with WebhookServer(address, certificate, defaults) as server:
         host, port = server.server_address[:2]
+
+        def drain_then_stop() -> None:
+            time.sleep(shutdown_delay)
+            server.shutdown()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            if not server.draining.is_set():
+                server.draining.set()
+                log.info("signal %s: draining for %.1f s, then stopping", signum,
+                         shutdown_delay)
+                threading.Thread(target=drain_then_stop, daemon=True).start()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
         log.info("keyless webhook listening on https://%s:%s/mutate (excluded namespaces: %s)",
                  host, port, ",".join(defaults.exclude_namespaces))
         server.serve_forever(poll_interval=0.5)
+        log.info("keyless webhook stopped")

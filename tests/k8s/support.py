@@ -87,7 +87,7 @@ class Webhook:
     """The real `keyless webhook` process on loopback with a trustme serving certificate."""
 
     def __init__(self, workdir: Path, config: str = "", reload_interval: float = 10.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, shutdown_delay: float = 0.0) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.ca = trustme.CA()
@@ -99,6 +99,7 @@ class Webhook:
         self.log_path = workdir / "webhook.log"
         self.reload_interval = reload_interval
         self.env = env or {}
+        self.shutdown_delay = shutdown_delay
         self.process: subprocess.Popen[bytes] | None = None
 
     def install(self, leaf: trustme.LeafCert) -> None:
@@ -116,7 +117,8 @@ class Webhook:
         command = [*keyless_command(), "webhook", "--listen", f"127.0.0.1:{self.port}",
                    "--tls-cert", str(self.cert_path), "--tls-key", str(self.key_path),
                    "--config", str(self.config_path), "--log-format", "text",
-                   "--tls-reload-interval", str(self.reload_interval)]
+                   "--tls-reload-interval", str(self.reload_interval),
+                   "--shutdown-delay", str(self.shutdown_delay)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             env=env)

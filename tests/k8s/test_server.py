@@ -3,6 +3,7 @@ flags' environment variables, and a clear refusal of bad start-up input."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import subprocess
@@ -132,3 +133,23 @@ def test_flags_have_keyless_webhook_environment_variables(tmp_path):
     env["KEYLESS_WEBHOOK_CONFIG"] = str(tmp_path / "bad.yaml")
     result = run_webhook(env=env)
     assert result.returncode == 2 and "mode must be" in result.stderr, result.stderr
+
+
+def test_sigterm_fails_readiness_keeps_answering_then_exits_0(tmp_path):
+    webhook = Webhook(tmp_path, shutdown_delay=1.5).start()
+    try:
+        assert webhook.request("GET", "/readyz")[0] == 200
+        started = time.monotonic()
+        webhook.process.send_signal(signal.SIGTERM)
+        deadline = started + 5
+        while webhook.request("GET", "/readyz")[0] != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # still answering reviews the API server already routed here
+        pod = fixture_pods()["deployment-nginx"]
+        apply(pod, webhook.mutate(review(pod)))
+        assert webhook.process.wait(timeout=10) == 0
+        assert time.monotonic() - started >= 1.5
+        assert "draining" in webhook.log()
+    finally:
+        webhook.stop()

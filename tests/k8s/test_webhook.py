@@ -343,6 +343,14 @@ def test_a_bad_option_leaves_the_pod_alone_with_the_reason(webhook, annotation, 
     assert "decision=skip reason=invalid option" in line and reason in line
 
 
+def test_windows_pods_are_left_alone(webhook):
+    pod = copy.deepcopy(PODS["deployment-nginx"])
+    pod["spec"]["os"] = {"name": "windows"}
+    admission, answer = mutated(webhook, pod)
+    assert patch_of(answer) is None
+    assert "not a Linux pod" in log_line(webhook, admission["request"]["uid"])
+
+
 def test_host_network_and_uid_clashes_are_refused(webhook):
     pod = copy.deepcopy(PODS["deployment-nginx"])
     pod["spec"]["hostNetwork"] = True
