@@ -101,7 +101,9 @@ def parse_defaults(data: Mapping[str, Any], environ: Mapping[str, str]) -> Defau
     own = environ.get("POD_NAMESPACE", "").strip()
     excluded = tuple(dict.fromkeys((*ALWAYS_EXCLUDED, *((own,) if own else ()),
                                     *defaults.exclude_namespaces)))
-    return replace(defaults, exclude_namespaces=excluded,
+    # the mesh sidecars stay skipped whatever the file lists
+    skip = tuple(dict.fromkeys((*DEFAULT_SKIP, *defaults.skip_containers)))
+    return replace(defaults, exclude_namespaces=excluded, skip_containers=skip,
                    api_server=environ.get("KUBERNETES_SERVICE_HOST", "").strip())
 
 

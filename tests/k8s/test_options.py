@@ -63,6 +63,11 @@ def test_defaults_exclude_kube_system_and_the_own_namespace_whatever_the_file_sa
     assert parse_defaults({"excludeNamespaces": []}, {}).exclude_namespaces == ("kube-system",)
 
 
+def test_a_skip_list_in_the_file_adds_to_the_mesh_sidecars():
+    skip = parse_defaults({"skipContainers": ["log-shipper"]}, {}).skip_containers
+    assert set(skip) == {*DEFAULT_SKIP, "log-shipper"}
+
+
 def test_defaults_file_yaml_json_or_absent(tmp_path):
     yaml_file = tmp_path / "config.yaml"
     yaml_file.write_text("image: registry.example.com/keyless:1.2.3\nmode: transparent\n"
