@@ -12,7 +12,7 @@ import time
 import pytest
 from cryptography import x509
 
-from tests.k8s.support import PODS_CONFIG_EXAMPLE, Webhook, apply, fixture_pods, review
+from tests.k8s.support import FIXTURES, PODS_CONFIG_EXAMPLE, Webhook, apply, fixture_pods, review
 from tests.support.keyless import keyless_command
 
 RELOAD = 0.5
@@ -151,5 +151,18 @@ def test_sigterm_fails_readiness_keeps_answering_then_exits_0(tmp_path):
         assert webhook.process.wait(timeout=10) == 0
         assert time.monotonic() - started >= 1.5
         assert "draining" in webhook.log()
+    finally:
+        webhook.stop()
+
+
+def test_the_charts_rendered_config_is_accepted_and_used(tmp_path):
+    config = (FIXTURES / "webhook-config" / "chart-default.yaml").read_text()
+    webhook = Webhook(tmp_path, config=config).start()
+    try:
+        pod = fixture_pods()["deployment-nginx"]
+        patched = apply(pod, webhook.mutate(review(pod)))
+        keyless = next(c for c in patched["spec"]["initContainers"] if c["name"] == "keyless")
+        assert keyless["image"] == "keyless:0.1.0"
+        assert keyless["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
     finally:
         webhook.stop()
