@@ -483,3 +483,21 @@ def test_no_env_value_reaches_the_log(webhook):
     assert log_line(webhook, admission["request"]["uid"])
     assert "c2VjcmV0" not in webhook.log()
     assert all("c2VjcmV0" not in w for w in answer["response"].get("warnings", []))
+
+
+def test_the_readmes_example_workload_is_injected_as_documented(webhook):
+    readme = (REPO / "deploy" / "kubernetes" / "injector" / "README.md").read_text()
+    found = re.search(r"```yaml\n(spec:\n  template:\n.*?)```", readme, re.S)
+    assert found, "deploy/kubernetes/injector/README.md: the example workload is missing"
+    workload = {"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "legacy-app", "namespace": "shop"},
+                **yaml.safe_load(found.group(1))}
+    pod = as_pod(workload)
+    patched = apply(pod, mutated(webhook, pod)[1])
+    check_injected(pod, patched)
+    keyless = by_name(patched["spec"]["initContainers"])["keyless"]
+    assert env_map(keyless)["KEYLESS_READY_SCOPES"] == "https://storage.azure.com/.default"
+    # the containers the Workload Identity annotation keeps the token from exist
+    skipped = pod["metadata"]["annotations"]["azure.workload.identity/skip-containers"]
+    names = {c["name"] for c in patched["spec"]["initContainers"] + patched["spec"]["containers"]}
+    assert set(skipped.split(";")) <= names
