@@ -306,6 +306,29 @@ def test_the_apps_own_environment_is_extended_not_replaced(webhook):
     assert float(kenv["KEYLESS_DRAIN_TIMEOUT"]) == 30  # the pod's 90 s grace leaves room
 
 
+def test_an_apps_own_java_truststore_is_kept_the_proxy_added(webhook):
+    pod = copy.deepcopy(PODS["deployment-nginx"])
+    own = "-Djavax.net.ssl.trustStore=/etc/app/trust.jks -Djavax.net.ssl.trustStorePassword=x"
+    pod["spec"]["containers"][0]["env"] = [{"name": "JAVA_TOOL_OPTIONS", "value": own}]
+    _, answer = mutated(webhook, pod)
+    java = env_map(apply(pod, answer)["spec"]["containers"][0])["JAVA_TOOL_OPTIONS"]
+    assert java.startswith(own + " -Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort=8080 ")
+    assert java.count("-Djavax.net.ssl.trustStore=") == 1
+    assert any("kept its own javax.net.ssl.trustStore" in w
+               for w in answer["response"]["warnings"])
+
+
+def test_a_mount_at_keyless_ca_path_leaves_the_pod_alone(webhook):
+    pod = copy.deepcopy(PODS["deployment-nginx"])
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "x",
+                                                     "mountPath": "/var/run/keyless-ca/"}]
+    pod["spec"]["volumes"] = [{"name": "x", "emptyDir": {}}]
+    admission, answer = mutated(webhook, pod)
+    assert patch_of(answer) is None
+    assert "already mounts something at /var/run/keyless-ca" in log_line(
+        webhook, admission["request"]["uid"])
+
+
 def test_resources_and_image_from_annotations(webhook):
     pod = PODS["dapr-annotated"]
     keyless = by_name(apply(pod, mutated(webhook, pod)[1])["spec"]["initContainers"])["keyless"]
