@@ -39,6 +39,7 @@ VOLUMES = {"confdir": "keyless-confdir", "ca": "keyless-ca", "tmp": "keyless-tmp
 LOCAL_NO_PROXY = ("localhost", "127.0.0.1", "::1", ".svc", ".cluster.local")
 # Variables that name a file: an app's own value is kept (it chose its trust), and logged.
 TRUST_FILES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
+TRUST_OPTIONS = "-Djavax.net.ssl.trustStore"  # ...=, ...Password=, ...Type=
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ def decide(pod: Mapping[str, Any], namespace: str, defaults: Defaults) -> Decisi
         return Decision(False, "the pod already has a keyless container (hand-written sidecar)")
     if {v.get("name") for v in spec.get("volumes") or []} & set(VOLUMES.values()):
         return Decision(False, "the pod already has a keyless-* volume")
+    if (clash := mount_clash(spec, options.skip_containers)) is not None:
+        return Decision(False, f"container {clash} already mounts something at {CA_DIR}")
     targets = [c for c in spec.get("containers") or []
                if c.get("name") not in options.skip_containers]
     if not targets:
@@ -137,6 +140,9 @@ def notes(pod: Mapping[str, Any], options: PodOptions, defaults: Defaults) -> li
             elif name in TRUST_FILES and entry.get("value"):
                 found.append(f"keyless: container {container.get('name')}: kept its own {name}"
                              " (add keyless' CA to it, or the TLS to Azure fails)")
+            elif name == "JAVA_TOOL_OPTIONS" and _own_truststore(str(entry.get("value", ""))):
+                found.append(f"keyless: container {container.get('name')}: kept its own "
+                             "javax.net.ssl.trustStore (add keyless' CA to it)")
     return found
 
 
@@ -188,6 +194,9 @@ def _app_container_ops(path: str, container: Mapping[str, Any], options: PodOpti
         old = str(current.get("value", ""))
         if how == "keep" and old:
             continue
+        if name == "JAVA_TOOL_OPTIONS" and _own_truststore(old):
+            # the app chose its truststore (as with SSL_CERT_FILE): keep it, add the proxy only
+            value = " ".join(v for v in value.split() if not v.startswith(TRUST_OPTIONS))
         if how.startswith("append") and old:
             sep = "," if how == "append-comma" else " "
             present = old.split(sep)
@@ -328,6 +337,21 @@ def _run_as_users(spec: Mapping[str, Any]) -> set[int]:
         if isinstance(uid, int):
             users.add(uid)
     return users
+
+
+def _own_truststore(java_options: str) -> bool:
+    return any(o.startswith(TRUST_OPTIONS + "=") for o in java_options.split())
+
+
+def mount_clash(spec: Mapping[str, Any], skip: frozenset[str]) -> str | None:
+    """A container that would get keyless-ca's mount path twice (the pod would be invalid)."""
+    for container in _all_containers(spec):
+        if container.get("name") in skip:
+            continue
+        if any(str(m.get("mountPath", "")).rstrip("/") == CA_DIR
+               for m in container.get("volumeMounts") or []):
+            return str(container.get("name"))
+    return None
 
 
 def _pointer(key: str) -> str:
