@@ -1,4 +1,5 @@
-"""The `keyless` command: `keyless run` serves; `keyless ca` prints the CA certificate."""
+"""The `keyless` command: `keyless run` serves; `keyless ca` prints the CA certificate;
+`keyless webhook` runs the Kubernetes injector (proxy/k8s/)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from proxy import __version__
 from proxy.ca import CAError, prepare_ca_for
 from proxy.config import ConfigError, Settings, add_flags, resolve
 from proxy.dial import CheckedDialLoop
+from proxy.k8s.command import add_webhook_parser
 from proxy.logs import setup_logging
-from proxy.transparent import transparent_rules
+from proxy.transparent import apply_rules, transparent_rules
+from proxy.trust_files import TrustFileError, system_ca_file
 
 
 def ca_certificate(settings: Settings, replace: bool = True) -> bytes:
@@ -41,12 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(init)
     init.add_argument("--ca-out", metavar="FILE", required=True,
                       help="where the app reads the CA certificate (e.g. a shared volume)")
+    init.add_argument("--bundle-out", metavar="FILE",
+                      help="also write a PEM bundle: the system CAs plus keyless' CA (for "
+                      "SSL_CERT_FILE / REQUESTS_CA_BUNDLE, which replace the defaults)")
+    init.add_argument("--truststore-out", metavar="FILE",
+                      help="also write a PKCS#12 Java truststore with the same certificates "
+                      "(password changeit)")
+    init.add_argument("--system-cas", metavar="FILE",
+                      help=f"the system CA bundle for those (default: {system_ca_file()})")
     iptables = commands.add_parser(
         "iptables", help="print the iptables rules that send the pod's HTTPS to keyless in "
         "transparent mode (for a privileged init container)")
     add_flags(iptables)
     iptables.add_argument("--uid", type=int, default=10001,
                           help="keyless' own UID, whose traffic is exempted (default 10001)")
+    iptables.add_argument("--apply", action="store_true",
+                          help="apply the rules (run iptables/ip6tables, replacing keyless' "
+                          "own chain if present) instead of printing them")
     check = commands.add_parser(
         "check", help="check the configuration, the identity's tokens, the upstreams (with a "
         "real login through each listener) and the CA files; exit non-zero on any failure")
@@ -55,12 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="print the migration report from what keyless recorded in CONFDIR")
     add_flags(report)
     report.add_argument("--json", action="store_true", help="the report as JSON")
+    add_webhook_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "webhook":
+        from proxy.k8s.command import main as webhook_main
+
+        return webhook_main(args)
     try:
         settings = resolve(args)
     except ConfigError as exc:
@@ -72,17 +91,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "init":
             out = Path(args.ca_out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(ca_certificate(settings))
+            ca_pem = ca_certificate(settings)
+            out.write_bytes(ca_pem)
             out.chmod(0o644)
             print(f"keyless: wrote the CA certificate to {out}", file=sys.stderr)
+            write_trust_files(args, ca_pem)
             return 0
-    except CAError as exc:
+    except (CAError, TrustFileError) as exc:
         print(f"keyless: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "iptables":
-        print("\n".join(transparent_rules(settings.listen[1], args.uid,
-                                          settings.transparent_listen[1],
-                                          settings.transparent_databases)))
+        rules = transparent_rules(settings.listen[1], args.uid, settings.transparent_listen[1],
+                                  settings.transparent_databases)
+        if not args.apply:
+            print("\n".join(rules))
+            return 0
+        try:
+            apply_rules(rules)
+        except RuntimeError as exc:
+            print(f"keyless: error: {exc}", file=sys.stderr)
+            return 2
+        print("keyless: iptables rules applied", file=sys.stderr)
         return 0
     if args.command == "check":
         from proxy.check import main as check_main
@@ -95,6 +124,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return print_report(settings.confdir, as_json=args.json)
     return run(settings, sys.argv[1:] if argv is None else list(argv))
+
+
+def write_trust_files(args: argparse.Namespace, ca_pem: bytes) -> None:
+    """`keyless init --bundle-out/--truststore-out`: public certificates only."""
+    from proxy.trust_files import bundle, java_truststore, write_public
+
+    if not (args.bundle_out or args.truststore_out):
+        return
+    source = Path(args.system_cas) if args.system_cas else system_ca_file()
+    try:
+        system_pem = source.read_bytes()
+    except OSError as exc:
+        raise TrustFileError(f"cannot read the system CAs: {exc} (--system-cas FILE)") from None
+    if args.bundle_out:
+        write_public(Path(args.bundle_out), bundle(system_pem, ca_pem))
+        print(f"keyless: wrote the CA bundle to {args.bundle_out}", file=sys.stderr)
+    if args.truststore_out:
+        write_public(Path(args.truststore_out), java_truststore(system_pem, ca_pem))
+        print(f"keyless: wrote the Java truststore to {args.truststore_out}", file=sys.stderr)
 
 
 def print_report(confdir: Path, as_json: bool) -> int:

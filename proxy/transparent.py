@@ -34,3 +34,26 @@ def transparent_rules(port: int, uid: int, protocol_port: int | None = None,
             f"{tool} -t nat -A OUTPUT -p tcp -j KEYLESS_OUTPUT",
         ]
     return rules
+
+
+def apply_rules(rules: list[str], timeout: float = 20.0) -> None:
+    """Run the recipe's commands (no shell: each line is an argv), after removing keyless' own
+    chain from an earlier run in this namespace (a restarted init container). Raise
+    RuntimeError with iptables' message on the first failure: transparent mode fails closed."""
+    import shlex
+    import subprocess
+
+    commands = [shlex.split(line) for line in rules
+                if line.strip() and not line.startswith("#") and line != "set -e"]
+    for tool in dict.fromkeys(c[0] for c in commands):
+        for cleanup in (["-t", "nat", "-D", "OUTPUT", "-p", "tcp", "-j", "KEYLESS_OUTPUT"],
+                        ["-t", "nat", "-F", "KEYLESS_OUTPUT"],
+                        ["-t", "nat", "-X", "KEYLESS_OUTPUT"]):
+            subprocess.run([tool, *cleanup], capture_output=True, timeout=timeout, check=False)
+    for argv in commands:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(f"{argv[0]}: {exc}") from None
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(argv)}` failed: {done.stderr.strip()[:500]}")
