@@ -99,6 +99,21 @@ def machine_jiffies() -> tuple[int, int, int]:
     return sum(fields[:8]) - idle - steal, idle, steal
 
 
+def favour(pid: int) -> None:
+    """Give the process tree of `pid` the machine before other work (best effort, root only).
+    Linux schedules by session (autogroup) first: a plain nice does not beat another
+    session's processes, and keyless and each of its workers run in sessions of their own;
+    so each process's autogroup gets nice -19, and the process itself nice -10."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for one in pids:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{one}/autogroup").write_text("-19")
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, one, -10)
+
+
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -213,6 +228,8 @@ def run(seconds: float, rounds: int, workdir: Path, generator: str = "python",
                  key, "--require-bearer"])
         stack.callback(stop_process, upstream)
         identity = stack.enter_context(FakeIdentityEndpoint())
+        favour(os.getpid())
+        favour(upstream.pid)
         instances: dict[int, tuple[KeylessProcess, str]] = {}
         for workers in (1, 2):
             port = free_port()
@@ -228,8 +245,10 @@ def run(seconds: float, rounds: int, workdir: Path, generator: str = "python",
             for w, (keyless, _) in instances.items():
                 assert keyless.process is not None
                 rss[w]["idle"] = memory_kib(keyless.process.pid)
-        for _, url in instances.values():  # tokens, imports, pools: not part of a timed run
+        for keyless, url in instances.values():  # tokens, imports, pools: not timed
             asyncio.run(measure(url, "keep-alive", 4, 2.0, pki.ca_pem_path))
+            assert keyless.process is not None
+            favour(keyless.process.pid)  # the supervisor and its workers, all started now
         totals = {(mode, c, w): {"requests": 0.0, "seconds": 0.0, "keyless_cpu": 0.0,
                                  "busy": 0.0, "idle": 0.0, "steal": 0.0}
                   for mode, c in CASES for w in instances}

@@ -35,6 +35,7 @@ LINE_TYPES = frozenset(b"+-:_,#(")
 BLOB_TYPES = frozenset(b"$!=")
 AGGREGATE_TYPES = frozenset(b"*%~>|")
 PUSH = ord(">")
+SIMPLE = ord("+")
 ATTRIBUTE = ord("|")
 ERROR_TYPES = frozenset(b"-!")
 

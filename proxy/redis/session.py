@@ -30,8 +30,10 @@ has in flight:
   server would (refused while still subscribed; normal once unsubscribed).
 - RESET logs the connection out upstream: keyless logs in again right behind it.
 
-Not re-authenticated: a connection in MONITOR mode (its output is unsolicited and could not be
-told from an AUTH reply); it ends when the token expires, as it would without keyless.
+- MONITOR: the server accepts AUTH on a monitoring connection and answers it between the
+  monitor lines (and shows it to monitors as `"AUTH" "(redacted)"`). A monitor line is a simple
+  string that starts with its timestamp (`+<digits>.`), never `+OK` or an error, so keyless
+  passes those on and swallows its AUTH's answer.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from proxy.listeners.upstream import UpstreamError
 from proxy.redact import redact
 from proxy.redis.codec import (
     PUSH,
+    SIMPLE,
     Command,
     CommandScanner,
     ProtocolError,
@@ -93,6 +96,7 @@ FIX_MANAGED = ("assign an access policy to the identity's object id {oid}: "
 
 FORWARD, SWALLOW, LOCAL, PING2 = range(4)  # entry kinds
 PUSHED, UNSOLICITED = 4, 5  # where a frame with no entry of its own goes (to the app)
+UNDECIDED = 6  # MONITOR mode, a frame of which only its "+" has arrived: a monitor line or not
 OK = b"+OK\r\n"
 
 
@@ -376,7 +380,7 @@ class Session:
     # -- re-authentication -------------------------------------------------------------------
 
     def maybe_inject(self, out: list[bytes]) -> None:
-        if self.auth_due is None or self.in_multi or self.monitor:
+        if self.auth_due is None or self.in_multi:
             return
         user, token = self.auth_due
         self.auth_due = None
@@ -427,8 +431,6 @@ class Session:
                 await asyncio.sleep(min(MAX_POLL, max(POLL_PAUSE, left / 20)) if left > 0
                                     else RETRY_PAUSE)
                 continue
-            if self.monitor:
-                return
             took = await self.request_auth(user, token)
             if took:
                 self.token, self.user = token, user
@@ -459,6 +461,7 @@ class Session:
         head = self.replies[0] if self.replies else None
         if self.dest is None and head is not None and head.kind == FORWARD and \
                 head.then is None and len(frames) <= head.count and not self.lifted and \
+                not self.monitor and \
                 frames and frames[-1][0] == len(data) and \
                 all(kind != PUSH for _, kind in frames):
             # The common case: whole replies to the app's own commands, nothing else.
@@ -503,8 +506,27 @@ class Session:
                     self.flush_locals(out)
                 head = self.replies[0] if self.replies else None
                 # no entry: unsolicited (MONITOR output, a refused SUBSCRIBE): pass it on
-                self.dest = UNSOLICITED if head is None else head.kind
+                if head is None:
+                    self.dest = UNSOLICITED
+                elif self.monitor and first == SIMPLE:
+                    self.dest = (UNDECIDED if start + 1 >= end
+                                 else self.monitor_line(data[start + 1], head.kind))
+                else:
+                    self.dest = head.kind
+        elif self.dest == UNDECIDED:  # the byte after a lone "+" decides
+            self.dest = self.monitor_line(data[start], self.replies[0].kind)
+            if self.dest == UNSOLICITED:  # the held-back "+" goes first
+                if span < start:
+                    out.append(data[span:start])
+                out.append(bytes(self.collected))
+                self.collected.clear()
+                span = start
         dest = self.dest
+        if dest == UNDECIDED:  # hold the "+" back until the next read
+            if span < start:
+                out.append(data[span:start])
+            self.collected += data[start:end]
+            return end
         if dest in (FORWARD, PUSHED, UNSOLICITED):
             self.mid_frame = not complete
             if complete and dest == FORWARD:
@@ -529,6 +551,11 @@ class Session:
                 span = end
                 self.flush_locals(out)
         return span
+
+    @staticmethod
+    def monitor_line(second: int, otherwise: int) -> int:
+        """A MONITOR line is `+<timestamp> [...]`; any other simple string is a reply."""
+        return UNSOLICITED if 0x30 <= second <= 0x39 else otherwise
 
     def finish_collected(self, dest: int, out: list[bytes]) -> None:
         frame = bytes(self.collected)

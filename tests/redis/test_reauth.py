@@ -1,6 +1,6 @@
 """Re-authentication of live connections before their token expires, through the real keyless
 process, for every kind of connection an app holds open: plain, pipelined, MULTI/EXEC, a
-blocking pop, and subscribed (RESP2 and RESP3).
+blocking pop, subscribed (RESP2 and RESP3), and MONITOR.
 
 How a token "expires" here: each token generation has its own object id (`oid`), and the test
 server has one ACL user per generation with that token as its password. When a generation's
@@ -150,9 +150,21 @@ def test_every_kind_of_connection_survives_three_token_lifetimes(
                 subscriber.ping()  # PING in subscribed mode (RESP2: its array form)
         return step
 
+    # MONITOR: keyless' AUTH is answered between the monitor lines. redis-py's Monitor fails
+    # on any line that is not a monitor line (a leaked +OK), and no line may show a token.
+    monitor = app("monitor").monitor()
+    monitor.__enter__()
+    monitored: list[str] = []
+
+    def monitor_step() -> None:
+        line = monitor.next_command()
+        assert line["command"], line
+        monitored.append(line["command"])
+
     workers = [Worker("plain", plain_step), Worker("pipelined", pipelined_step),
                Worker("multi", multi_step), Worker("blocking", blocking_step),
-               *(Worker(name, sub_step(name)) for name in subscribers)]
+               *(Worker(name, sub_step(name)) for name in subscribers),
+               Worker("monitor", monitor_step)]
     names = {w.name for w in workers}
 
     def connections() -> dict[str, list[tuple[str, str]]]:
@@ -191,6 +203,7 @@ def test_every_kind_of_connection_survives_three_token_lifetimes(
             with pytest.raises(redis.ConnectionError):
                 control.ping()  # the server closed the connection that kept the old token
     time.sleep(1.5)  # the last deletion's kills (if any) have landed
+    admin.set("after-the-last-expiry", 1)  # the monitor must still see this
     for name in subscribers:
         admin.publish(f"ch-{name}", published)
     published += 1
@@ -210,6 +223,9 @@ def test_every_kind_of_connection_survives_three_token_lifetimes(
     assert all(user in live for conns in after.values() for _, user in conns), after
     for name in subscribers:  # every message arrived, none lost to a reconnect
         assert seen[name] == list(range(published)), name
+    assert "SET after-the-last-expiry 1" in monitored  # still monitoring
+    assert not any(token in c for token in tokens for c in monitored)
+    assert any(c.startswith("AUTH") for c in monitored)  # keyless' own, shown redacted
     reauths = through.keyless.metric("keyless_listener_reauths_total", result="ok")
     assert reauths >= EXPIRED * len(workers)
     log = through.keyless.log()

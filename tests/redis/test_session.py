@@ -113,6 +113,73 @@ def test_reauth_with_replies_switched_off() -> None:
     assert asyncio.run(scenario()) is False  # a refused re-auth is reported, not forwarded
 
 
+MONITOR_LINES = (b'+1796191244.451250 [0 127.0.0.1:50210] "SET" "k" "v"\r\n',
+                 b'+1796191244.651409 [0 127.0.0.1:50206] "AUTH" "(redacted)"\r\n',
+                 b'+1796191244.851743 [0 127.0.0.1:50210] "GET" "k"\r\n')
+
+
+def monitoring() -> tuple[Session, Sink, Sink]:
+    s, to_app, to_server = session()
+    assert app_sends(s, to_server, cmd("MONITOR")) == cmd("MONITOR")
+    assert server_sends(s, to_app, b"+OK\r\n") == b"+OK\r\n"
+    return s, to_app, to_server
+
+
+@given(st.lists(st.integers(min_value=1, max_value=200), max_size=8), st.booleans())
+def test_a_monitor_connection_is_reauthenticated_between_its_lines(cuts, refused) -> None:
+    """The server answers the AUTH between monitor lines (tests/redis/test_calibration.py):
+    every line reaches the app unchanged and in order, however the reads split them (a lone
+    "+" at the end of a read included), and only keyless' answer is swallowed."""
+    s, to_app, to_server = monitoring()
+    answer = b"-WRONGPASS invalid username-password pair\r\n" if refused else b"+OK\r\n"
+    stream = MONITOR_LINES[0] + answer + MONITOR_LINES[1] + MONITOR_LINES[2]
+
+    async def scenario() -> tuple[bool, bytes]:
+        result = s.request_auth("oid-2", Token("new-token", 3e9, 2e9))
+        assert to_server.take() == cmd("AUTH", "oid-2", "new-token")  # at once: no command due
+        got = server_sends(s, to_app, *split(stream, cuts))
+        return await result, got
+
+    took, got = asyncio.run(scenario())
+    assert got == b"".join(MONITOR_LINES)
+    assert took is not refused
+
+
+def test_a_lone_plus_at_the_end_of_a_read_is_held_until_the_next_byte() -> None:
+    s, to_app, to_server = monitoring()
+
+    async def scenario() -> tuple[bool, list[bytes]]:
+        result = s.request_auth("oid-2", Token("new-token", 3e9, 2e9))
+        to_server.take()
+        first = server_sends(s, to_app, MONITOR_LINES[0] + b"+")
+        second = server_sends(s, to_app, MONITOR_LINES[1][1:] + b"+")
+        third = server_sends(s, to_app, b"OK\r\n" + MONITOR_LINES[2])
+        return await result, [first, second, third]
+
+    took, reads = asyncio.run(scenario())
+    assert reads == [MONITOR_LINES[0], MONITOR_LINES[1], MONITOR_LINES[2]]
+    assert took is True
+
+
+def test_an_apps_ping_while_monitoring_keeps_the_replies_in_step() -> None:
+    """A monitoring app may PING (+PONG comes between the lines); the lines must not be taken
+    for its answer, or keyless' next AUTH answer would reach the app."""
+    s, to_app, to_server = monitoring()
+    assert app_sends(s, to_server, cmd("PING")) == cmd("PING")
+    assert server_sends(s, to_app, MONITOR_LINES[0]) == MONITOR_LINES[0]
+
+    async def scenario() -> tuple[bool, bytes]:
+        result = s.request_auth("oid-2", Token("new-token", 3e9, 2e9))
+        assert to_server.take() == cmd("AUTH", "oid-2", "new-token")
+        got = server_sends(s, to_app, b"+PONG\r\n" + MONITOR_LINES[1] + b"+OK\r\n"
+                           + MONITOR_LINES[2])
+        return await result, got
+
+    took, got = asyncio.run(scenario())
+    assert got == b"+PONG\r\n" + MONITOR_LINES[1] + MONITOR_LINES[2]
+    assert took is True
+
+
 def test_a_resp2_subscriber_is_lifted_to_resp3_upstream_and_gets_resp2() -> None:
     s, to_app, to_server = session()
     assert app_sends(s, to_server, cmd("SUBSCRIBE", "ch")) == cmd("HELLO", "3") + \
