@@ -1,6 +1,7 @@
 """--workers 2 ÷ --workers 1 throughput, measured side by side in one run.
 
-    python -m bench.workers [--seconds S] [--rounds N] [--generator python|wrk] [--out FILE]
+    python -m bench.workers [--seconds S] [--rounds N] [--generator python|wrk] [--memory]
+                            [--out FILE]
 
 Reverse mode (plain HTTP in, verified TLS out) against a local HTTPS upstream that demands a
 Bearer token (so every counted answer was converted); keep-alive c=10 and a new connection per
@@ -60,6 +61,34 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def memory_kib(pid: int) -> dict[str, dict[str, int]]:
+    """VmRSS and Pss (KiB) of a keyless process and of each live child (its workers): RSS
+    counts the shared libraries in every process, Pss splits them among the sharers."""
+    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    found = {}
+    for one in pids:
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{one}/status").read_text()
+            rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+            rollup = Path(f"/proc/{one}/smaps_rollup").read_text()
+            pss = int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))
+            found["supervisor" if one == pid and len(pids) > 1 else
+                  "process" if one == pid else f"worker pid {one}"] = {"rss": rss, "pss": pss}
+    return found
+
+
+def memory_bound(memory: dict[int, dict[str, dict[str, dict[str, int]]]]) -> dict[str, Any]:
+    """The issue's bound, per moment: total RSS of --workers 2 <= 2 x one worker's + 20 MB."""
+    checks = {}
+    for moment in memory[1]:
+        single = sum(p["rss"] for p in memory[1][moment].values())
+        total = sum(p["rss"] for p in memory[2][moment].values())
+        limit = 2 * single + 20_000_000 / 1024  # 20 MB in KiB
+        checks[moment] = {"one_process_kib": single, "two_workers_total_kib": total,
+                          "limit_kib": int(limit), "holds": total <= limit}
+    return checks
 
 
 def machine_jiffies() -> tuple[int, int, int]:
@@ -186,7 +215,8 @@ def measure_wrk(url: str, mode: str, concurrency: int, seconds: float) -> dict[s
     return {"requests": requests, "seconds": elapsed}
 
 
-def run(seconds: float, rounds: int, workdir: Path, generator: str = "python") -> dict[str, Any]:
+def run(seconds: float, rounds: int, workdir: Path, generator: str = "python",
+        memory: bool = False) -> dict[str, Any]:
     pki = TestPKI(workdir / "pki")
     with contextlib.ExitStack() as stack:
         cert, key = pki.issue_server_cert(BENCH_HOST)
@@ -209,6 +239,12 @@ def run(seconds: float, rounds: int, workdir: Path, generator: str = "python") -
             ], {**identity.env(), **DEAD_PROXY_ENV}).start(timeout=60)
             stack.callback(keyless.stop)
             instances[workers] = (keyless, f"http://127.0.0.1:{port}{PATH}")
+        rss: dict[int, dict[str, dict[str, dict[str, int]]]] = {1: {}, 2: {}}
+        if memory:
+            time.sleep(2.0)  # the workers' imports settle (readiness comes before that ends)
+            for w, (keyless, _) in instances.items():
+                assert keyless.process is not None
+                rss[w]["idle"] = memory_kib(keyless.process.pid)
         for keyless, url in instances.values():  # tokens, imports, pools: not timed
             asyncio.run(measure(url, "keep-alive", 4, 2.0, pki.ca_pem_path))
             assert keyless.process is not None
@@ -239,6 +275,10 @@ def run(seconds: float, rounds: int, workdir: Path, generator: str = "python") -
                     cpu["load generator"] += after[0] - before[0]
                     cpu["upstream"] += after[1] - before[1]
                     cpu[f"keyless {w} worker{'s' if w > 1 else ''}"] += after[2] - before[2]
+        if memory:
+            for w, (keyless, _) in instances.items():
+                assert keyless.process is not None
+                rss[w]["after_load"] = memory_kib(keyless.process.pid)
         rows = []
         for mode, c in CASES:
             rate = {w: totals[(mode, c, w)]["requests"] / totals[(mode, c, w)]["seconds"]
@@ -258,7 +298,8 @@ def run(seconds: float, rounds: int, workdir: Path, generator: str = "python") -
                                                         / totals[(mode, c, w)]["seconds"], 2)
                                                for k in ("busy", "idle", "steal")}
                                            for w in instances}})
-        return {"generator": generator, "rows": rows,
+        extra = {"memory_kib": rss, "memory_bound": memory_bound(rss)} if memory else {}
+        return {**extra, "generator": generator, "rows": rows,
                 "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
                 "seconds_per_run": seconds, "rounds": rounds, "cpus": len(os.sched_getaffinity(0))}
 
@@ -268,10 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--generator", choices=("python", "wrk"), default="python")
+    parser.add_argument("--memory", action="store_true",
+                        help="also read VmRSS/Pss of every keyless process, idle and after load")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="keyless-bench-workers-") as workdir:
-        results = run(args.seconds, args.rounds, Path(workdir), args.generator)
+        results = run(args.seconds, args.rounds, Path(workdir), args.generator, args.memory)
     print(f"{'mode':<12}{'c':>4}{'1 worker req/s':>16}{'2 workers req/s':>17}{'ratio':>8}")
     for row in results["rows"]:
         print(f"{row['mode']:<12}{row['concurrency']:>4}{row['one_worker_rps']:>16}"
@@ -281,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
               f"cores) {row['machine_cores'][1]} vs {row['machine_cores'][2]}")
     print("CPU seconds over the timed runs: " + ", ".join(
         f"{name} {value}" for name, value in results["cpu_seconds"].items()))
+    for moment, check in results.get("memory_bound", {}).items():
+        print(f"memory {moment}: --workers 1 {check['one_process_kib'] / 1024:.1f} MiB, "
+              f"--workers 2 total {check['two_workers_total_kib'] / 1024:.1f} MiB "
+              f"(bound 2 x one + 20 MB = {check['limit_kib'] / 1024:.1f} MiB: "
+              f"{'holds' if check['holds'] else 'EXCEEDED'}); per process "
+              + ", ".join(f"{name} {v['rss'] / 1024:.1f}/{v['pss'] / 1024:.1f}"
+                          for name, v in results["memory_kib"][2][moment].items())
+              + " MiB RSS/Pss")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0
