@@ -154,7 +154,7 @@ def print_report(confdir: Path, as_json: bool) -> int:
 
 
 def run(settings: Settings, argv: Sequence[str] = ()) -> int:
-    from proxy.mitm import StartupError, serve
+    from proxy.errors import StartupError
     from proxy.workers import WorkerRole, supervise
 
     worker = WorkerRole.from_environ()
@@ -166,6 +166,8 @@ def run(settings: Settings, argv: Sequence[str] = ()) -> int:
             return asyncio.run(supervise(settings, argv))
         # mitmproxy's upstream connects resolve through this loop: it hands them the
         # addresses the dialer checked (proxy/dial.py); everything else resolves as usual.
+        from proxy.mitm import serve  # mitmproxy: only the processes that proxy import it
+
         with asyncio.Runner(loop_factory=CheckedDialLoop) as runner:
             return runner.run(serve(settings, worker))
     except StartupError as exc:

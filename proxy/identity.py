@@ -20,19 +20,24 @@ from proxy.tokens import Identity
 
 
 class CredentialSource:
-    """A `TokenSource` backed by one azure-identity credential per identity."""
+    """A `TokenSource` backed by azure-identity credentials: one per (identity, scope).
+
+    Per scope, not per identity: an azure-identity credential asks its endpoint at most once
+    per 30 s across all its scopes, answering from its cache meanwhile, so scopes whose
+    refreshes fall within 30 s of each other would be handed their old tokens (and, near the
+    expiry margin, requests would find no token to attach)."""
 
     def __init__(
         self, create: Callable[[Identity], DefaultAzureCredential] | None = None
     ) -> None:
         self._create = create or self._default_credential
-        self._credentials: dict[Identity, DefaultAzureCredential] = {}
+        self._credentials: dict[tuple[Identity, str], DefaultAzureCredential] = {}
         # Credentials that have handed out a token at least once.
         self._proven: weakref.WeakSet[DefaultAzureCredential] = weakref.WeakSet()
         self._closing: set[asyncio.Task[None]] = set()
 
     async def __call__(self, identity: Identity, scope: str) -> AccessTokenInfo:
-        credential = self._credential(identity)
+        credential = self._credential(identity, scope)
         try:
             info = await credential.get_token_info(scope)
         except ClientAuthenticationError:
@@ -41,18 +46,18 @@ class CredentialSource:
             # A credential that worked may hold what azure-identity read once and keeps: a
             # certificate file (read at construction, so a rotated one is never seen), a
             # federated token file (re-read at most every 10 minutes). One fresh credential
-            # reads them anew; unless another scope's failure has already replaced it.
-            if self._credentials.get(identity) is credential:
+            # reads them anew; unless another request's failure has already replaced it.
+            if self._credentials.get((identity, scope)) is credential:
                 self.forget(identity)
-            credential = self._credential(identity)
+            credential = self._credential(identity, scope)
             info = await credential.get_token_info(scope)
         self._proven.add(credential)
         return info
 
-    def _credential(self, identity: Identity) -> DefaultAzureCredential:
-        credential = self._credentials.get(identity)
+    def _credential(self, identity: Identity, scope: str) -> DefaultAzureCredential:
+        credential = self._credentials.get((identity, scope))
         if credential is None:
-            credential = self._credentials[identity] = self._create(identity)
+            credential = self._credentials[(identity, scope)] = self._create(identity)
         return credential
 
     @staticmethod
@@ -78,10 +83,10 @@ class CredentialSource:
         )
 
     def forget(self, identity: Identity) -> None:
-        """Drop the identity's credential (and its token cache): the next call fetches anew."""
-        credential = self._credentials.pop(identity, None)
-        if credential is not None:
-            task = asyncio.get_running_loop().create_task(credential.close())
+        """Drop the identity's credentials (and their token caches): the next calls fetch
+        anew."""
+        for key in [key for key in self._credentials if key[0] == identity]:
+            task = asyncio.get_running_loop().create_task(self._credentials.pop(key).close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 

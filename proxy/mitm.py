@@ -45,6 +45,7 @@ from proxy.config import Settings
 from proxy.connect_to import ConnectToTable
 from proxy.dial import AppDialer
 from proxy.dispatch import KeylessMaster
+from proxy.errors import StartupError
 from proxy.identity import CredentialSource
 from proxy.listeners import server as listener_server
 from proxy.listeners.connection import ClientTLS, Shared
@@ -58,10 +59,6 @@ from proxy.upstream import UpstreamPool
 from proxy.workers import SupervisorTokens, WorkerRole, report_status
 
 logger = logging.getLogger(__name__)
-
-
-class StartupError(Exception):
-    pass
 
 
 def listen_spec(host: str, port: int) -> str:

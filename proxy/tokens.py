@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -75,7 +76,12 @@ class TokenCache:
         forget: Callable[[Identity], None] | None = None,
         count_fetches: bool = True,
         count_lookups: bool = True,
+        jitter: float = 0.1,
+        uniform: Callable[[], float] = random.random,
     ) -> None:
+        # refreshes come earlier by a random share of up to `jitter` of the wait: pods
+        # started together (a rollout) do not all come back to the endpoint together
+        self._jitter, self._uniform = jitter, uniform
         # --workers: a worker's fetches go to the supervisor, whose lookups are the workers'
         # fetches; each side counts only what means something at its level
         self._count_fetches, self._count_lookups = count_fetches, count_lookups
@@ -176,6 +182,11 @@ class TokenCache:
         started = time.perf_counter()
         try:
             info = await self._source(identity, scope)
+            if float(info.expires_on) - self._margin <= self._clock() and self._forget:
+                # azure-identity answers from its cache until 300 s before expiry: a token
+                # inside a larger margin comes back unusable. A fresh credential fetches.
+                self._forget(identity)
+                info = await self._source(identity, scope)
         except (asyncio.CancelledError, TokenUnavailable):
             raise  # a TokenUnavailable already says why (--workers: the supervisor's reason)
         except Exception as exc:  # any credential failure becomes a clear, secret-free reason
@@ -212,6 +223,7 @@ class TokenCache:
         # failing refresh still has time before the token stops being served.
         usable_until = expires_on - self._margin
         refresh_on = min(refresh_on, usable_until - (usable_until - now) / 4)
+        refresh_on = now + (refresh_on - now) * (1 - self._jitter * self._uniform())
         token = Token(info.token, expires_on, refresh_on)
         self._cache[key] = token
         self._refresh_failed_at.pop(key, None)

@@ -363,8 +363,8 @@ async def supervise(settings, argv: Sequence[str]) -> int:
     from proxy.admin import AdminServer, AdminTokenError, read_admin_token
     from proxy.audit import STATE_FILE, CallLog, build_report
     from proxy.ca import CAError, expires_at, prepare_ca_for
+    from proxy.errors import StartupError
     from proxy.identity import CredentialSource
-    from proxy.mitm import StartupError
     from proxy.tokens import TokenCache
 
     try:

@@ -20,6 +20,7 @@ use azure-core's aiohttp transport, whose default SSL context reads OpenSSL's de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -246,24 +247,48 @@ def test_workload_identity_federated_token_file_and_its_rotation(
         [rotated] = token_calls(entra, SECOND_WORKLOAD_CLIENT_ID)
         assert (rotated["status"], rotated["auth"]) == (200, "federated")
         assert rotated["assertion_sha256"] == sha256(second)
-        # The default identity's credential fetches a token for a second scope: azure-identity
-        # re-reads the file at most every 600 s, so it presents the earlier, still valid
-        # assertion, which Entra accepts.
+        # A second scope of the default identity has a credential of its own (one per
+        # identity and scope), created after the rotation: it reads the new file too.
         claims = call_api(process, api_host)
         assert claims["appid"] == WORKLOAD_CLIENT_ID
         api_call = token_calls(entra, WORKLOAD_CLIENT_ID)[-1]
         assert (api_call["status"], api_call["scope"]) == (200, API_SCOPE)
-        assert api_call["assertion_sha256"] == sha256(first)
+        assert api_call["assertion_sha256"] == sha256(second)
         assert_never_logged(process, first, second, *entra.issued)
     assert upstream.problems == []
     assert entra.unexpected == []  # one POST per token: no discovery requests
 
 
+@contextlib.contextmanager
+def short_entra_tokens(entra: FakeEntra, seconds: int) -> Iterator[None]:
+    """Entra tokens that live `seconds` (the module's FakeEntra is shared: restored after)."""
+    before = entra.lifetime_seconds
+    entra.lifetime_seconds = seconds
+    try:
+        yield
+    finally:
+        entra.lifetime_seconds = before
+
+
+# A credential that lived across a rotation fetches again with what it kept: the same scope,
+# its token refreshed. azure-identity refreshes a token it holds only 30 s after its previous
+# call (DEFAULT_TOKEN_REFRESH_RETRY_DELAY), so tokens live 40 s with a 5 s margin: keyless'
+# refresh at ~33 s reaches Entra with the kept (stale) material.
+SHORT_TOKEN_SECONDS, SHORT_MARGIN = 40, "5"
+
+
+def wait_for_calls(entra: FakeEntra, client_id: str, count: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while len(token_calls(entra, client_id)) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_an_expired_federated_assertion_is_replaced_by_the_rotated_file(
         tmp_path, monkeypatch, pki, azurite, upstream, entra):
     """azure-identity re-reads the token file at most every 10 minutes. Should the assertion it
-    kept expire first (a cluster with short-lived tokens), Entra refuses it; keyless then asks
-    a fresh credential, which reads the rotated file, and the app's request still succeeds."""
+    kept expire first (a cluster with short-lived tokens), Entra refuses it when the scope's
+    token is refreshed; keyless then asks a fresh credential, which reads the rotated file,
+    and the app's requests keep succeeding."""
     client_id = "c4c4c4c4-0000-4000-8000-0000000000c4"
     cluster = FakeCluster()
     entra.add_federated(client_id, cluster, SERVICE_ACCOUNT)
@@ -271,19 +296,20 @@ def test_an_expired_federated_assertion_is_replaced_by_the_rotated_file(
     api_host = register_echo_api(upstream, "wi-expired-api", API_SCOPE.removesuffix("/.default"),
                                  client_id)
     env = {**entra_env(entra, pki), "AZURE_CLIENT_ID": client_id,
-           "AZURE_FEDERATED_TOKEN_FILE": str(token_file)}
-    with running_keyless(tmp_path / "keyless", pki, azurite, upstream, env,
-                         routes_toml((api_host, None, API_SCOPE))) as process:
+           "AZURE_FEDERATED_TOKEN_FILE": str(token_file), "KEYLESS_TOKEN_MARGIN": SHORT_MARGIN}
+    with short_entra_tokens(entra, SHORT_TOKEN_SECONDS), \
+            running_keyless(tmp_path / "keyless", pki, azurite, upstream, env,
+                            routes_toml((api_host, None, API_SCOPE))) as process:
         route_app_through(monkeypatch, process)
         short_lived = cluster.write_token(token_file, SERVICE_ACCOUNT, lifetime=5)
-        assert list_azurite_containers(process)
+        assert call_api(process, api_host)["appid"] == client_id
         rotated = cluster.write_token(token_file, SERVICE_ACCOUNT)
-        time.sleep(max(0.0, decode(short_lived)["exp"] - time.time() + 1))
+        wait_for_calls(entra, client_id, 3, SHORT_TOKEN_SECONDS + 20)  # the refresh
         assert call_api(process, api_host)["appid"] == client_id
         assert_never_logged(process, short_lived, rotated, *entra.issued)
     calls = token_calls(entra, client_id)
     assert [(c["scope"], c["status"], c["code"], c["assertion_sha256"]) for c in calls] == [
-        (STORAGE_SCOPE, 200, None, sha256(short_lived)),
+        (API_SCOPE, 200, None, sha256(short_lived)),
         (API_SCOPE, 400, "AADSTS700024", sha256(short_lived)),  # the kept, expired one
         (API_SCOPE, 200, None, sha256(rotated)),  # a fresh credential read the file
     ]
@@ -373,25 +399,29 @@ def test_a_rotated_service_principal_certificate_is_picked_up_without_restart(
         tmp_path, monkeypatch, pki, azurite, upstream, entra):
     """azure-identity reads the certificate file once. When the app registration's certificate
     is replaced and the file rotated (Key Vault CSI driver, cert-manager), Entra refuses the
-    old one; keyless asks a fresh credential, which loads the new file."""
+    old one at the scope's next refresh; keyless asks a fresh credential, which loads the new
+    file, and the app's requests keep succeeding."""
     client_id = "5e5e5e5e-0000-4000-8000-0000000000c7"
     certificate_path = tmp_path / "sp.pem"
     entra.add_certificate(client_id, write_client_certificate(certificate_path, client_id))
     api_host = register_echo_api(upstream, "sp-cert-api", API_SCOPE.removesuffix("/.default"),
                                  client_id)
     env = {**entra_env(entra, pki), "AZURE_CLIENT_ID": client_id,
-           "AZURE_CLIENT_CERTIFICATE_PATH": str(certificate_path)}
-    with running_keyless(tmp_path / "keyless", pki, azurite, upstream, env,
-                         routes_toml((api_host, None, API_SCOPE))) as process:
+           "AZURE_CLIENT_CERTIFICATE_PATH": str(certificate_path),
+           "KEYLESS_TOKEN_MARGIN": SHORT_MARGIN}
+    with short_entra_tokens(entra, SHORT_TOKEN_SECONDS), \
+            running_keyless(tmp_path / "keyless", pki, azurite, upstream, env,
+                            routes_toml((api_host, None, API_SCOPE))) as process:
         route_app_through(monkeypatch, process)
-        assert list_azurite_containers(process)
+        assert call_api(process, api_host)["appid"] == client_id
         staged = tmp_path / "sp.pem.new"
         entra.add_certificate(client_id, write_client_certificate(staged, client_id))
         staged.replace(certificate_path)  # the old certificate is no longer registered
+        wait_for_calls(entra, client_id, 3, SHORT_TOKEN_SECONDS + 20)  # the refresh
         assert call_api(process, api_host)["appid"] == client_id
     calls = token_calls(entra, client_id)
     assert [(c["scope"], c["status"], c["code"]) for c in calls] == [
-        (STORAGE_SCOPE, 200, None), (API_SCOPE, 401, "AADSTS700027"), (API_SCOPE, 200, None)]
+        (API_SCOPE, 200, None), (API_SCOPE, 401, "AADSTS700027"), (API_SCOPE, 200, None)]
     assert upstream.problems == []
 
 

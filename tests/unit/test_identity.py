@@ -1,4 +1,5 @@
-"""CredentialSource: one credential per identity, a fresh one once when a proven one fails, and
+"""CredentialSource: one credential per (identity, scope), a fresh one once when a proven one
+fails, and
 the environment's service principal only for its own client id."""
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def test_a_proven_credential_that_fails_is_replaced_once() -> None:
         factory = Factory([False, True])
         source = CredentialSource(factory)
         first = await source(Identity(), SCOPE)
-        second = await source(Identity(), OTHER_SCOPE)  # fails on 0, succeeds on a fresh 1
+        second = await source(Identity(), SCOPE)  # fails on 0, succeeds on a fresh 1
         await asyncio.sleep(0)
         assert [c.number for c in factory.made] == [0, 1] and factory.made[0].closed
         return first.token, second.token
@@ -80,21 +81,20 @@ def test_the_fresh_credential_failing_too_is_the_answer() -> None:
         source = CredentialSource(factory)
         await source(Identity(), SCOPE)
         with pytest.raises(ClientAuthenticationError):
-            await source(Identity(), OTHER_SCOPE)
+            await source(Identity(), SCOPE)
         with pytest.raises(ClientAuthenticationError):  # 1 never worked: no third credential
-            await source(Identity(), OTHER_SCOPE)
+            await source(Identity(), SCOPE)
         return len(factory.made)
 
     assert asyncio.run(run()) == 2
 
 
-def test_two_scopes_failing_at_once_replace_the_credential_once() -> None:
+def test_two_calls_failing_at_once_replace_the_credential_once() -> None:
     async def run() -> list[str]:
         factory = Factory([False, True, True])
         source = CredentialSource(factory)
         await source(Identity(), SCOPE)
-        infos = await asyncio.gather(source(Identity(), OTHER_SCOPE),
-                                     source(Identity(), "api://x/.default"))
+        infos = await asyncio.gather(source(Identity(), SCOPE), source(Identity(), SCOPE))
         assert len(factory.made) == 2
         return [i.token for i in infos]
 
@@ -117,3 +117,18 @@ def test_the_environment_service_principal_serves_only_its_own_client_id(
     assert EnvironmentCredential in _chain(Identity())
     assert EnvironmentCredential in _chain(Identity(SP))
     assert EnvironmentCredential not in _chain(Identity(ROUTE))
+
+
+def test_each_scope_has_its_own_credential() -> None:
+    """azure-identity asks its endpoint at most once per 30 s per credential, across scopes:
+    scopes sharing one would be handed their old tokens when they refresh together."""
+    async def run() -> list[int]:
+        factory = Factory()
+        source = CredentialSource(factory)
+        for scope in (SCOPE, OTHER_SCOPE, SCOPE):
+            await source(Identity(), scope)
+        source.forget(Identity())
+        await asyncio.sleep(0)
+        return [len(c.calls) for c in factory.made if c.closed]
+
+    assert asyncio.run(run()) == [2, 1]

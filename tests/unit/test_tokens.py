@@ -279,3 +279,37 @@ def test_a_token_that_would_expire_before_valid_until_is_replaced():
         await cache.close()
 
     asyncio.run(scenario())
+
+
+def test_a_token_inside_the_margin_makes_the_credential_fetch_afresh_once() -> None:
+    """azure-identity hands back its cached token until 300 s before expiry: one inside a
+    larger margin is unusable, and a fresh credential is asked once."""
+    clock, forgotten = Clock(), []
+    answers = [Info("cached", int(clock.now) + 100), Info("fresh", int(clock.now) + 3600)]
+
+    async def source(identity: Identity, scope: str) -> Info:
+        return answers.pop(0)
+
+    async def run() -> str:
+        cache = TokenCache(source, clock=clock, expiry_margin=300, forget=forgotten.append)
+        try:
+            return await cache.get(ME, SCOPE)
+        finally:
+            await cache.close()
+
+    assert asyncio.run(run()) == "fresh" and forgotten == [ME]
+
+
+@pytest.mark.parametrize(("draw", "expected"), [(0.0, 1800.0), (0.5, 1710.0), (1.0, 1620.0)])
+def test_refreshes_come_earlier_by_up_to_a_tenth_at_random(draw: float, expected: float) -> None:
+    clock = Clock()
+    credential = FakeCredential(clock, lifetime=3600, refresh_after=1800)
+
+    async def run() -> float:
+        cache = TokenCache(credential, clock=clock, uniform=lambda: draw)
+        try:
+            return (await cache.get_token(ME, SCOPE)).refresh_on - clock.now
+        finally:
+            await cache.close()
+
+    assert asyncio.run(run()) == pytest.approx(expected)
