@@ -327,7 +327,7 @@ def test_two_renders_make_two_consistent_pairs(helm: Path) -> None:
     """Without a cluster `lookup` is empty, so each render generates: each render's caBundle
     still belongs to its own Secret (the Secret and the webhook config share one template)."""
     first, second = render(helm, {}), render(helm, {})
-    cas_one, cert_one = check_serving_certificate(first)
+    _, cert_one = check_serving_certificate(first)
     cas_two, cert_two = check_serving_certificate(second)
     assert cert_one != cert_two
     assert not signed_by(cert_one, cas_two[0]), "two renders must not share a CA by accident"
