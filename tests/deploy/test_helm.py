@@ -622,3 +622,9 @@ def test_upgrade_renews_an_expired_or_foreign_certificate(helm: Path, api_server
     server.secrets[SECRET] = foreign
     _, cert = check_serving_certificate(upgrade_render(helm, kubeconfig))
     assert cert != certificate_chain(installed)[1]
+
+
+def test_ci_prefetches_this_helm_version() -> None:
+    ci = (REPO / ".ci" / "run").read_text()
+    assert f"HELM_VERSION={HELM_VERSION}\n" in ci, ".ci/run builds another helm than the tests"
+    assert f'"{HELM_MODULE}@$HELM_VERSION"' in ci
