@@ -474,7 +474,10 @@ def test_digest_and_separate_sidecar_image(helm: Path) -> None:
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"injection": {"mode": "sidecar"}}, "injection.mode must be forward or transparent"),
+    ({"injection": {"mode": "sidecar"}}, "value must be one of 'forward', 'transparent'"),
+    ({"injection": {"readyScope": ["x"]}}, "additional properties 'readyScope' not allowed"),
+    ({"webhook": {"timeoutSeconds": 60}}, "maximum"),
+    ({"image": {"digest": "latest"}}, "/image/digest"),
     ({"certs": {"validityDays": 10, "renewBeforeDays": 30}},
      "certs.validityDays must be greater than certs.renewBeforeDays"),
 ])

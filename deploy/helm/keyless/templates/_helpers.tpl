@@ -44,9 +44,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* The webhook's config file (keys: the contract of `keyless webhook --config`). */}}
 {{- define "keyless.config" -}}
 {{- $inj := .Values.injection -}}
-{{- if not (has $inj.mode (list "forward" "transparent")) -}}
-{{- fail (printf "injection.mode must be forward or transparent, not %q" $inj.mode) -}}
-{{- end -}}
+{{- /* values.schema.json checks the types and the mode's choices. */ -}}
 {{- $config := dict
   "image" ($inj.image | default (include "keyless.image" .))
   "imagePullPolicy" $inj.imagePullPolicy
