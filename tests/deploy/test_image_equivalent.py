@@ -20,6 +20,7 @@ runtime (binary, libpython, standard library; no site-packages) instead.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.metadata
 import json
 import os
@@ -157,6 +158,42 @@ def test_image_installs_only_hash_checked_locked_wheels_and_ships_the_sbom() -> 
     assert any(c.startswith("--from=sbom ") and c.endswith(" " + SBOM_IN_IMAGE)
                for c in copies), copies
     assert "cyclonedx" not in words(" ".join(final.all("RUN"))), "no SBOM tool in the image"
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parents wins;
+    `!` re-includes. Patterns are path-segment globs; `**` spans any number of segments."""
+    def matches(pattern: list[str], parts: list[str]) -> bool:
+        if not pattern:
+            return not parts
+        if pattern[0] == "**":
+            return any(matches(pattern[1:], parts[n:]) for n in range(len(parts) + 1))
+        return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and \
+            matches(pattern[1:], parts[1:])
+
+    parts = path.strip("/").split("/")
+    excluded = False
+    for raw in patterns:
+        negated = raw.startswith("!")
+        pattern = raw.removeprefix("!").strip("/").split("/")
+        if any(matches(pattern, parts[:n]) for n in range(1, len(parts) + 1)):
+            excluded = not negated
+    return excluded
+
+
+def test_every_copied_file_reaches_the_build_context() -> None:
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert dockerignore_excludes("deploy/compose/x.yaml", patterns), "the matcher bites"
+    assert dockerignore_excludes("proxy/__pycache__/a.pyc", patterns)
+    for stage in stages():
+        for args in stage.all("COPY"):
+            if args.startswith("--from="):
+                continue
+            for source in args.split()[:-1]:
+                assert (REPO / source).exists(), f"COPY {source}: no such file"
+                assert not dockerignore_excludes(source, patterns), \
+                    f"COPY {source}: .dockerignore keeps it out of the build context"
 
 
 # -- dynamic: the image's stage 2, reproduced ---------------------------------------------------
