@@ -59,7 +59,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                       "catalogConfigMap": "extra-routes",
                       "skipContainers": ["istio-proxy", "vault-agent"],
                       "readyScopes": ["https://storage.azure.com/.default"],
-                      "excludeNamespaces": ["legacy-batch"]},
+                      "excludeNamespaces": ["legacy-batch"],
+                      "noProxy": ["10.0.0.0/8", ".svc.cluster.local"],
+                      "drainTimeout": 20},
     },
 }
 
@@ -376,7 +378,11 @@ def test_webhook_deployment_is_hardened_and_runs_the_contracts_command(
     assert flags == {"listen": "0.0.0.0:8443",
                      "tls-cert": "/etc/keyless-webhook/tls/tls.crt",
                      "tls-key": "/etc/keyless-webhook/tls/tls.key",
-                     "config": "/etc/keyless-webhook/config.yaml"}
+                     "config": "/etc/keyless-webhook/config.yaml",
+                     "shutdown-delay": "5", "log-level": "info"}
+    # SIGTERM: /readyz fails, reviews keep being answered for the delay, then exit; the
+    # kubelet must not kill it before
+    assert spec["terminationGracePeriodSeconds"] > int(flags["shutdown-delay"])
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/etc/keyless-webhook/tls"]["readOnly"] is True
     assert mounts["/etc/keyless-webhook/config.yaml"]["subPath"] == "config.yaml"
@@ -429,7 +435,7 @@ def webhook_config_file(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 CONFIG_KEYS = {"image", "imagePullPolicy", "resources", "readyScopes", "mode",
                "catalogConfigMap", "uid", "proxyPort", "adminPort", "excludeNamespaces",
-               "skipContainers"}
+               "skipContainers", "noProxy", "drainTimeout"}
 
 
 def test_config_file_carries_the_defaults(rendered: dict) -> None:
@@ -453,6 +459,9 @@ def test_config_file_carries_the_defaults(rendered: dict) -> None:
     assert custom["skipContainers"] == ["istio-proxy", "vault-agent"]
     assert custom["readyScopes"] == ["https://storage.azure.com/.default"]
     assert custom["excludeNamespaces"] == ["kube-system", NAMESPACE, "legacy-batch"]
+    assert custom["noProxy"] == ["10.0.0.0/8", ".svc.cluster.local"]
+    assert custom["drainTimeout"] == 20 and default["drainTimeout"] == 30
+    assert "noProxy" not in default
     deployment = one(rendered["custom-image-resources"], "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example.com/keyless:1.2.3"
@@ -478,6 +487,8 @@ def test_digest_and_separate_sidecar_image(helm: Path) -> None:
     ({"injection": {"readyScope": ["x"]}}, "additional properties 'readyScope' not allowed"),
     ({"webhook": {"timeoutSeconds": 60}}, "maximum"),
     ({"image": {"digest": "latest"}}, "/image/digest"),
+    ({"webhook": {"shutdownDelaySeconds": 30, "terminationGracePeriodSeconds": 30}},
+     "webhook.terminationGracePeriodSeconds must exceed webhook.shutdownDelaySeconds"),
     ({"certs": {"validityDays": 10, "renewBeforeDays": 30}},
      "certs.validityDays must be greater than certs.renewBeforeDays"),
 ])

@@ -54,9 +54,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   "uid" (int $inj.uid)
   "proxyPort" (int $inj.proxyPort)
   "adminPort" (int $inj.adminPort)
-  "excludeNamespaces" (include "keyless.excludeNamespaces" . | fromJsonArray) -}}
+  "excludeNamespaces" (include "keyless.excludeNamespaces" . | fromJsonArray)
+  "drainTimeout" (int $inj.drainTimeout) -}}
 {{- if $inj.catalogConfigMap -}}
 {{- $_ := set $config "catalogConfigMap" $inj.catalogConfigMap -}}
+{{- end -}}
+{{- if $inj.noProxy -}}
+{{- $_ := set $config "noProxy" $inj.noProxy -}}
 {{- end -}}
 {{- if $inj.skipContainers -}}
 {{- $_ := set $config "skipContainers" $inj.skipContainers -}}
