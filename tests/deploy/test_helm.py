@@ -400,6 +400,13 @@ def test_webhook_deployment_is_hardened_and_runs_the_contracts_command(
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    # the kubelet writes Secret files as root: the webhook's user must still read tls.key
+    tls_volume = next(v for v in spec["volumes"] if v["name"] == "tls")["secret"]
+    mode = tls_volume.get("defaultMode", 0o644)
+    group = spec["securityContext"].get("fsGroup")
+    assert mode & 0o004 or (mode & 0o040 and group in (sc["runAsGroup"], 10001)), \
+        f"UID 10001 cannot read the TLS key (mode {mode:o}, fsGroup {group})"
+    assert not mode & 0o002 and not mode & 0o020, "the key must not be writable"
     assert container["resources"]["requests"]["memory"] and \
         container["resources"]["limits"]["memory"]
     spread = {c["topologyKey"] for c in spec["topologySpreadConstraints"]
