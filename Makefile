@@ -79,15 +79,10 @@ bench: $(VENV)/.test node_modules/.installed
 fuzz: $(VENV)/.test
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/unit/test_fuzz_parsers.py tests/unit/test_strippers.py tests/unit/test_storage_conversion.py tests/postgres/test_codec.py tests/mysql/test_codec.py tests/mysql/test_commands.py tests/redis/test_codec.py tests/amqp/test_codec.py tests/amqp/test_stream.py -q
 
-# The image's hash-pinned lock files (the Dockerfile installs with --require-hashes), resolved
-# for the image's Python: 3.12 on x86-64 Linux (python:3.12-slim). uv keeps the versions the
-# lock already has unless pyproject.toml needs others; `make lock UPGRADE=--upgrade` moves every
-# package to its newest version. tests/deploy/test_lock.py checks the lock against pyproject.
-UV_VERSION := 0.13.9
-LOCK_FLAGS  = --generate-hashes --python-version 3.12 --python-platform x86_64-unknown-linux-gnu \
-              --custom-compile-command "make lock" --quiet $(UPGRADE)
-lock: $(BIN)/python
-	@echo "==> lock: requirements.lock and deploy/image/sbom-tools.lock (uv $(UV_VERSION), PyPI)"
-	$(BIN)/pip install -q "uv==$(UV_VERSION)"
-	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
-	$(BIN)/uv pip compile deploy/image/sbom-tools.in $(LOCK_FLAGS) -o deploy/image/sbom-tools.lock
+# The image's hash-pinned lock files (the Dockerfile installs with --require-hashes):
+# requirements.lock and deploy/image/sbom-tools.lock, resolved by uv (a test extra) for the
+# image's Python, 3.12 on x86-64 Linux, from what PyPI had at deploy/image/lock.py's
+# EXCLUDE_NEWER (advance it to take newer releases). tests/deploy/test_lock.py checks them.
+lock: $(VENV)/.test
+	@echo "==> lock: requirements.lock and deploy/image/sbom-tools.lock (uv pip compile, PyPI)"
+	$(BIN)/python deploy/image/lock.py
