@@ -74,8 +74,10 @@ class Health:
 class AdminServer:
     def __init__(self, health: Health, host: str, port: int,
                  report: Callable[[], dict[str, Any]] = dict,
-                 report_token: str | None = None) -> None:
+                 report_token: str | None = None,
+                 exposition: Callable[[], bytes] = lambda: generate_latest(REGISTRY)) -> None:
         self.health = health
+        self.exposition = exposition  # --workers: the supervisor sums the workers' metrics
         self.report_data = report
         self._report_token = report_token.encode() if report_token else None
         self.host, self.port = host, port
@@ -98,7 +100,7 @@ class AdminServer:
 
     async def metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=self.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def healthz(self, _request: web.Request) -> web.Response:

@@ -5,6 +5,7 @@ authentication can be switched off.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -76,6 +77,36 @@ class CallLog:
             # A damaged state file must not stop the proxy; keep it aside for inspection.
             logger.warning("ignoring unreadable state file %s: %s", path, type(exc).__name__)
             path.rename(path.with_suffix(".damaged"))
+
+
+class SharedCallLog(CallLog):
+    """--workers: each worker keeps only what it saw since its last save, and `save` merges
+    that into the state file under an exclusive lock (read, add, write), so N workers never
+    overwrite each other's counts. The file's format is CallLog's."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(None, clock)  # deltas only: the file is read when merging
+        self.path = path
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = CallLog(self.path, self.clock)
+            for key, seen in self._calls.items():
+                entry = merged._calls.get(key)
+                if entry is None:
+                    merged._calls[key] = dict(seen)
+                else:
+                    entry["count"] += seen["count"]
+                    entry["first_seen"] = min(entry["first_seen"], seen["first_seen"])
+                    entry["last_seen"] = max(entry["last_seen"], seen["last_seen"])
+            merged.dirty = True
+            merged.save()
+        self._calls.clear()
+        self.dirty = False
 
 
 def _iso(seconds: float) -> str:

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_main(settings, default_identity())
     if args.command == "report":
         return print_report(settings.confdir, as_json=args.json)
-    return run(settings)
+    return run(settings, sys.argv[1:] if argv is None else list(argv))
 
 
 def print_report(confdir: Path, as_json: bool) -> int:
@@ -105,15 +105,21 @@ def print_report(confdir: Path, as_json: bool) -> int:
     return 0
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, argv: Sequence[str] = ()) -> int:
     from proxy.mitm import StartupError, serve
+    from proxy.workers import WorkerRole, supervise
 
-    setup_logging(settings.log_level, settings.log_format)
+    worker = WorkerRole.from_environ()
+    supervisor = worker is None and settings.workers > 1
+    setup_logging(settings.log_level, settings.log_format,
+                  worker="supervisor" if supervisor else worker and worker.worker_id)
     try:
+        if supervisor:  # --workers N: it starts N processes like this one, as workers
+            return asyncio.run(supervise(settings, argv))
         # mitmproxy's upstream connects resolve through this loop: it hands them the
         # addresses the dialer checked (proxy/dial.py); everything else resolves as usual.
         with asyncio.Runner(loop_factory=CheckedDialLoop) as runner:
-            return runner.run(serve(settings))
+            return runner.run(serve(settings, worker))
     except StartupError as exc:
         print(f"keyless: error: {exc}", file=sys.stderr)
         return 2

@@ -106,6 +106,33 @@ def parse_log_format(text: str) -> str:
     return value
 
 
+def cpu_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """The cgroup v2 CPU limit in CPUs (`cpu.max` = "QUOTA PERIOD"), None when unlimited."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by the cgroup quota, at least 1."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    return max(1, cpus)
+
+
+def parse_workers(text: str) -> int:
+    value = text.strip().lower()
+    if value == "auto":
+        return available_cpus()
+    if not value.isdigit() or not 1 <= int(value) <= 256:
+        raise ValueError(f"expected a number from 1 to 256 or auto, got {text!r}")
+    return int(value)
+
+
 def parse_log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -158,6 +185,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("drain-timeout", "SECONDS", "30", parse_seconds,
          "On SIGTERM: readiness fails, new connections are refused, and in-flight requests "
          "get this long to finish before keyless exits."),
+    Flag("workers", "N", "1", parse_workers,
+         "Worker processes sharing the listen ports (SO_REUSEPORT), each a full keyless: "
+         "one supervisor fetches the tokens for all and serves the admin port. `auto`: the "
+         "CPUs this process may use (affinity, cgroup cpu.max). 1: one process."),
     Flag("reverse", "PORT=URL", (), parse_reverse,
          "Reverse mode: serve plain HTTP on 127.0.0.1:PORT and forward to the Azure endpoint "
          "URL (https://HOST), converting as in forward mode; the app needs no proxy setting "
@@ -249,6 +280,7 @@ class Settings:
     ca_key: Path | None
     ca_validity: float
     drain_timeout: float
+    workers: int
     reverse: tuple[tuple[int, str], ...]
     postgres: tuple[str, ...]
     mysql: tuple[str, ...]

@@ -18,6 +18,10 @@ class RedactingFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__()
+        self.worker = worker  # --workers: which process wrote the line
+
     def format(self, record: logging.LogRecord) -> str:
         event = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -25,15 +29,21 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": redact(record.getMessage(), limit=4000),
         }
+        if self.worker is not None:
+            event["worker"] = self.worker
         if record.exc_info:
             event["error"] = redact(self.formatException(record.exc_info), limit=4000)
         return json.dumps(event, ensure_ascii=False)
 
 
-def setup_logging(level: str, log_format: str) -> None:
+def setup_logging(level: str, log_format: str, worker: str | None = None) -> None:
+    """`worker`: under --workers, each line says which process wrote it (a worker's
+    number, or "supervisor")."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else RedactingFormatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    text_format = "%(asctime)s %(levelname)s %(name)s: %(message)s" if worker is None \
+        else f"%(asctime)s %(levelname)s worker={worker} %(name)s: %(message)s"
+    handler.setFormatter(JsonFormatter(worker) if log_format == "json"
+                         else RedactingFormatter(text_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

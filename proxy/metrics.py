@@ -11,7 +11,10 @@ from proxy import __version__
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-BUILD_INFO = Gauge("keyless_build_info", "keyless version.", ["version"], registry=REGISTRY)
+# multiprocess_mode matters only under --workers (prometheus-client multiprocess mode): how
+# the workers' values of a gauge combine into the one the admin port shows.
+BUILD_INFO = Gauge("keyless_build_info", "keyless version.", ["version"], registry=REGISTRY,
+                   multiprocess_mode="max")
 BUILD_INFO.labels(version=__version__).set(1)
 
 REQUESTS = Counter(
@@ -114,6 +117,7 @@ LISTENER_OPEN = Gauge(
     "App connections a database/cache listener holds open now.",
     ["listener", "protocol"],
     registry=REGISTRY,
+    multiprocess_mode="livesum",  # the connections the live workers hold, summed
 )
 LISTENER_LOGINS = Counter(
     "keyless_listener_logins",
@@ -142,6 +146,20 @@ CA_EXPIRY = Gauge(
     "When keyless' CA (the one apps trust) expires, as a Unix time; a running keyless does "
     "not rotate it: restart the pod before.",
     registry=REGISTRY,
+    multiprocess_mode="max",  # one CA for all workers
+)
+# --workers only (registered by the supervisor; a worker's values reach the supervisor through
+# the multiprocess files, whatever the registry): one process shows exactly what it showed.
+WORKER_RESTARTS = Counter(
+    "keyless_worker_restarts",
+    "--workers: worker processes that died and were started again by the supervisor.",
+    registry=None,
+)
+WORKER_REQUESTS = Counter(
+    "keyless_worker_requests",
+    "--workers: HTTP requests each worker process received (worker = its number).",
+    ["worker"],
+    registry=None,
 )
 
 

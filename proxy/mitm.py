@@ -9,11 +9,13 @@ import os
 import signal
 import socket
 import time
+import types
 from collections.abc import Callable
 
 from mitmproxy import addons as mitm_addons
 from mitmproxy import exceptions, master, options
 from mitmproxy.addons import errorcheck
+from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.layers.http import _http1
 
 from addons.amqp_websocket import AmqpOverWebSocket
@@ -31,9 +33,10 @@ from addons.replay import ReplayUnauthorized
 from addons.resume import ResumeUpstreamTLS
 from addons.storage_batch import ResignBlobBatch
 from addons.stream import StreamBodies
+from addons.workers import CountWorkerRequests
 from proxy import metrics
 from proxy.admin import AdminServer, AdminTokenError, Health, read_admin_token
-from proxy.audit import STATE_FILE, CallLog, build_report
+from proxy.audit import STATE_FILE, CallLog, SharedCallLog, build_report
 from proxy.ca import CA_KEY_AND_CERT, CAError, expires_at, prepare_ca_for
 from proxy.catalog import Catalog
 from proxy.config import Settings
@@ -41,6 +44,7 @@ from proxy.connect_to import ConnectToTable
 from proxy.dial import AppDialer
 from proxy.dispatch import KeylessMaster
 from proxy.identity import CredentialSource
+from proxy.listeners import server as listener_server
 from proxy.listeners.connection import ClientTLS, Shared
 from proxy.listeners.server import Listener, Listeners, ListenerStartError, TransparentListener
 from proxy.listeners.spec import azure_host
@@ -49,6 +53,7 @@ from proxy.redact import redact
 from proxy.relay import UpstreamRelay
 from proxy.tokens import Identity, TokenCache, TokenUnavailable
 from proxy.upstream import UpstreamPool
+from proxy.workers import SupervisorTokens, WorkerRole, report_status
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +121,35 @@ def redact_mitmproxy_error_pages() -> None:
 
     redacted.keyless_redacted = True  # type: ignore[attr-defined]
     _http1.make_error_response = redacted
+
+
+def share_listen_ports() -> None:
+    """--workers: every worker binds the same ports with SO_REUSEPORT and the kernel spreads
+    the connections. mitmproxy creates its TCP servers in one place (mode_servers calls
+    `asyncio.start_server`): that module alone sees a start_server with reuse_port."""
+    if getattr(mode_servers.asyncio, "keyless_reuse_port", False):
+        return
+    shared = types.SimpleNamespace(**vars(asyncio))
+    start_server = asyncio.start_server
+
+    async def start_server_reusing_port(*args: object, **kwargs: object) -> asyncio.Server:
+        return await start_server(*args, reuse_port=True, **kwargs)  # type: ignore[arg-type]
+
+    shared.start_server = start_server_reusing_port
+    shared.keyless_reuse_port = True
+    mode_servers.asyncio = shared  # type: ignore[assignment]
+    # A reverse https mode also binds a UDP socket (HTTP/3), which cannot be shared; keyless'
+    # reverse ports serve plain HTTP: under --workers they listen on TCP alone.
+    listen = mode_servers.AsyncioServerInstance.listen
+
+    async def listen_tcp_only(self: mode_servers.AsyncioServerInstance, host: str,
+                              port: int) -> list:
+        if self.mode.transport_protocol == "both":
+            return [await start_server_reusing_port(self.handle_stream, host, port)]
+        return await listen(self, host, port)
+
+    mode_servers.AsyncioServerInstance.listen = listen_tcp_only  # type: ignore[method-assign]
+    listener_server.REUSE_PORT = True
 
 
 def build_listeners(settings: Settings, tokens: TokenCache, calls: CallLog,
@@ -261,23 +295,31 @@ async def save_periodically(calls: CallLog, every: float = 5.0) -> None:
         calls.save()
 
 
-async def serve(settings: Settings) -> int:
-    """Run the proxy and the admin server until SIGTERM/SIGINT."""
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> int:
+    """Run the proxy and the admin server until SIGTERM/SIGINT. `worker`: one of --workers'
+    processes: tokens from the supervisor, ports shared, no admin server (the supervisor's)."""
     try:
         metrics.CA_EXPIRY.set(expires_at(prepare_ca_for(settings)))
     except CAError as exc:
         raise StartupError(str(exc)) from None
-    source = CredentialSource()
+    source = CredentialSource() if worker is None else SupervisorTokens(
+        worker.socket_path, settings.token_timeout + 5)
     tokens = TokenCache(
         source, expiry_margin=settings.token_margin, wait_timeout=settings.token_timeout,
-        forget=source.forget,
+        forget=source.forget, count_fetches=worker is None,
     )
     cached = ready_keys(settings)
     health = Health(tokens_ready=lambda: cached <= set(tokens.peek()))
-    calls = CallLog(settings.confdir / STATE_FILE)
+    calls = CallLog(settings.confdir / STATE_FILE) if worker is None \
+        else SharedCallLog(settings.confdir / STATE_FILE)
     collector = metrics.TokenExpiryCollector(tokens.peek, time.time)
-    metrics.REGISTRY.register(collector)
+    if worker is None:  # the supervisor's cache is the pod's
+        metrics.REGISTRY.register(collector)
+    else:
+        share_listen_ports()
     proxy_master = build_master(settings, tokens, health, calls)
+    if worker is not None:
+        proxy_master.addons.add(CountWorkerRequests(worker.worker_id))
     guard = proxy_master.addons.get("denydestinations")
     listeners = build_listeners(settings, tokens, calls, app_dialer(settings, guard))
     try:
@@ -287,7 +329,8 @@ async def serve(settings: Settings) -> int:
     admin = AdminServer(health, *settings.admin, report=lambda: build_report(calls.entries()),
                         report_token=report_token)
     try:
-        await admin.start()
+        if worker is None:
+            await admin.start()
     except OSError as exc:
         raise StartupError(
             f"cannot listen on admin address {settings.admin[0]}:{settings.admin[1]}: "
@@ -311,6 +354,9 @@ async def serve(settings: Settings) -> int:
     )
     background = [asyncio.create_task(save_periodically(calls)),
                   asyncio.create_task(warm_up(tokens, cached))]
+    if worker is not None:
+        background.append(asyncio.create_task(
+            report_status(worker, lambda: health.ready, drain.start)))
     try:
         await proxy_master.run()
     finally:
@@ -319,8 +365,9 @@ async def serve(settings: Settings) -> int:
             task.cancel()
         await listeners.stop()
         calls.save()
-        metrics.REGISTRY.unregister(collector)
-        await admin.stop()
+        if worker is None:
+            metrics.REGISTRY.unregister(collector)
+            await admin.stop()
         await tokens.close()
         await source.close()
     return 0

@@ -73,7 +73,12 @@ class TokenCache:
         refresh_retry: float = 30.0,
         maxsize: int = 1024,
         forget: Callable[[Identity], None] | None = None,
+        count_fetches: bool = True,
+        count_lookups: bool = True,
     ) -> None:
+        # --workers: a worker's fetches go to the supervisor, whose lookups are the workers'
+        # fetches; each side counts only what means something at its level
+        self._count_fetches, self._count_lookups = count_fetches, count_lookups
         self._source = source
         self._forget = forget
         self._invalidated_at: dict[Key, float] = {}
@@ -107,11 +112,13 @@ class TokenCache:
             # all shorter keeps serving the one it has
             token = None
         if token is not None:
-            metrics.TOKEN_CACHE.labels(result="hit").inc()
+            if self._count_lookups:
+                metrics.TOKEN_CACHE.labels(result="hit").inc()
             if self._clock() >= token.refresh_on:
                 self._refresh(key)
             return token
-        metrics.TOKEN_CACHE.labels(result="miss").inc()
+        if self._count_lookups:
+            metrics.TOKEN_CACHE.labels(result="miss").inc()
         task = self._inflight.get(key) or self._start_fetch(key)
         try:
             token = await asyncio.wait_for(asyncio.shield(task), self._wait_timeout)
@@ -169,10 +176,10 @@ class TokenCache:
         started = time.perf_counter()
         try:
             info = await self._source(identity, scope)
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, TokenUnavailable):
+            raise  # a TokenUnavailable already says why (--workers: the supervisor's reason)
         except Exception as exc:  # any credential failure becomes a clear, secret-free reason
-            metrics.TOKEN_FETCHES.labels(result="error").inc()
+            self._fetched("error")
             reason = redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             logger.warning("token fetch failed for scope %s (identity %s): %s",
                            scope, identity.label, reason)
@@ -180,11 +187,12 @@ class TokenCache:
                 f"could not get a token for scope {scope} (identity {identity.label}): {reason}"
             ) from None
         finally:
-            metrics.TOKEN_FETCH_SECONDS.observe(time.perf_counter() - started)
+            if self._count_fetches:
+                metrics.TOKEN_FETCH_SECONDS.observe(time.perf_counter() - started)
         now = self._clock()
         expires_on = float(info.expires_on)
         if expires_on - self._margin <= now:
-            metrics.TOKEN_FETCHES.labels(result="expired").inc()
+            self._fetched("expired")
             raise TokenUnavailable(
                 f"the token for scope {scope} (identity {identity.label}) expires within "
                 f"{self._margin:g}s of issue"
@@ -194,7 +202,7 @@ class TokenCache:
             # The source handed back the token we have (azure-identity serves its own cached
             # token while its refresh is failing or paused): keep it, and ask again only after
             # the retry pause, so an unchanged token never turns into a tight refresh loop.
-            metrics.TOKEN_FETCHES.labels(result="unchanged").inc()
+            self._fetched("unchanged")
             postponed = replace(current, refresh_on=now + self._refresh_retry)
             self._cache[key] = postponed
             self._refresh_in(key, self._refresh_retry)
@@ -209,10 +217,14 @@ class TokenCache:
         self._refresh_failed_at.pop(key, None)
         # Idle sidecars refresh too: a timer fires at refresh_on even without traffic.
         self._refresh_in(key, max(0.0, refresh_on - now))
-        metrics.TOKEN_FETCHES.labels(result="ok").inc()
+        self._fetched("ok")
         logger.info("token cached for scope %s (identity %s), expires in %ds",
                     scope, identity.label, int(expires_on - now))
         return token
+
+    def _fetched(self, result: str) -> None:
+        if self._count_fetches:
+            metrics.TOKEN_FETCHES.labels(result=result).inc()
 
     def _refresh_in(self, key: Key, delay: float) -> None:
         if old := self._timers.pop(key, None):

@@ -18,6 +18,8 @@ from proxy.redact import redact
 from proxy.tokens import Identity
 
 logger = logging.getLogger("proxy.listeners")
+# --workers: every worker binds the same ports and the kernel spreads the connections
+REUSE_PORT = False
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Session = Callable[[Connection, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -54,7 +56,8 @@ class Listener:
         host, port = self.spec.listen
         try:
             self._server = await asyncio.start_server(self._accept, host, port,
-                                                      limit=256 * 1024, reuse_address=True)
+                                                      limit=256 * 1024, reuse_address=True,
+                                                      reuse_port=REUSE_PORT or None)
         except OSError as exc:
             raise ListenerStartError(
                 f"--{self.spec.protocol}: cannot listen on {host}:{port}: {exc.strerror}"
