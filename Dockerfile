@@ -1,10 +1,15 @@
 # keyless sidecar image.
 #   docker build -t keyless .
-# Stage 1 builds keyless' wheel (and its dependencies'); stage 2 installs them into a clean
-# python:3.12-slim: no build tools, no pip cache, no bytecode written at run time, UID 10001.
+# Stage 1 downloads every dependency exactly as requirements.lock pins it (each file checked
+# against the lock's sha256) and builds keyless' own wheel; the sbom stage installs them the
+# way the final stage does and writes a CycloneDX SBOM of that environment; the final stage
+# installs them into a clean python:3.12-slim: no build tools, no pip cache, no SBOM tooling,
+# no bytecode written at run time, UID 10001. The SBOM is /usr/share/doc/keyless/sbom.cdx.json.
 # Pin the base for releases: --build-arg PYTHON_IMAGE=python:3.12-slim@sha256:<digest>.
-# tests/deploy/test_image_equivalent.py reproduces stage 2 without Docker (same ENV, same UID,
-# unwritable cwd and HOME) and tests/deploy/test_manifests.py runs hadolint on this file.
+# `make lock` refreshes the lock files; tests/deploy/test_lock.py checks them against
+# pyproject.toml. tests/deploy/test_image_equivalent.py reproduces the stages without Docker
+# (same ENV, same UID, unwritable cwd and HOME, the SBOM) and tests/deploy/test_manifests.py
+# runs hadolint on this file.
 
 ARG PYTHON_IMAGE=python:3.12-slim
 
@@ -12,12 +17,31 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY addons ./addons
-# keyless' wheel and a wheel for every dependency: anything that has to be built from source is
-# built here, so the final stage needs no compiler and no network access besides this stage.
-RUN python -m pip wheel --wheel-dir /wheels .
+# Binary wheels only: a wheel built here would not match the lock's hashes, and the final stage
+# installs with --require-hashes. keyless' own wheel comes from this source, without deps.
+RUN python -m pip download --require-hashes --only-binary=:all: --dest /wheels \
+        -r requirements.lock \
+    && python -m pip wheel --no-deps --wheel-dir /wheels . \
+    && cp requirements.lock /wheels/requirements.lock
+
+# The final stage's install, repeated, then the SBOM of exactly that environment; the SBOM
+# tool lives in a venv of its own (hash-pinned by deploy/image/sbom-tools.lock) and never
+# reaches the final image.
+FROM ${PYTHON_IMAGE} AS sbom
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+COPY deploy/image/sbom-tools.lock /tools/sbom-tools.lock
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m pip install --no-index --find-links=/wheels --require-hashes \
+        -r /wheels/requirements.lock \
+    && python -m pip install --no-index --no-deps /wheels/keyless-*.whl \
+    && python -m venv /tools/venv \
+    && /tools/venv/bin/pip install --require-hashes -r /tools/sbom-tools.lock \
+    && /tools/venv/bin/cyclonedx-py environment --output-reproducible \
+        --of JSON -o /tools/sbom.cdx.json /usr/local/bin/python
 
 FROM ${PYTHON_IMAGE}
 ARG KEYLESS_UID=10001
@@ -35,9 +59,14 @@ RUN groupadd --gid "${KEYLESS_UID}" keyless \
     && chmod 0700 /var/run/keyless \
     && chmod 0755 /var/run/keyless-ca
 # The wheels come in through a bind mount (BuildKit), so they never land in a layer; --no-index:
-# only what stage 1 built. pip compiles the bytecode now, as the root filesystem is read-only later.
+# only what stage 1 fetched, each checked against the lock's hashes (--require-hashes), then
+# keyless' own wheel without resolving anything. pip compiles the bytecode now, as the root
+# filesystem is read-only later.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    python -m pip install --no-index --find-links=/wheels /wheels/keyless-*.whl
+    python -m pip install --no-index --find-links=/wheels --require-hashes \
+        -r /wheels/requirements.lock \
+    && python -m pip install --no-index --no-deps /wheels/keyless-*.whl
+COPY --from=sbom /tools/sbom.cdx.json /usr/share/doc/keyless/sbom.cdx.json
 USER 10001:10001
 # Runtime configuration: every flag is also KEYLESS_<FLAG>; flags beat environment beat the
 # --config file. The proxy stays on loopback (the app shares the pod's network); the admin

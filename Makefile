@@ -1,7 +1,7 @@
 # keyless: two commands for a newcomer.
 #   make run    set up a Python 3.12 venv and run keyless on its defaults
 #   make test   set up everything the tests need (venv, Azurite from npm) and run them
-# Other targets: make lint, make unit, make e2e.
+# Other targets: make lint, make unit, make e2e, make lock.
 
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 PYTHON ?= $(shell python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 \
             || echo "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3")
 
-.PHONY: run test lint unit e2e deploy fuzz bench clean venv deps node-deps
+.PHONY: run test lint unit e2e deploy fuzz bench clean venv deps node-deps lock
 
 # Every step says what it does (a line starting with ==>); a failing command's own output
 # (pip, npm, pytest) is printed as it happens.
@@ -78,3 +78,11 @@ bench: $(VENV)/.test node_modules/.installed
 
 fuzz: $(VENV)/.test
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/unit/test_fuzz_parsers.py tests/unit/test_strippers.py tests/unit/test_storage_conversion.py tests/postgres/test_codec.py tests/mysql/test_codec.py tests/mysql/test_commands.py tests/redis/test_codec.py tests/amqp/test_codec.py tests/amqp/test_stream.py -q
+
+# The image's hash-pinned lock files (the Dockerfile installs with --require-hashes):
+# requirements.lock and deploy/image/sbom-tools.lock, resolved by uv (a test extra) for the
+# image's Python, 3.12 on x86-64 Linux, from what PyPI had at deploy/image/lock.py's
+# EXCLUDE_NEWER (advance it to take newer releases). tests/deploy/test_lock.py checks them.
+lock: $(VENV)/.test
+	@echo "==> lock: requirements.lock and deploy/image/sbom-tools.lock (uv pip compile, PyPI)"
+	$(BIN)/python deploy/image/lock.py

@@ -1,8 +1,10 @@
 """The Dockerfile and reality, kept in step without a Docker engine.
 
 The test reproduces the final image stage on this machine: it copies what the build stage
-COPYs, builds the wheels (keyless' and its dependencies') as stage 1 does, installs them with
-`--no-index` into a fresh Python 3.12 venv as stage 2 does, and runs the image's ENTRYPOINT +
+COPYs, downloads the locked wheels with `--require-hashes` and builds keyless' own wheel as
+stage 1 does, installs them with `--no-index --require-hashes` into a fresh Python 3.12 venv
+as stage 2 does, writes the CycloneDX SBOM of that venv as the sbom stage does (with the
+hash-pinned SBOM tool in a venv of its own), and runs the image's ENTRYPOINT +
 CMD as UID/GID 10001 with the image's ENV (read from the Dockerfile), an unwritable working
 directory, HOME, cache and temp directory, and the confdir on a directory that user owns (the
 volume). Only the ports move: both stay on 127.0.0.1 here.
@@ -18,6 +20,9 @@ runtime (binary, libpython, standard library; no site-packages) instead.
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -35,11 +40,15 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.dockerfile import Stage, parse
+from tests.deploy.test_lock import parse_lock
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
+LOCK = REPO / "requirements.lock"
+SBOM_TOOLS_LOCK = REPO / "deploy" / "image" / "sbom-tools.lock"
+SBOM_IN_IMAGE = "/usr/share/doc/keyless/sbom.cdx.json"
 UID = GID = 10001
 BUILD_TIMEOUT = 900  # wheels for every dependency; seconds with a warm pip cache
 START_TIMEOUT = 60
@@ -123,6 +132,70 @@ def test_healthcheck_hits_the_admin_servers_healthz() -> None:
     assert {"interval", "timeout"} <= options.keys()
 
 
+def words(command: str) -> str:
+    return " ".join(command.split())
+
+
+def test_image_installs_only_hash_checked_locked_wheels_and_ships_the_sbom() -> None:
+    build, sbom, final = stages()
+    assert (build.name, sbom.name) == ("build", "sbom")
+    (fetch,) = build.all("RUN")
+    assert "pip download --require-hashes --only-binary=:all:" in words(fetch)
+    assert f"-r {LOCK.name}" in words(fetch), "stage 1 fetches what the lock pins"
+    assert "pip wheel --no-deps" in words(fetch), "keyless' wheel resolves nothing"
+    assert any(LOCK.name in copy.split()[:-1] for copy in build.all("COPY"))
+    (install,) = final.all("RUN")[-1:]
+    assert "--no-index --find-links=/wheels --require-hashes -r /wheels/requirements.lock" \
+        in words(install)
+    assert "install --no-index --no-deps /wheels/keyless-" in words(install)
+    # the SBOM describes the final environment: the sbom stage runs the same install first
+    (sbom_run,) = sbom.all("RUN")
+    assert words(sbom_run).startswith(words(install) + " && "), \
+        "the sbom stage must repeat the final stage's install exactly"
+    assert "cyclonedx-py environment" in words(sbom_run)
+    assert f"--require-hashes -r /tools/{SBOM_TOOLS_LOCK.name}" in words(sbom_run)
+    copies = [words(c) for c in final.all("COPY")]
+    assert any(c.startswith("--from=sbom ") and c.endswith(" " + SBOM_IN_IMAGE)
+               for c in copies), copies
+    assert "cyclonedx" not in words(" ".join(final.all("RUN"))), "no SBOM tool in the image"
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parents wins;
+    `!` re-includes. Patterns are path-segment globs; `**` spans any number of segments."""
+    def matches(pattern: list[str], parts: list[str]) -> bool:
+        if not pattern:
+            return not parts
+        if pattern[0] == "**":
+            return any(matches(pattern[1:], parts[n:]) for n in range(len(parts) + 1))
+        return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and \
+            matches(pattern[1:], parts[1:])
+
+    parts = path.strip("/").split("/")
+    excluded = False
+    for raw in patterns:
+        negated = raw.startswith("!")
+        pattern = raw.removeprefix("!").strip("/").split("/")
+        if any(matches(pattern, parts[:n]) for n in range(1, len(parts) + 1)):
+            excluded = not negated
+    return excluded
+
+
+def test_every_copied_file_reaches_the_build_context() -> None:
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert dockerignore_excludes("deploy/compose/x.yaml", patterns), "the matcher bites"
+    assert dockerignore_excludes("proxy/__pycache__/a.pyc", patterns)
+    for stage in stages():
+        for args in stage.all("COPY"):
+            if args.startswith("--from="):
+                continue
+            for source in args.split()[:-1]:
+                assert (REPO / source).exists(), f"COPY {source}: no such file"
+                assert not dockerignore_excludes(source, patterns), \
+                    f"COPY {source}: .dockerignore keeps it out of the build context"
+
+
 # -- dynamic: the image's stage 2, reproduced ---------------------------------------------------
 
 
@@ -157,14 +230,22 @@ def image_root() -> Iterator[Path]:
                     target.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(origin, target / origin.name)
         wheels = root / "wheels"
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(src)])
+        # stage 1: the locked wheels, hash-checked, and keyless' own wheel without deps
+        run([sys.executable, "-m", "pip", "download", "-q", "--require-hashes",
+             "--only-binary=:all:", "--dest", str(wheels), "-r", str(src / LOCK.name)])
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir",
+             str(wheels), str(src)])
         python, library_path = python_for_image_user(root)
         if library_path:
             os.environ["LD_LIBRARY_PATH"] = library_path  # for the venv's pip, below
         run([python, "-m", "venv", str(root / "venv")])
+        # stage 2 (and the sbom stage): hash-checked from the wheels only, then keyless
         (keyless_wheel,) = wheels.glob("keyless-*.whl")
-        run([str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "-q",
-             "--no-index", f"--find-links={wheels}", str(keyless_wheel)])
+        venv_python = str(root / "venv" / "bin" / "python")
+        run([venv_python, "-m", "pip", "install", "-q", "--no-index", f"--find-links={wheels}",
+             "--require-hashes", "-r", str(src / LOCK.name)])
+        run([venv_python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+             str(keyless_wheel)])
         (root / "ld-library-path").write_text(library_path)
         yield root
     finally:
@@ -303,3 +384,43 @@ def test_image_stage_two_runs_as_10001_and_stops_cleanly(image_root: Path) -> No
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_image_sbom_lists_every_installed_distribution(image_root: Path) -> None:
+    """The sbom stage, reproduced: the SBOM tool from its hash-pinned lock in a venv of its
+    own, run against the image's environment; every distribution installed there is in the
+    SBOM with its version, and keyless' dependencies are the lock's versions."""
+    tools = image_root / "sbom-tools"
+    run([sys.executable, "-m", "venv", str(tools)])
+    run([str(tools / "bin" / "pip"), "install", "-q", "--require-hashes", "-r",
+         str(SBOM_TOOLS_LOCK)])
+    out = image_root / "sbom.cdx.json"
+    image_python = image_root / "venv" / "bin" / "python"
+    run([str(tools / "bin" / "cyclonedx-py"), "environment", "--output-reproducible",
+         "--of", "JSON", "-o", str(out), str(image_python)])
+    sbom = json.loads(out.read_text())
+    assert sbom["bomFormat"] == "CycloneDX"
+    listed = {canonical(c["name"]): c["version"] for c in sbom["components"]}
+    listing = subprocess.run(
+        [str(image_python), "-c", "import importlib.metadata as m, json; print(json.dumps("
+         "{d.metadata['Name']: d.version for d in m.distributions()}))"],
+        capture_output=True, text=True, timeout=60, check=True)
+    installed = {canonical(n): v for n, v in json.loads(listing.stdout).items()}
+    assert listed == installed, {"only in the SBOM": sorted(listed.keys() - installed.keys()),
+                                 "not in the SBOM": sorted(installed.keys() - listed.keys())}
+    locked = parse_lock(LOCK)
+    from proxy import __version__
+
+    assert installed.pop("keyless") == __version__
+    installed.pop("pip")  # the base image's (python -m venv here)
+    assert installed == {name: str(entry.version) for name, entry in locked.items()}, \
+        "the image's environment is exactly the lock"
+    # no SBOM tooling leaked into the image's environment
+    assert "cyclonedx-bom" not in installed and "cyclonedx-python-lib" not in installed
+    tool_names = {canonical(d.metadata["Name"]) for d in importlib.metadata.distributions(
+        path=[str(p) for p in (tools / "lib").glob("python*/site-packages")])}
+    assert "cyclonedx-bom" in tool_names
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
