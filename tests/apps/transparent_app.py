@@ -4,6 +4,9 @@ a wrong key. Run inside the test's network namespace as its own UID; prints one 
     python transparent_app.py blob CONNECTION_STRING CONTAINER
         create a container, upload and download a blob, delete the container (Storage SDK;
         trusts REQUESTS_CA_BUNDLE)
+    python transparent_app.py connections CONNECTION_STRING CONTAINER COUNT
+        create a container, then COUNT times a new client (so a new connection) that uploads
+        one small blob, then list and delete the container (Storage SDK)
     python transparent_app.py get HOST CA_FILE [HOST_HEADER]
         one HTTPS GET to HOST:443 (TLS server name HOST, certificate checked against CA_FILE)
         with a Shared Key header; HOST_HEADER replaces the Host header
@@ -47,6 +50,36 @@ def blob(connection_string: str, container_name: str) -> dict[str, Any]:
                 "statuses": statuses}
 
 
+def connections(connection_string: str, container_name: str, count: str) -> dict[str, Any]:
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.pipeline.transport import RequestsTransport
+    from azure.storage.blob import BlobServiceClient
+
+    statuses: list[int] = []
+
+    def client() -> BlobServiceClient:  # its own transport: its own requests session
+        return BlobServiceClient.from_connection_string(
+            connection_string, retry_total=0,
+            transport=RequestsTransport(connection_timeout=10, read_timeout=30),
+            raw_response_hook=lambda response: statuses.append(
+                response.http_response.status_code))
+
+    try:
+        client().create_container(container_name)
+        for index in range(int(count)):
+            with client() as fresh:
+                fresh.get_container_client(container_name).upload_blob(
+                    f"blob-{index}", f"payload {index}".encode())
+        with client() as last:
+            container = last.get_container_client(container_name)
+            names = sorted(b.name for b in container.list_blobs())
+            container.delete_container()
+        return {"outcome": "ok", "statuses": statuses, "names": names}
+    except HttpResponseError as exc:
+        return {"outcome": "refused", "status": exc.status_code, "error_code": exc.error_code,
+                "statuses": statuses}
+
+
 def get(host: str, ca_file: str, host_header: str | None = None) -> dict[str, Any]:
     context = ssl.create_default_context(cafile=ca_file)
     connection = http.client.HTTPSConnection(host, 443, context=context, timeout=20)
@@ -71,7 +104,7 @@ def get(host: str, ca_file: str, host_header: str | None = None) -> dict[str, An
 
 def main(argv: list[str]) -> int:
     command, *args = argv
-    result = blob(*args) if command == "blob" else get(*args)
+    result = {"blob": blob, "connections": connections, "get": get}[command](*args)
     print(json.dumps({**result, "uid": os.getuid()}))
     return 0
 
