@@ -33,8 +33,8 @@ from tests.support.fake_namespace import FakeNamespace, sas_token
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.jvm import MavenApp, java_truststore, maven_app
 from tests.support.netns import (
-    FakeNamespaceOnAzure,
-    TransparentPod,
+    NamespacePod,
+    splice,
     start_fake_namespace,
     transparent_pod,
 )
@@ -197,22 +197,7 @@ class TlsRelay:
                 continue
             raw = socket.create_connection(("127.0.0.1", self.upstream), timeout=10)
             service = self.context.wrap_socket(raw, server_hostname=NAMESPACE)
-            service.settimeout(None)
-            app.settimeout(None)
-            for source, sink in ((app, service), (service, app)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.close()
+            splice(app, service)
 
     def close(self) -> None:
         self._stop.set()
@@ -272,15 +257,10 @@ LEGACY = (f"Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName={KEY_NAME};"
           f"SharedAccessKey={WRONG_KEY}")
 
 
-class Pod(TransparentPod):
+class Pod(NamespacePod):
     app: MavenApp
-    upstream: FakeNamespaceOnAzure
     keyless_truststore: Path  # cacerts + keyless' CA
     namespace_truststore: Path  # cacerts + the test CA that signed the fake's certificate
-
-    @property
-    def fake(self) -> FakeNamespace:
-        return self.upstream.fake
 
     def run(self, truststore: Path, entity: str = "orders") -> dict[str, Any]:
         options = (f"-Djavax.net.ssl.trustStore={truststore} "
@@ -295,7 +275,7 @@ def pod(java_app: MavenApp) -> Iterator[Pod]:
     with transparent_pod("jsb", POD_ADDRESS, [AZURE_ADDRESS], {NAMESPACE: AZURE_ADDRESS},
                          kind=Pod) as pod:
         pod.app = java_app
-        pod.upstream = start_fake_namespace(pod, AZURE_ADDRESS, NAMESPACE)
+        start_fake_namespace(pod, AZURE_ADDRESS, NAMESPACE)
         keyless = pod.start_keyless(
             "--set", f"ssl_verify_upstream_trusted_ca={pod.pki.ca_pem_path}",
             "--token-timeout", "5")

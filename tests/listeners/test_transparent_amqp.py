@@ -23,8 +23,7 @@ from tests.support.fake_namespace import FakeNamespace
 from tests.support.netns import (
     APP_UID,
     KEYLESS_UID,
-    FakeNamespaceOnAzure,
-    TransparentPod,
+    NamespacePod,
     start_fake_namespace,
     transparent_pod,
 )
@@ -40,13 +39,7 @@ PLAIN_APP = Path(__file__).resolve().parents[1] / "amqp" / "node_plain_app.mjs"
 NODE_APP = Path(__file__).resolve().parents[1] / "apps" / "node" / "transparent_servicebus_app.mjs"
 
 
-class Pod(TransparentPod):
-    upstream: FakeNamespaceOnAzure
-
-    @property
-    def fake(self) -> FakeNamespace:
-        return self.upstream.fake
-
+class Pod(NamespacePod):
     def app(self, queue: str, ca: str | None = None, *transport: str) -> dict[str, Any]:
         return self.run_app(sys.executable, str(APP), LEGACY, queue, ca or self.keyless_ca,
                             *transport, timeout=180)
@@ -62,7 +55,7 @@ class Pod(TransparentPod):
 def pod() -> Iterator[Pod]:
     with transparent_pod("amqp", POD_ADDRESS, [AZURE_ADDRESS], {NAMESPACE: AZURE_ADDRESS},
                          kind=Pod) as pod:
-        pod.upstream = start_fake_namespace(pod, AZURE_ADDRESS, NAMESPACE)
+        start_fake_namespace(pod, AZURE_ADDRESS, NAMESPACE)
         pod.start_keyless("--set", f"ssl_verify_upstream_trusted_ca={pod.pki.ca_pem_path}",
                           "--token-timeout", "5", "--log-level", "debug")
         yield pod

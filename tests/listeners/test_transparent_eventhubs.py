@@ -18,11 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.fake_namespace import FakeNamespace
 from tests.support.netns import (
     APP_UID,
-    FakeNamespaceOnAzure,
-    TransparentPod,
+    NamespacePod,
     start_fake_namespace,
     transparent_pod,
 )
@@ -38,13 +36,7 @@ APP = TESTS / "apps" / "transparent_eventhubs_app.py"
 NODE_APP = TESTS / "amqp" / "node_servicebus_app.mjs"  # its "eventhubs" kind: partition 1
 
 
-class Pod(TransparentPod):
-    upstream: FakeNamespaceOnAzure
-
-    @property
-    def fake(self) -> FakeNamespace:
-        return self.upstream.fake
-
+class Pod(NamespacePod):
     def python_app(self, ca: str | None = None) -> dict[str, Any]:
         return self.run_app(sys.executable, str(APP), LEGACY, ca or self.keyless_ca,
                             timeout=180)
@@ -60,7 +52,7 @@ class Pod(TransparentPod):
 def pod() -> Iterator[Pod]:
     with transparent_pod("hubs", POD_ADDRESS, [AZURE_ADDRESS], {HUBS: AZURE_ADDRESS},
                          kind=Pod) as pod:
-        pod.upstream = start_fake_namespace(pod, AZURE_ADDRESS, HUBS)
+        start_fake_namespace(pod, AZURE_ADDRESS, HUBS)
         config = pod.workdir / "keyless.toml"
         config.write_text(f'[[route]]\nhost = "{HUBS}"\nservice = "eventhubs"\n')
         config.chmod(0o644)

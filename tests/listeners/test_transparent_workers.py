@@ -30,8 +30,7 @@ from tests.support.azurite import WRONG_KEY, Azurite
 from tests.support.netns import (
     APP_UID,
     KEYLESS_UID,
-    FakeNamespaceOnAzure,
-    TransparentPod,
+    NamespacePod,
     start_fake_namespace,
     transparent_pod,
 )
@@ -48,9 +47,8 @@ UPLOADS = 20
 APPS = Path(__file__).resolve().parents[1] / "apps"
 
 
-class WorkersPod(TransparentPod):
+class WorkersPod(NamespacePod):
     azurite: Azurite
-    upstream: FakeNamespaceOnAzure
 
     def storage_app(self, container: str, ca: str | None = None) -> dict[str, Any]:
         return self.run_app(sys.executable, str(APPS / "transparent_app.py"), "connections",
@@ -77,7 +75,7 @@ def pod() -> Iterator[WorkersPod]:
                          kind=WorkersPod) as pod:
         pod.azurite = pod.in_azure(Azurite(pod.workdir / "azurite", pod.pki,
                                            host=AZURITE_ADDRESS, blob_port=443))
-        pod.upstream = start_fake_namespace(pod, NAMESPACE_ADDRESS, NAMESPACE)
+        start_fake_namespace(pod, NAMESPACE_ADDRESS, NAMESPACE)
         pod.start_keyless("--workers", str(WORKERS), "--log-format", "text",
                           "--set", f"ssl_verify_upstream_trusted_ca={pod.pki.ca_pem_path}",
                           "--token-timeout", "5")

@@ -57,6 +57,7 @@ __all__ = [
     "INSTALL_HINT",
     "KEYLESS_UID",
     "FakeNamespaceOnAzure",
+    "NamespacePod",
     "NamespacedKeyless",
     "Netns",
     "RecordingTLSServer",
@@ -67,6 +68,7 @@ __all__ = [
     "namespaces",
     "netns_unavailable",
     "require_netns",
+    "splice",
     "start_fake_namespace",
     "transparent_pod",
 ]
@@ -410,6 +412,27 @@ class RecordingTLSServer:
             return b"".join(c["received"] for c in self.connections)
 
 
+def splice(a: socket.socket, b: socket.socket) -> None:
+    """Relay a <-> b byte for byte (a thread each way) until either side ends; then both close."""
+    a.settimeout(None)
+    b.settimeout(None)
+    for source, sink in ((a, b), (b, a)):
+        threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 class TcpForwarder:
     """Forwards (address, port) to 127.0.0.1:to_port, byte for byte, inside the namespace it
     is started in (`netns.call(forwarder.start)`): a server that listens on its namespace's
@@ -442,23 +465,7 @@ class TcpForwarder:
             except OSError:
                 client.close()
                 continue
-            server.settimeout(None)
-            client.settimeout(None)
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
+            splice(client, server)
 
     def stop(self) -> None:
         self._stop.set()
@@ -589,8 +596,18 @@ class FakeNamespaceOnAzure:
     wss_forwarder: TcpForwarder
 
 
-def start_fake_namespace(pod: TransparentPod, address: str,
-                         namespace: str) -> FakeNamespaceOnAzure:
+class NamespacePod(TransparentPod):
+    """A pod whose azure side runs the fake Service Bus / Event Hubs namespace."""
+
+    upstream: FakeNamespaceOnAzure  # set by start_fake_namespace
+
+    @property
+    def fake(self) -> FakeNamespace:
+        return self.upstream.fake
+
+
+def start_fake_namespace(pod: NamespacePod, address: str, namespace: str) -> None:
+    """The fake `namespace` in pod's azure side, at address:5671 and address:443."""
     fake = pod.in_azure(FakeNamespace(pod.workdir / "fake", pod.pki, namespace))
-    return FakeNamespaceOnAzure(fake, pod.forward(address, 5671, fake.amqps_port),
-                                pod.forward(address, 443, fake.wss_port))
+    pod.upstream = FakeNamespaceOnAzure(fake, pod.forward(address, 5671, fake.amqps_port),
+                                        pod.forward(address, 443, fake.wss_port))
