@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +28,15 @@ import pytest
 
 from tests.amqp.conftest import KEY_NAME, NAMESPACE, WRONG_KEY, Through, start_keyless
 from tests.amqp_ws.conftest import start_keyless as start_ws_keyless
-from tests.e2e.conftest import DEAD_PROXY_ENV
 from tests.support.azurite import TestPKI, free_port
 from tests.support.fake_namespace import FakeNamespace, sas_token
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.jvm import MavenApp, java_truststore, maven_app
-from tests.support.keyless import keyless_command
 from tests.support.netns import (
-    NamespacedKeyless,
-    Netns,
-    TcpForwarder,
-    link,
-    namespaces,
-    readable_dir,
-    require_netns,
-    run_app,
+    NamespacePod,
+    splice,
+    start_fake_namespace,
+    transparent_pod,
 )
 
 pytestmark = pytest.mark.e2e
@@ -206,22 +197,7 @@ class TlsRelay:
                 continue
             raw = socket.create_connection(("127.0.0.1", self.upstream), timeout=10)
             service = self.context.wrap_socket(raw, server_hostname=NAMESPACE)
-            service.settimeout(None)
-            app.settimeout(None)
-            for source, sink in ((app, service), (service, app)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.close()
+            splice(app, service)
 
     def close(self) -> None:
         self._stop.set()
@@ -276,71 +252,40 @@ def test_calibration_keyless_audit_mode_forwards_the_java_sas_which_is_refused(
 
 # -- transparent mode ---------------------------------------------------------------------
 
-KEYLESS_UID, APP_UID = 10001, 10002
 POD_ADDRESS, AZURE_ADDRESS = "10.200.14.1", "10.200.14.2"
 LEGACY = (f"Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName={KEY_NAME};"
           f"SharedAccessKey={WRONG_KEY}")
 
 
-@dataclass
-class Pod:
-    pod: Netns
-    workdir: Path
+class Pod(NamespacePod):
     app: MavenApp
-    keyless: NamespacedKeyless
-    fake: FakeNamespace
-    forwarder: TcpForwarder
-    rules: str
     keyless_truststore: Path  # cacerts + keyless' CA
     namespace_truststore: Path  # cacerts + the test CA that signed the fake's certificate
 
     def run(self, truststore: Path, entity: str = "orders") -> dict[str, Any]:
         options = (f"-Djavax.net.ssl.trustStore={truststore} "
                    "-Djavax.net.ssl.trustStorePassword=changeit -XX:-UsePerfData")
-        return run_app(self.pod, APP_UID, self.workdir, *self.app.command(MAIN), entity, "2",
-                       timeout=APP_TIMEOUT, env={"SERVICEBUS_CONNECTION_STRING": LEGACY,
-                                                 "JAVA_TOOL_OPTIONS": options})
+        return self.run_app(*self.app.command(MAIN), entity, "2", timeout=APP_TIMEOUT,
+                            env={"SERVICEBUS_CONNECTION_STRING": LEGACY,
+                                 "JAVA_TOOL_OPTIONS": options})
 
 
 @pytest.fixture(scope="module")
 def pod(java_app: MavenApp) -> Iterator[Pod]:
-    require_netns()
-    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-java-sb-")))
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        spaces = stack.enter_context(namespaces("jsbpod", "jsbazure"))
-        pod_ns, azure_ns = spaces["jsbpod"], spaces["jsbazure"]
-        link(pod_ns, f"{POD_ADDRESS}/24", azure_ns, [f"{AZURE_ADDRESS}/24"])
-        pod_ns.write_hosts({NAMESPACE: AZURE_ADDRESS})
-        pki = TestPKI(readable_dir(workdir / "pki"))
-        fake = FakeNamespace(workdir / "fake", pki, NAMESPACE)
-        azure_ns.call(fake.start, timeout=60)
-        stack.callback(fake.stop)
-        forwarder = TcpForwarder(AZURE_ADDRESS, 5671, fake.amqps_port)
-        azure_ns.call(forwarder.start)
-        stack.callback(forwarder.stop)
-        identity = FakeIdentityEndpoint()
-        pod_ns.call(identity.start)
-        stack.callback(identity.stop)
-        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, readable_dir(workdir / "keyless"), [
-            "--transparent",
-            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
-            "--token-timeout", "5",
-        ], {**identity.env(), **DEAD_PROXY_ENV, "HOME": str(workdir / "keyless")})
-        stack.callback(keyless.stop)
-        keyless.start()
-        app_dir = readable_dir(workdir / "app")
-        truststores = []
-        for name, ca in (("keyless", keyless.ca_path), ("namespace", pki.ca_pem_path)):
-            store = java_truststore(ca, app_dir / f"{name}-truststore.p12")
+    with transparent_pod("jsb", POD_ADDRESS, [AZURE_ADDRESS], {NAMESPACE: AZURE_ADDRESS},
+                         kind=Pod) as pod:
+        pod.app = java_app
+        start_fake_namespace(pod, AZURE_ADDRESS, NAMESPACE)
+        keyless = pod.start_keyless(
+            "--set", f"ssl_verify_upstream_trusted_ca={pod.pki.ca_pem_path}",
+            "--token-timeout", "5")
+        stores = []
+        for name, ca in (("keyless", keyless.ca_path), ("namespace", pod.pki.ca_pem_path)):
+            store = java_truststore(ca, pod.app_dir / f"{name}-truststore.p12")
             store.chmod(0o644)
-            truststores.append(store)
-        printed = subprocess.run(
-            [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
-             "--uid", str(KEYLESS_UID)], capture_output=True, text=True, timeout=30,
-            check=True)
-        yield Pod(pod_ns, workdir, java_app, keyless, fake, forwarder, printed.stdout,
-                  *truststores)
+            stores.append(store)
+        pod.keyless_truststore, pod.namespace_truststore = stores
+        yield pod
 
 
 def test_transparent_calibration_without_the_rules_the_namespace_refuses_the_sas(
@@ -354,11 +299,10 @@ def test_transparent_calibration_without_the_rules_the_namespace_refuses_the_sas
 
 
 def test_transparent_the_unchanged_java_app_sends_and_receives_with_a_token(pod: Pod) -> None:
-    pod.pod.flush_nat()
-    pod.pod.run_recipe(pod.rules, pod.workdir)
+    pod.redirect()
     assert "--dport 5671 -j REDIRECT" in pod.rules
     before = len(pod.fake.events("put_token"))
-    arrived = pod.forwarder.connections
+    arrived = pod.upstream.forwarder.connections
 
     result = pod.run(pod.keyless_truststore)
 
@@ -366,7 +310,7 @@ def test_transparent_the_unchanged_java_app_sends_and_receives_with_a_token(pod:
     assert sorted(result["received_ids"]) == sorted(result["sent"]) and result["sent"]
     seen = puts_since(pod.fake, before)
     assert seen and all(p["accepted"] and p["token_kind"] == "jwt" for p in seen), seen
-    assert pod.forwarder.connections > arrived  # through keyless, not looped back to it
+    assert pod.upstream.forwarder.connections > arrived  # through keyless, not looped back to it
     assert pod.keyless.metric("keyless_listener_logins_total", protocol="amqp",
                               result="converted") >= 2
     assert WRONG_KEY not in pod.keyless.log()

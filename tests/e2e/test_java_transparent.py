@@ -9,17 +9,13 @@ app gets only the truststore (the JDK's cacerts plus keyless' CA) in JAVA_TOOL_O
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV
+from tests.e2e.conftest import BLOB_HOST
 from tests.e2e.test_java import (
     CLIENTS,
     LEGACY_BLOB,
@@ -30,39 +26,21 @@ from tests.e2e.test_java import (
     assert_round_trip,
     counters,
 )
-from tests.support.azurite import Azurite, TestPKI
-from tests.support.identity_endpoint import FakeIdentityEndpoint
+from tests.support.azurite import Azurite
 from tests.support.jvm import MavenApp, java_truststore, maven_app
-from tests.support.keyless import keyless_command
-from tests.support.netns import (
-    NamespacedKeyless,
-    Netns,
-    link,
-    namespaces,
-    readable_dir,
-    require_netns,
-    run_app,
-)
+from tests.support.netns import APP_UID, KEYLESS_UID, TransparentPod, transparent_pod
 
 pytestmark = pytest.mark.e2e
 
-KEYLESS_UID = 10001
-APP_UID = 10002
 POD_ADDRESS = "10.201.0.1"
 AZURITE_ADDRESS = "10.201.0.2"
 
 
-@dataclass
-class JavaPod:
-    pod: Netns
-    workdir: Path
-    pki: TestPKI
+class JavaPod(TransparentPod):
     app: MavenApp
     azurite: Azurite
-    keyless: NamespacedKeyless
     keyless_truststore: Path
     service_truststore: Path
-    rules: str
 
     def java(self, store: Path, client: str) -> subprocess.CompletedProcess[str]:
         """The app inside the pod as its own UID: the truststore, and no proxy setting."""
@@ -83,40 +61,21 @@ def client(request) -> str:
 
 @pytest.fixture(scope="module")
 def java_pod() -> Iterator[JavaPod]:
-    require_netns()
     app = maven_app("storage")
-    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-java-netns-")))
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        spaces = stack.enter_context(namespaces("jpod", "jazure"))
-        pod_ns, azure_ns = spaces["jpod"], spaces["jazure"]
-        link(pod_ns, f"{POD_ADDRESS}/24", azure_ns, [f"{AZURITE_ADDRESS}/24"])
-        pod_ns.write_hosts({BLOB_HOST: AZURITE_ADDRESS})
-
-        pki = TestPKI(readable_dir(workdir / "pki"))
-        azurite = Azurite(workdir / "azurite", pki, host=AZURITE_ADDRESS, blob_port=443)
-        azure_ns.call(azurite.start)
-        stack.callback(azurite.stop)
-        identity = FakeIdentityEndpoint()
-        pod_ns.call(identity.start)  # on the pod's loopback: exempt from the redirect
-        stack.callback(identity.stop)
-
-        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, readable_dir(workdir / "keyless"), [
-            "--transparent",
-            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
-            "--token-timeout", "5",
-        ], {**identity.env(), **DEAD_PROXY_ENV, "HOME": str(workdir / "keyless")})
-        stack.callback(keyless.stop)
-        keyless.start()
-        app_dir = readable_dir(workdir / "app")
-        stores = [java_truststore(ca, app_dir / name) for ca, name in (
-            (keyless.ca_path, "keyless.p12"), (pki.ca_pem_path, "service.p12"))]
+    with transparent_pod("j", POD_ADDRESS, [AZURITE_ADDRESS], {BLOB_HOST: AZURITE_ADDRESS},
+                         kind=JavaPod) as pod:
+        pod.app = app
+        pod.azurite = pod.in_azure(Azurite(pod.workdir / "azurite", pod.pki,
+                                           host=AZURITE_ADDRESS, blob_port=443))
+        keyless = pod.start_keyless(
+            "--set", f"ssl_verify_upstream_trusted_ca={pod.pki.ca_pem_path}",
+            "--token-timeout", "5")
+        stores = [java_truststore(ca, pod.app_dir / name) for ca, name in (
+            (keyless.ca_path, "keyless.p12"), (pod.pki.ca_pem_path, "service.p12"))]
         for store in stores:
             store.chmod(0o644)
-        printed = subprocess.run(
-            [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
-             "--uid", str(KEYLESS_UID)], capture_output=True, text=True, timeout=30, check=True)
-        yield JavaPod(pod_ns, workdir, pki, app, azurite, keyless, *stores, printed.stdout)
+        pod.keyless_truststore, pod.service_truststore = stores
+        yield pod
 
 
 def test_without_the_rules_azurite_refuses_the_java_apps_wrong_key(java_pod, client):
@@ -133,12 +92,10 @@ def test_without_the_rules_azurite_refuses_the_java_apps_wrong_key(java_pod, cli
 
 def test_java_app_is_redirected_to_keyless_and_converted(java_pod, client):
     pod = java_pod
-    if "KEYLESS_OUTPUT" not in pod.pod.nat_rules():
-        pod.pod.run_recipe(pod.rules, pod.workdir)
+    pod.apply_rules()
     before = counters(pod.keyless)
 
-    result = run_app(pod.pod, APP_UID, pod.workdir, *pod.app.command(MAIN),
-                     env=pod.env(pod.keyless_truststore, client))
+    result = pod.run_app(*pod.app.command(MAIN), env=pod.env(pod.keyless_truststore, client))
 
     assert_round_trip(result, subprocess.CompletedProcess([], 0, "", ""), client)
     assert_converted(pod.keyless, before)
@@ -148,8 +105,7 @@ def test_java_app_is_redirected_to_keyless_and_converted(java_pod, client):
 
 def test_redirected_java_app_without_keyless_ca_fails_tls(java_pod, client):
     pod = java_pod
-    if "KEYLESS_OUTPUT" not in pod.pod.nat_rules():
-        pod.pod.run_recipe(pod.rules, pod.workdir)
+    pod.apply_rules()
     before = counters(pod.keyless)
 
     done = pod.java(pod.service_truststore, client)  # trusts Azurite's CA, not keyless'

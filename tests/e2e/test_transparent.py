@@ -29,41 +29,29 @@ Without root or the tools the test fails with the install hint
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
-from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV
-from tests.support.azurite import ACCOUNT, WRONG_KEY, Azurite, TestPKI
-from tests.support.identity_endpoint import FakeIdentityEndpoint
-from tests.support.keyless import keyless_command
+from tests.e2e.conftest import BLOB_HOST
+from tests.support.azurite import ACCOUNT, WRONG_KEY, Azurite
 from tests.support.netns import (
-    NamespacedKeyless,
-    Netns,
+    APP_UID,
+    KEYLESS_UID,
     RecordingTLSServer,
-    link,
-    namespaces,
-    readable_dir,
-    require_netns,
-    run_app,
+    TransparentPod,
+    transparent_pod,
 )
 
 pytestmark = pytest.mark.e2e
 
-KEYLESS_UID = 10001
-APP_UID = 10002
 POD_ADDRESS = "10.200.0.1"
 AZURITE_ADDRESS = "10.200.0.2"
 OTHER_ADDRESS = "10.200.0.3"  # example.test: not in the catalog
@@ -87,50 +75,41 @@ _AZURITE_REQUEST = re.compile(
     r" ClientIP=(?P<client>\S+) Protocol=")
 
 
-@dataclass
-class Pod:
-    pod: Netns
-    azure: Netns
-    workdir: Path
-    pki: TestPKI
+def azurite_requests(azurite: Azurite, container: str) -> list[dict[str, str]]:
+    """What Azurite received for `container`: method, client address, the Authorization
+    scheme and header names (never the credential itself)."""
+    seen = []
+    for line in azurite.debug_log_text().splitlines():
+        match = _AZURITE_REQUEST.search(line)
+        if match and f"/{container}" in match["url"]:
+            headers = {k.lower(): v for k, v in json.loads(match["headers"]).items()}
+            scheme = headers.get("authorization", "").split(" ", 1)[0]
+            seen.append({"method": match["method"], "url": match["url"],
+                         "client": match["client"],
+                         "scheme": scheme, "header_names": ",".join(sorted(headers))})
+    return seen
+
+
+class Pod(TransparentPod):
     other_ca_path: str
-    keyless_ca_path: str
     azurite: Azurite
-    identity: FakeIdentityEndpoint
-    keyless: NamespacedKeyless
     other: RecordingTLSServer
     impostor: RecordingTLSServer
     local: RecordingTLSServer
     six: RecordingTLSServer
     replay: RecordingTLSServer
-    rules: str
+
+    @property
+    def keyless_ca_path(self) -> str:
+        return self.keyless_ca
 
     def app(self, *args: str, ca_bundle: str | None = None) -> dict[str, Any]:
         """The legacy app, inside the pod as its own UID; no proxy variables at all."""
-        return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(APP), *args,
-                       env={"REQUESTS_CA_BUNDLE": ca_bundle or self.keyless_ca_path})
-
-    def apply_rules(self) -> None:
-        if not self.redirecting():
-            self.pod.run_recipe(self.rules, self.workdir)
-
-    def redirecting(self) -> bool:
-        return all("KEYLESS_OUTPUT" in self.pod.nat_rules(tool)
-                   for tool in ("iptables", "ip6tables"))
+        return self.run_app(sys.executable, str(APP), *args,
+                            env={"REQUESTS_CA_BUNDLE": ca_bundle or self.keyless_ca_path})
 
     def azurite_requests(self, container: str) -> list[dict[str, str]]:
-        """What Azurite received for `container`: method, client address, the Authorization
-        scheme and header names (never the credential itself)."""
-        seen = []
-        for line in self.azurite.debug_log_text().splitlines():
-            match = _AZURITE_REQUEST.search(line)
-            if match and f"/{container}" in match["url"]:
-                headers = {k.lower(): v for k, v in json.loads(match["headers"]).items()}
-                scheme = headers.get("authorization", "").split(" ", 1)[0]
-                seen.append({"method": match["method"], "url": match["url"],
-                             "client": match["client"],
-                             "scheme": scheme, "header_names": ",".join(sorted(headers))})
-        return seen
+        return azurite_requests(self.azurite, container)
 
     def converted(self) -> float:
         return self.keyless.metric("keyless_requests_total", outcome="converted")
@@ -141,75 +120,39 @@ class Pod:
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
-    require_netns()
-    # Not under pytest's tmp_path: that is root's 0700 folder, and keyless and the app run
-    # as other UIDs.
-    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-")))
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        spaces = stack.enter_context(namespaces("pod", "azure"))
-        pod_ns, azure_ns = spaces["pod"], spaces["azure"]
-        link(pod_ns, f"{POD_ADDRESS}/24", azure_ns,
-             [f"{a}/24" for a in (AZURITE_ADDRESS, OTHER_ADDRESS, IMPOSTOR_ADDRESS,
-                                  REPLAY_ADDRESS)])
-        pod_ns.exec("ip", "-6", "addr", "add", f"{POD_ADDRESS6}/64", "dev", "veth0", "nodad")
-        azure_ns.exec("ip", "-6", "addr", "add", f"{SIX_ADDRESS}/64", "dev", "veth1", "nodad")
-        pod_ns.write_hosts({BLOB_HOST: AZURITE_ADDRESS, OTHER_HOST: OTHER_ADDRESS,
-                            IMPOSTOR_HOST: IMPOSTOR_ADDRESS, SIX_HOST: SIX_ADDRESS,
-                            REPLAY_HOST: REPLAY_ADDRESS})
-
-        pki = TestPKI(readable_dir(workdir / "pki"))
-        azurite = Azurite(workdir / "azurite", pki, host=AZURITE_ADDRESS, blob_port=443)
-        azure_ns.call(azurite.start)
-        stack.callback(azurite.stop)
+    hosts = {BLOB_HOST: AZURITE_ADDRESS, OTHER_HOST: OTHER_ADDRESS,
+             IMPOSTOR_HOST: IMPOSTOR_ADDRESS, SIX_HOST: SIX_ADDRESS, REPLAY_HOST: REPLAY_ADDRESS}
+    with transparent_pod("", POD_ADDRESS, (AZURITE_ADDRESS, OTHER_ADDRESS, IMPOSTOR_ADDRESS,
+                                           REPLAY_ADDRESS), hosts, kind=Pod) as pod:
+        pod.pod.exec("ip", "-6", "addr", "add", f"{POD_ADDRESS6}/64", "dev", "veth0", "nodad")
+        pod.azure.exec("ip", "-6", "addr", "add", f"{SIX_ADDRESS}/64", "dev", "veth1", "nodad")
+        workdir, pki = pod.workdir, pod.pki
+        pod.azurite = pod.in_azure(Azurite(workdir / "azurite", pki, host=AZURITE_ADDRESS,
+                                           blob_port=443))
         # Another CA: example.test's real one, and the impostor's.
         other_ca = trustme.CA(organization_name="Not The Test CA")
-        other_ca_path = str(workdir / "pki" / "other-ca.pem")
-        other_ca.cert_pem.write_to_path(other_ca_path)
+        pod.other_ca_path = str(workdir / "pki" / "other-ca.pem")
+        other_ca.cert_pem.write_to_path(pod.other_ca_path)
         servers = []
-        for space, address, host in ((azure_ns, OTHER_ADDRESS, OTHER_HOST),
-                                     (azure_ns, IMPOSTOR_ADDRESS, IMPOSTOR_HOST),
-                                     (pod_ns, "127.0.0.1", "localhost")):  # a local sidecar
+        for start_in, address, host in ((pod.in_azure, OTHER_ADDRESS, OTHER_HOST),
+                                        (pod.in_azure, IMPOSTOR_ADDRESS, IMPOSTOR_HOST),
+                                        (pod.in_pod, "127.0.0.1", "localhost")):  # a sidecar
             leaf = other_ca.issue_cert(host)
             cert, key = workdir / "pki" / f"{host}.pem", workdir / "pki" / f"{host}.key"
             cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
             key.write_bytes(leaf.private_key_pem.bytes())
-            server = RecordingTLSServer(address, 443, (str(cert), str(key)), f"hello from {host}")
-            space.call(server.start)
-            stack.callback(server.stop)
-            servers.append(server)
+            servers.append(start_in(RecordingTLSServer(address, 443, (str(cert), str(key)),
+                                                       f"hello from {host}")))
         for address, host in ((SIX_ADDRESS, SIX_HOST), (REPLAY_ADDRESS, REPLAY_HOST)):
-            server = RecordingTLSServer(address, 443, pki.issue_server_cert(host),
-                                        f"hello from {host}")
-            azure_ns.call(server.start)
-            stack.callback(server.stop)
-            servers.append(server)
+            servers.append(pod.in_azure(RecordingTLSServer(
+                address, 443, pki.issue_server_cert(host), f"hello from {host}")))
+        pod.other, pod.impostor, pod.local, pod.six, pod.replay = servers
 
-        identity = FakeIdentityEndpoint()
-        pod_ns.call(identity.start)  # on the pod's loopback: exempt from the redirect
-        stack.callback(identity.stop)
-
-        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, readable_dir(workdir / "keyless"), [
-            # No --allow-clients: redirected connections keep the app's source address (the
-            # pod's, not loopback), and keyless accepts them on its loopback listener.
-            "--transparent",
-            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
-            "--token-timeout", "5",
-            "--log-level", "debug",
-        ], {**identity.env(), **DEAD_PROXY_ENV, "HOME": str(workdir / "keyless")})
-        stack.callback(keyless.stop)
-        keyless.start()
-        # The app trusts keyless' CA, as `keyless init --ca-out` would hand it over.
-        app_dir = readable_dir(workdir / "app")
-        keyless_ca = app_dir / "keyless-ca.pem"
-        shutil.copyfile(keyless.ca_path, keyless_ca)
-        keyless_ca.chmod(0o644)
-
-        printed = subprocess.run(
-            [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
-             "--uid", str(KEYLESS_UID)], capture_output=True, text=True, timeout=30, check=True)
-        yield Pod(pod_ns, azure_ns, workdir, pki, other_ca_path, str(keyless_ca),
-                  azurite, identity, keyless, *servers, printed.stdout)
+        # No --allow-clients: redirected connections keep the app's source address (the
+        # pod's, not loopback), and keyless accepts them on its loopback listener.
+        pod.start_keyless("--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
+                          "--token-timeout", "5", "--log-level", "debug")
+        yield pod
 
 
 @pytest.fixture

@@ -12,40 +12,22 @@ proves keyless logged in with the token; the same app without the rules is refus
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DEAD_PROXY_ENV
-from tests.support.azurite import TestPKI
 from tests.support.entra import object_id_for
-from tests.support.identity_endpoint import FakeIdentityEndpoint, make_token
-from tests.support.keyless import keyless_command
+from tests.support.identity_endpoint import make_token
 from tests.support.mysql_server import MariaDB
-from tests.support.netns import (
-    NamespacedKeyless,
-    Netns,
-    TcpForwarder,
-    link,
-    namespaces,
-    readable_dir,
-    require_netns,
-    run_app,
-)
+from tests.support.netns import APP_UID, KEYLESS_UID, TcpForwarder, TransparentPod, transparent_pod
 from tests.support.postgres_server import PostgresServer
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
-KEYLESS_UID, APP_UID = 10001, 10002
 POD_ADDRESS, AZURE_ADDRESS = "10.200.1.1", "10.200.1.2"
 PG_HOST = "keylesspg.postgres.database.azure.com"
 MYSQL_HOST = "keylessmysql.mysql.database.azure.com"
@@ -58,21 +40,13 @@ APP = Path(__file__).resolve().parents[1] / "apps" / "transparent_db_app.py"
 USER = "transparent_app"
 
 
-@dataclass
-class Pod:
-    pod: Netns
-    workdir: Path
-    pki: TestPKI
-    keyless_ca: str
-    keyless: NamespacedKeyless
-    identity: FakeIdentityEndpoint
+class Pod(TransparentPod):
     forwarders: dict[str, TcpForwarder]
     postgres: PostgresServer
-    rules: str
 
     def app(self, protocol: str, host: str, ca: str | None = None) -> dict[str, Any]:
-        return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(APP), protocol,
-                       host, USER, ca or self.keyless_ca)
+        return self.run_app(sys.executable, str(APP), protocol, host, USER,
+                            ca or self.keyless_ca)
 
     def logins(self, protocol: str, result: str = "converted") -> float:
         return self.keyless.metric("keyless_listener_logins_total", protocol=protocol,
@@ -81,67 +55,35 @@ class Pod:
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
-    require_netns()
-    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-db-")))
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        spaces = stack.enter_context(namespaces("dbpod", "dbazure"))
-        pod_ns, azure_ns = spaces["dbpod"], spaces["dbazure"]
-        link(pod_ns, f"{POD_ADDRESS}/24", azure_ns, [f"{AZURE_ADDRESS}/24"])
-        pod_ns.write_hosts({PG_HOST: AZURE_ADDRESS, MYSQL_HOST: AZURE_ADDRESS,
-                            REDIS_HOST: AZURE_ADDRESS, OUTSIDE_HOST: AZURE_ADDRESS})
-        pki = TestPKI(readable_dir(workdir / "pki"))
-
+    hosts = {PG_HOST: AZURE_ADDRESS, MYSQL_HOST: AZURE_ADDRESS, REDIS_HOST: AZURE_ADDRESS,
+             OUTSIDE_HOST: AZURE_ADDRESS}
+    with transparent_pod("db", POD_ADDRESS, [AZURE_ADDRESS], hosts, kind=Pod) as pod:
+        pki = pod.pki
         # The real servers, in the "azure" namespace, on its loopback (their own settings),
         # forwarded from the Azure ports at the namespace's veth address.
         database_token = make_token(OSSRDBMS)
         cache_token = make_token(REDIS_RESOURCE)
-        postgres = PostgresServer(pki, host_name=PG_HOST)
-        azure_ns.call(postgres.start, timeout=120)
-        stack.callback(postgres.stop)
-        postgres.create_role(USER, database_token)
-        mariadb = MariaDB(workdir / "mariadb", pki.issue_server_cert(MYSQL_HOST),
-                          pki.ca_pem_path)
-        azure_ns.call(mariadb.start, timeout=150)
-        stack.callback(mariadb.stop)
+        pod.postgres = pod.in_azure(PostgresServer(pki, host_name=PG_HOST), timeout=120)
+        pod.postgres.create_role(USER, database_token)
+        mariadb = pod.in_azure(MariaDB(pod.workdir / "mariadb",
+                                       pki.issue_server_cert(MYSQL_HOST), pki.ca_pem_path),
+                               timeout=150)
         mariadb.create_token_user(USER, database_token)
-        cache = RedisServer(workdir / "redis", pki, REDIS_HOST)
-        azure_ns.call(cache.start, timeout=60)
-        stack.callback(cache.stop)
+        cache = pod.in_azure(RedisServer(pod.workdir / "redis", pki, REDIS_HOST))
         cache.add_token_user(object_id_for(None), cache_token)
-        forwarders = {}
-        for protocol, port, to_port in (("postgres", 5432, postgres.port),
-                                        ("mysql", 3306, mariadb.port),
-                                        ("redis", 6380, cache.port)):
-            forwarder = TcpForwarder(AZURE_ADDRESS, port, to_port)
-            azure_ns.call(forwarder.start)
-            stack.callback(forwarder.stop)
-            forwarders[protocol] = forwarder
+        pod.forwarders = {protocol: pod.forward(AZURE_ADDRESS, port, to_port)
+                          for protocol, port, to_port in (("postgres", 5432, pod.postgres.port),
+                                                          ("mysql", 3306, mariadb.port),
+                                                          ("redis", 6380, cache.port))}
 
-        identity = FakeIdentityEndpoint()
-        identity.queue_tokens(OSSRDBMS, database_token)
-        identity.queue_tokens(REDIS_RESOURCE, cache_token)
-        pod_ns.call(identity.start)
-        stack.callback(identity.stop)
-        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, readable_dir(workdir / "keyless"), [
-            "--transparent", "--transparent-databases",
-            "--transparent-listen", f"127.0.0.1:{DB_LISTEN}",
-            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
-            "--token-timeout", "5", "--log-level", "debug",
-        ], {**identity.env(), **DEAD_PROXY_ENV, "HOME": str(workdir / "keyless")})
-        stack.callback(keyless.stop)
-        keyless.start()
-        app_dir = readable_dir(workdir / "app")
-        keyless_ca = app_dir / "keyless-ca.pem"
-        shutil.copyfile(keyless.ca_path, keyless_ca)
-        keyless_ca.chmod(0o644)
-        printed = subprocess.run(
-            [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
-             "--uid", str(KEYLESS_UID), "--transparent", "--transparent-databases",
-             "--transparent-listen", f"127.0.0.1:{DB_LISTEN}"],
-            capture_output=True, text=True, timeout=30, check=True)
-        yield Pod(pod_ns, workdir, pki, str(keyless_ca), keyless, identity, forwarders,
-                  postgres, printed.stdout)
+        pod.identity.queue_tokens(OSSRDBMS, database_token)
+        pod.identity.queue_tokens(REDIS_RESOURCE, cache_token)
+        databases = ("--transparent-databases", "--transparent-listen", f"127.0.0.1:{DB_LISTEN}")
+        pod.start_keyless(*databases,
+                          "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
+                          "--token-timeout", "5", "--log-level", "debug",
+                          recipe=("--transparent", *databases))
+        yield pod
 
 
 def test_the_recipe_redirects_every_database_port(pod):
@@ -169,8 +111,7 @@ def test_without_the_rules_the_server_refuses_the_wrong_password(pod, protocol, 
     ("redis", REDIS_HOST, object_id_for(None)),
 ])
 def test_an_app_with_a_wrong_password_logs_in_with_the_token(pod, protocol, host, user):
-    pod.pod.flush_nat()
-    pod.pod.run_recipe(pod.rules, pod.workdir)
+    pod.redirect()
     converted = pod.logins(protocol)
     arrived = pod.forwarders[protocol].connections
 
@@ -191,8 +132,7 @@ def test_an_app_with_a_wrong_password_logs_in_with_the_token(pod, protocol, host
 
 
 def test_a_name_outside_azure_gets_no_login(pod):
-    pod.pod.flush_nat()
-    pod.pod.run_recipe(pod.rules, pod.workdir)
+    pod.redirect()
     arrived = pod.forwarders["postgres"].connections
     fetches = len(pod.identity.calls)
 

@@ -10,36 +10,22 @@ checks that an event hub's tokens are for https://eventhubs.azure.net) at 10.200
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DEAD_PROXY_ENV
-from tests.support.azurite import TestPKI
-from tests.support.fake_namespace import FakeNamespace
-from tests.support.identity_endpoint import FakeIdentityEndpoint
-from tests.support.keyless import keyless_command
 from tests.support.netns import (
-    NamespacedKeyless,
-    Netns,
-    TcpForwarder,
-    link,
-    namespaces,
-    readable_dir,
-    require_netns,
-    run_app,
+    APP_UID,
+    NamespacePod,
+    start_fake_namespace,
+    transparent_pod,
 )
 
 pytestmark = pytest.mark.e2e
-KEYLESS_UID, APP_UID = 10001, 10002
 POD_ADDRESS, AZURE_ADDRESS = "10.200.4.1", "10.200.4.2"
 HUBS = "keylesshubs.servicebus.windows.net"
 WRONG_KEY = "d3Jvbmcta2V5LWZyb20tdGhlLWFwcA=="
@@ -50,71 +36,30 @@ APP = TESTS / "apps" / "transparent_eventhubs_app.py"
 NODE_APP = TESTS / "amqp" / "node_servicebus_app.mjs"  # its "eventhubs" kind: partition 1
 
 
-@dataclass
-class Pod:
-    pod: Netns
-    workdir: Path
-    pki: TestPKI
-    keyless_ca: str
-    keyless: NamespacedKeyless
-    fake: FakeNamespace
-    forwarder: TcpForwarder
-    identity: FakeIdentityEndpoint
-    rules: str
-
+class Pod(NamespacePod):
     def python_app(self, ca: str | None = None) -> dict[str, Any]:
-        return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(APP), LEGACY,
-                       ca or self.keyless_ca, timeout=180)
+        return self.run_app(sys.executable, str(APP), LEGACY, ca or self.keyless_ca,
+                            timeout=180)
 
     def node_app(self, body: str, ca: str | None = None) -> dict[str, Any]:
         node = shutil.which("node")
         assert node, "Node.js is needed: apt-get install nodejs, then npm ci"
-        return run_app(self.pod, APP_UID, self.workdir, node, str(NODE_APP), LEGACY, body,
-                       "eventhubs", timeout=180,
-                       env={"NODE_EXTRA_CA_CERTS": ca or self.keyless_ca})
+        return self.run_app(node, str(NODE_APP), LEGACY, body, "eventhubs", timeout=180,
+                            env={"NODE_EXTRA_CA_CERTS": ca or self.keyless_ca})
 
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
-    require_netns()
-    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-netns-hubs-")))
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        spaces = stack.enter_context(namespaces("hubspod", "hubsazure"))
-        pod_ns, azure_ns = spaces["hubspod"], spaces["hubsazure"]
-        link(pod_ns, f"{POD_ADDRESS}/24", azure_ns, [f"{AZURE_ADDRESS}/24"])
-        pod_ns.write_hosts({HUBS: AZURE_ADDRESS})
-        pki = TestPKI(readable_dir(workdir / "pki"))
-        fake = FakeNamespace(workdir / "fake", pki, HUBS)
-        azure_ns.call(fake.start, timeout=60)
-        stack.callback(fake.stop)
-        forwarder = TcpForwarder(AZURE_ADDRESS, 5671, fake.amqps_port)
-        azure_ns.call(forwarder.start)
-        stack.callback(forwarder.stop)
-        identity = FakeIdentityEndpoint()
-        pod_ns.call(identity.start)
-        stack.callback(identity.stop)
-        keyless_dir = readable_dir(workdir / "keyless")
-        config = keyless_dir / "keyless.toml"
+    with transparent_pod("hubs", POD_ADDRESS, [AZURE_ADDRESS], {HUBS: AZURE_ADDRESS},
+                         kind=Pod) as pod:
+        start_fake_namespace(pod, AZURE_ADDRESS, HUBS)
+        config = pod.workdir / "keyless.toml"
         config.write_text(f'[[route]]\nhost = "{HUBS}"\nservice = "eventhubs"\n')
         config.chmod(0o644)
-        keyless = NamespacedKeyless(pod_ns, KEYLESS_UID, keyless_dir, [
-            "--transparent", "--config", str(config),
-            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
-            "--token-timeout", "5",
-        ], {**identity.env(), **DEAD_PROXY_ENV, "HOME": str(keyless_dir)})
-        stack.callback(keyless.stop)
-        keyless.start()
-        app_dir = readable_dir(workdir / "app")
-        keyless_ca = app_dir / "keyless-ca.pem"
-        shutil.copyfile(keyless.ca_path, keyless_ca)
-        keyless_ca.chmod(0o644)
-        printed = subprocess.run(
-            [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
-             "--uid", str(KEYLESS_UID)], capture_output=True, text=True, timeout=30,
-            check=True)
-        yield Pod(pod_ns, workdir, pki, str(keyless_ca), keyless, fake, forwarder, identity,
-                  printed.stdout)
+        pod.start_keyless("--config", str(config),
+                          "--set", f"ssl_verify_upstream_trusted_ca={pod.pki.ca_pem_path}",
+                          "--token-timeout", "5")
+        yield pod
 
 
 def put_tokens(pod: Pod, since: int) -> list[dict[str, Any]]:
@@ -139,10 +84,9 @@ def test_without_the_rules_the_event_hub_refuses_the_sas(pod: Pod, language: str
 @pytest.mark.parametrize("language", ["python", "node"])
 def test_the_unchanged_event_hubs_app_sends_and_receives_with_a_token(pod: Pod,
                                                                       language: str) -> None:
-    pod.pod.flush_nat()
-    pod.pod.run_recipe(pod.rules, pod.workdir)
+    pod.redirect()
     before = len(pod.fake.events("put_token"))
-    arrived = pod.forwarder.connections
+    arrived = pod.upstream.forwarder.connections
 
     if language == "python":
         result = pod.python_app()
@@ -161,4 +105,4 @@ def test_the_unchanged_event_hubs_app_sends_and_receives_with_a_token(pod: Pod,
     assert {event["type"] for event in seen} == {"jwt"}
     assert all(event["audience"].startswith(f"sb://{HUBS}/telemetry") for event in seen), seen
     assert pod.identity.calls_for("https://eventhubs.azure.net")  # the Event Hubs scope
-    assert pod.forwarder.connections > arrived  # through keyless, not looped back to it
+    assert pod.upstream.forwarder.connections > arrived  # through keyless, not looped back to it

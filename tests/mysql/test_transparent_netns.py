@@ -10,34 +10,17 @@ keyless, which learns the server from the app's TLS server name and logs in with
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from tests.mysql.conftest import MYSQL_HOST
-from tests.support.azurite import TestPKI
-from tests.support.identity_endpoint import FakeIdentityEndpoint, make_token
-from tests.support.keyless import keyless_command
+from tests.support.identity_endpoint import make_token
 from tests.support.mysql_server import OSSRDBMS_RESOURCE, TEST_DATABASE, MariaDB
-from tests.support.netns import (
-    NamespacedKeyless,
-    Netns,
-    link,
-    namespaces,
-    readable_dir,
-    require_netns,
-    run_app,
-)
+from tests.support.netns import TransparentPod, transparent_pod
 
 pytestmark = pytest.mark.e2e
-KEYLESS_UID, APP_UID = 10001, 10002
 POD_ADDRESS, SERVER_ADDRESS = "10.201.0.1", "10.201.0.2"
 DATABASES_PORT = 15432
 USER = "netns_app"
@@ -60,62 +43,35 @@ except Exception as exc:
 """
 
 
-@dataclass
-class MySQLPod:
-    pod: Netns
-    workdir: Path
-    keyless: NamespacedKeyless
-    keyless_ca: str
-    identity: FakeIdentityEndpoint
-
+class MySQLPod(TransparentPod):
     def app(self, host: str = MYSQL_HOST) -> dict[str, str]:
-        script = self.workdir / "app" / "mysql_app.py"
+        script = self.app_dir / "mysql_app.py"
         script.write_text(APP)
         script.chmod(0o644)
-        return run_app(self.pod, APP_UID, self.workdir, sys.executable, str(script), host,
-                       self.keyless_ca, USER, TEST_DATABASE)
+        return self.run_app(sys.executable, str(script), host, self.keyless_ca, USER,
+                            TEST_DATABASE)
 
 
 @pytest.fixture(scope="module")
 def mysql_pod() -> Iterator[MySQLPod]:
-    require_netns()
-    workdir = readable_dir(Path(tempfile.mkdtemp(prefix="keyless-mysql-netns-")))
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        spaces = stack.enter_context(namespaces("pod", "azure"))
-        pod, azure = spaces["pod"], spaces["azure"]
-        link(pod, f"{POD_ADDRESS}/24", azure, [f"{SERVER_ADDRESS}/24"])
-        pod.write_hosts({MYSQL_HOST: SERVER_ADDRESS, OTHER_HOST: SERVER_ADDRESS})
-        pki = TestPKI(readable_dir(workdir / "pki"))
+    with transparent_pod("mysql", POD_ADDRESS, [SERVER_ADDRESS],
+                         {MYSQL_HOST: SERVER_ADDRESS, OTHER_HOST: SERVER_ADDRESS},
+                         kind=MySQLPod) as pod:
+        pki = pod.pki
         token = make_token(OSSRDBMS_RESOURCE)
-        mariadb = MariaDB(workdir / "mariadb", pki.issue_server_cert(MYSQL_HOST),
-                          pki.ca_pem_path, host=SERVER_ADDRESS, port=3306)
-        azure.call(mariadb.start, timeout=120)  # mariadbd is born inside the azure namespace
-        stack.callback(mariadb.stop)
+        # mariadbd is born inside the azure namespace
+        mariadb = pod.in_azure(MariaDB(pod.workdir / "mariadb", pki.issue_server_cert(MYSQL_HOST),
+                                       pki.ca_pem_path, host=SERVER_ADDRESS, port=3306),
+                               timeout=120)
         mariadb.create_token_user(USER, token)
-        identity = FakeIdentityEndpoint()
-        pod.call(identity.start)
-        stack.callback(identity.stop)
-        identity.queue_tokens(OSSRDBMS_RESOURCE, token)
-        keyless = NamespacedKeyless(pod, KEYLESS_UID, readable_dir(workdir / "keyless"), [
-            "--transparent", "--transparent-databases",
-            "--transparent-listen", f"127.0.0.1:{DATABASES_PORT}",
-            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
-            "--token-margin", "0",
-        ], {**identity.env(), "HOME": str(workdir / "keyless")})
-        stack.callback(keyless.stop)
-        keyless.start()
-        app_dir = readable_dir(workdir / "app")
-        keyless_ca = app_dir / "keyless-ca.pem"
-        shutil.copyfile(keyless.ca_path, keyless_ca)
-        keyless_ca.chmod(0o644)
-        rules = subprocess.run(
-            [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{keyless.port}",
-             "--uid", str(KEYLESS_UID), "--transparent", "--transparent-databases",
-             "--transparent-listen", f"127.0.0.1:{DATABASES_PORT}"],
-            capture_output=True, text=True, timeout=30, check=True).stdout
-        pod.run_recipe(rules, workdir)
-        yield MySQLPod(pod, workdir, keyless, str(keyless_ca), identity)
+        pod.identity.queue_tokens(OSSRDBMS_RESOURCE, token)
+        databases = ("--transparent-databases",
+                     "--transparent-listen", f"127.0.0.1:{DATABASES_PORT}")
+        keyless = pod.start_keyless(
+            *databases, "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem_path}",
+            "--token-margin", "0", recipe=("--transparent", *databases))
+        pod.redirect()
+        yield pod
         assert token not in keyless.log()
 
 

@@ -14,6 +14,13 @@ which `ip netns exec` bind-mounts over /etc/hosts), and runs programs inside:
 `Netns.delete()` kills every process left in the namespace (by pid) and deletes it and its
 /etc/netns folder; `namespaces()` does that on every exit path.
 
+`transparent_pod(...)` builds the whole "pod" the transparent-mode tests share: a pod
+namespace (keyless as KEYLESS_UID, the fake identity endpoint on its loopback, the legacy app
+as APP_UID) joined by a veth pair to an "azure" namespace (the stand-in services, under their
+Azure names in the pod's hosts file), keyless started with `--transparent` and the recipe
+`keyless iptables` prints for it. `start_fake_namespace(...)` puts the fake Service Bus /
+Event Hubs namespace in the azure side at its AMQPS (and WebSocket) port.
+
 Needs root, `ip` (iproute2), `iptables`/`ip6tables` and `setpriv` (util-linux).
 """
 
@@ -29,32 +36,49 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import pytest
 
-from tests.support.keyless import KeylessProcess
+from tests.e2e.conftest import DEAD_PROXY_ENV
+from tests.support.azurite import TestPKI
+from tests.support.fake_namespace import FakeNamespace
+from tests.support.identity_endpoint import FakeIdentityEndpoint
+from tests.support.keyless import KeylessProcess, keyless_command
 
 __all__ = [
+    "APP_UID",
     "INSTALL_HINT",
+    "KEYLESS_UID",
+    "FakeNamespaceOnAzure",
+    "NamespacePod",
     "NamespacedKeyless",
     "Netns",
     "RecordingTLSServer",
+    "TcpForwarder",
+    "TransparentPod",
     "iptables_command",
     "link",
     "namespaces",
     "netns_unavailable",
     "require_netns",
+    "splice",
+    "start_fake_namespace",
+    "transparent_pod",
 ]
 
 INSTALL_HINT = "apt-get install -y iptables iproute2"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _TOOLS = ("ip", "iptables", "ip6tables", "setpriv", "nsenter")
 _COMMAND_TIMEOUT = 20.0
+# keyless runs as its own UID (the recipe's owner match exempts it); the app as another one
+KEYLESS_UID, APP_UID = 10001, 10002
 T = TypeVar("T")
 
 
@@ -388,6 +412,27 @@ class RecordingTLSServer:
             return b"".join(c["received"] for c in self.connections)
 
 
+def splice(a: socket.socket, b: socket.socket) -> None:
+    """Relay a <-> b byte for byte (a thread each way) until either side ends; then both close."""
+    a.settimeout(None)
+    b.settimeout(None)
+    for source, sink in ((a, b), (b, a)):
+        threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 class TcpForwarder:
     """Forwards (address, port) to 127.0.0.1:to_port, byte for byte, inside the namespace it
     is started in (`netns.call(forwarder.start)`): a server that listens on its namespace's
@@ -420,25 +465,149 @@ class TcpForwarder:
             except OSError:
                 client.close()
                 continue
-            server.settimeout(None)
-            client.settimeout(None)
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
+            splice(client, server)
 
     def stop(self) -> None:
         self._stop.set()
         if self._listener is not None:
             self._listener.close()
+
+
+class _Server(Protocol):
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+
+
+@dataclass
+class TransparentPod:
+    """The pod and azure namespaces of a transparent-mode test, with what runs in them.
+
+    Built by `transparent_pod(...)`; `start_keyless(...)` fills `keyless`, `keyless_ca` (a
+    copy the app's UID can read) and `rules` (what `keyless iptables` printed for it).
+    Everything started through it is stopped when the `transparent_pod` block ends. A test
+    subclasses it for its own app helpers and the servers it adds (`kind=`)."""
+
+    pod: Netns
+    azure: Netns
+    workdir: Path
+    pki: TestPKI
+    identity: FakeIdentityEndpoint
+    stack: contextlib.ExitStack = field(repr=False)
+    keyless: NamespacedKeyless = field(init=False)
+    keyless_ca: str = field(init=False)
+    rules: str = field(init=False)
+
+    def in_azure[S: _Server](self, server: S, timeout: float = 60.0) -> S:
+        """Start `server` inside the azure namespace; stop it at the end."""
+        self.azure.call(server.start, timeout=timeout)
+        self.stack.callback(server.stop)
+        return server
+
+    def in_pod[S: _Server](self, server: S, timeout: float = 60.0) -> S:
+        """Start `server` inside the pod (e.g. on its loopback, exempt from the redirect)."""
+        self.pod.call(server.start, timeout=timeout)
+        self.stack.callback(server.stop)
+        return server
+
+    def forward(self, address: str, port: int, to_port: int) -> TcpForwarder:
+        """(address, port) in the azure namespace, forwarded to its loopback's to_port."""
+        return self.in_azure(TcpForwarder(address, port, to_port))
+
+    @property
+    def app_dir(self) -> Path:
+        return readable_dir(self.workdir / "app")
+
+    def start_keyless(self, *args: str, recipe: Sequence[str] = (),
+                      env: Mapping[str, str] | None = None) -> NamespacedKeyless:
+        """keyless `--transparent ARGS` in the pod as KEYLESS_UID, with the fake identity and
+        no usable proxy variables; then its CA for the app and the recipe (`keyless iptables
+        --listen ... --uid KEYLESS_UID RECIPE`), which the test applies when it wants it."""
+        keyless_dir = readable_dir(self.workdir / "keyless")
+        self.keyless = NamespacedKeyless(self.pod, KEYLESS_UID, keyless_dir, [
+            "--transparent", *args,
+        ], {**self.identity.env(), **DEAD_PROXY_ENV, "HOME": str(keyless_dir), **(env or {})})
+        self.stack.callback(self.keyless.stop)
+        self.keyless.start(timeout=60)
+        keyless_ca = self.app_dir / "keyless-ca.pem"
+        shutil.copyfile(self.keyless.ca_path, keyless_ca)
+        keyless_ca.chmod(0o644)
+        self.keyless_ca = str(keyless_ca)
+        self.rules = subprocess.run(
+            [*keyless_command(), "iptables", "--listen", f"127.0.0.1:{self.keyless.port}",
+             "--uid", str(KEYLESS_UID), *recipe], capture_output=True, text=True,
+            timeout=30, check=True).stdout
+        return self.keyless
+
+    def redirect(self) -> None:
+        """Exactly the printed rules, and no others, in the pod."""
+        self.pod.flush_nat()
+        self.pod.run_recipe(self.rules, self.workdir)
+
+    def redirecting(self) -> bool:
+        return all("KEYLESS_OUTPUT" in self.pod.nat_rules(tool)
+                   for tool in ("iptables", "ip6tables"))
+
+    def apply_rules(self) -> None:
+        """The printed rules, unless they are in place already (tests that share them)."""
+        if not self.redirecting():
+            self.redirect()
+
+    def run_app(self, *argv: str, timeout: float = 120.0,
+                env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """A legacy app in the pod as APP_UID (see `run_app`)."""
+        return run_app(self.pod, APP_UID, self.workdir, *argv, timeout=timeout, env=env)
+
+
+@contextlib.contextmanager
+def transparent_pod[P: TransparentPod](
+        label: str, pod_address: str, azure_addresses: Sequence[str], hosts: Mapping[str, str],
+        kind: type[P] = TransparentPod,  # type: ignore[assignment]
+) -> Iterator[P]:
+    """A fresh pod/azure pair of namespaces (`LABELpod`, `LABELazure`, unique per run), a veth
+    between them (pod_address/24 in the pod, azure_addresses/24 on the azure side), the pod's
+    hosts file (Azure name -> azure address), a test CA and the fake identity endpoint on
+    the pod's loopback. Everything, keyless included, is torn down on every exit path."""
+    require_netns()
+    # Not under pytest's tmp_path: that is root's 0700 folder, and keyless and the app run
+    # as other UIDs.
+    workdir = readable_dir(Path(tempfile.mkdtemp(prefix=f"keyless-netns-{label}-")))
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        spaces = stack.enter_context(namespaces(f"{label}pod", f"{label}azure"))
+        pod_ns, azure_ns = spaces[f"{label}pod"], spaces[f"{label}azure"]
+        link(pod_ns, f"{pod_address}/24", azure_ns, [f"{a}/24" for a in azure_addresses])
+        pod_ns.write_hosts(hosts)
+        pki = TestPKI(readable_dir(workdir / "pki"))
+        pod = kind(pod_ns, azure_ns, workdir, pki, FakeIdentityEndpoint(), stack)
+        pod.in_pod(pod.identity)  # on the pod's loopback: exempt from the redirect
+        yield pod
+
+
+@dataclass
+class FakeNamespaceOnAzure:
+    """The fake namespace (rhea) in the azure namespace, reachable at address:5671 (AMQPS)
+    and address:443 (AMQP over WebSockets); the forwarders count what arrived."""
+
+    fake: FakeNamespace
+    forwarder: TcpForwarder
+    wss_forwarder: TcpForwarder
+
+
+class NamespacePod(TransparentPod):
+    """A pod whose azure side runs the fake Service Bus / Event Hubs namespace."""
+
+    upstream: FakeNamespaceOnAzure  # set by start_fake_namespace
+
+    @property
+    def fake(self) -> FakeNamespace:
+        return self.upstream.fake
+
+
+def start_fake_namespace(pod: NamespacePod, address: str, namespace: str) -> None:
+    """The fake `namespace` in pod's azure side, at address:5671 and address:443."""
+    fake = pod.in_azure(FakeNamespace(pod.workdir / "fake", pod.pki, namespace))
+    pod.upstream = FakeNamespaceOnAzure(fake, pod.forward(address, 5671, fake.amqps_port),
+                                        pod.forward(address, 443, fake.wss_port))
