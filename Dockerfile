@@ -58,6 +58,12 @@ RUN groupadd --gid "${KEYLESS_UID}" keyless \
     && chown "${KEYLESS_UID}:${KEYLESS_UID}" /var/run/keyless /var/run/keyless-ca \
     && chmod 0700 /var/run/keyless \
     && chmod 0755 /var/run/keyless-ca
+# Transparent mode: the injected NET_ADMIN init container runs `keyless iptables --apply`
+# (deploy/kubernetes/injector), which needs iptables (nft backend) in this image.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables \
+    && rm -rf /var/lib/apt/lists/*
 # The wheels come in through a bind mount (BuildKit), so they never land in a layer; --no-index:
 # only what stage 1 fetched, each checked against the lock's hashes (--require-hashes), then
 # keyless' own wheel without resolving anything. pip compiles the bytecode now, as the root

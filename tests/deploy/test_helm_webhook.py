@@ -164,7 +164,7 @@ def test_the_rendered_chart_runs_the_webhook(helm: Path, tmp_path: Path, scenari
         if scenario == "default":
             assert sidecar["image"] == one(objects, "Deployment")["spec"]["template"]["spec"][
                 "containers"][0]["image"]
-            assert sidecar["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
+            assert sidecar["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
         else:
             injection = SCENARIOS[scenario]["injection"]
             assert sidecar["image"] == "registry.example.com/keyless:1.2.3"

@@ -163,6 +163,6 @@ def test_the_charts_rendered_config_is_accepted_and_used(tmp_path):
         patched = apply(pod, webhook.mutate(review(pod)))
         keyless = next(c for c in patched["spec"]["initContainers"] if c["name"] == "keyless")
         assert keyless["image"] == "keyless:0.1.0"
-        assert keyless["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
+        assert keyless["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
     finally:
         webhook.stop()
