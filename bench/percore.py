@@ -39,10 +39,9 @@ from bench.run import (
     Target,
     keyless_args,
     load,
-    spawn_with_port,
     stop_process,
 )
-from bench.workers import cpu_seconds, favour, machine_jiffies, start_nginx
+from bench.workers import cpu_seconds, favour, machine_jiffies, start_upstream
 from tests.support.azurite import TestPKI
 from tests.support.golang import go_app
 from tests.support.identity_endpoint import FakeIdentityEndpoint
@@ -87,13 +86,7 @@ def run(seconds: float, rounds: int, workdir: Path, generator: str,
     measure = run_go if generator == "go" else run_python
     upstream_kind = upstream_kind or ("nginx" if generator == "go" else "aiohttp")
     with contextlib.ExitStack() as stack:
-        cert, key = pki.issue_server_cert(BENCH_HOST)
-        if upstream_kind == "nginx":
-            upstream, upstream_port = start_nginx(workdir, cert, key)
-        else:
-            upstream, upstream_port = spawn_with_port(
-                [sys.executable, "-m", "tests.support.fast_upstream", "--cert", cert, "--key",
-                 key, "--require-bearer"])
+        upstream, upstream_port = start_upstream(workdir, pki, upstream_kind)
         stack.callback(stop_process, upstream)
         identity = stack.enter_context(FakeIdentityEndpoint())
         mitm = Mitmdump(workdir, pki.ca_pem_path).start()

@@ -185,6 +185,17 @@ def start_nginx(workdir: Path, cert: str, key: str) -> tuple[subprocess.Popen[by
     raise RuntimeError(f"nginx did not listen: {(prefix / 'error.log').read_text()[-2000:]}")
 
 
+def start_upstream(workdir: Path, pki: TestPKI,
+                   kind: str) -> tuple[subprocess.Popen[Any], int]:
+    """The HTTPS upstream for BENCH_HOST that answers only Bearer requests: Debian's nginx
+    (cheap: the proxy is what a run measures) or the project's aiohttp fast upstream."""
+    cert, key = pki.issue_server_cert(BENCH_HOST)
+    if kind == "nginx":
+        return start_nginx(workdir, cert, key)
+    return spawn_with_port([sys.executable, "-m", "tests.support.fast_upstream", "--cert", cert,
+                            "--key", key, "--require-bearer"])
+
+
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -219,13 +230,8 @@ def run(seconds: float, rounds: int, workdir: Path, generator: str = "python",
         memory: bool = False) -> dict[str, Any]:
     pki = TestPKI(workdir / "pki")
     with contextlib.ExitStack() as stack:
-        cert, key = pki.issue_server_cert(BENCH_HOST)
-        if generator == "wrk":
-            upstream, upstream_port = start_nginx(workdir, cert, key)
-        else:
-            upstream, upstream_port = spawn_with_port(
-                [sys.executable, "-m", "tests.support.fast_upstream", "--cert", cert, "--key",
-                 key, "--require-bearer"])
+        upstream, upstream_port = start_upstream(
+            workdir, pki, "nginx" if generator == "wrk" else "aiohttp")
         stack.callback(stop_process, upstream)
         identity = stack.enter_context(FakeIdentityEndpoint())
         favour(os.getpid())
