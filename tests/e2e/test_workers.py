@@ -6,6 +6,7 @@ left)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -78,6 +79,15 @@ def start_workers(tmp_path: Path, workers: int, fake: FakeAzure, pki, identity,
     ], {**identity.env(), **DEAD_PROXY_ENV}).start(timeout=60)
 
 
+@contextlib.contextmanager
+def stopped_cleanly(keyless: KeylessProcess) -> Iterator[KeylessProcess]:
+    """The running keyless; it must then stop with exit code 0 (every worker drained)."""
+    try:
+        yield keyless
+    finally:
+        assert keyless.stop() == 0, keyless.log()
+
+
 def put(path: str = "/indexes/i/docs", body: bytes = b'{"value": []}') -> requests.Response:
     # a new connection per request: the kernel spreads connections, not requests
     return requests.put(f"https://{HOST}{path}?api-version=2024-07-01", data=body,
@@ -108,28 +118,25 @@ def test_two_workers_share_the_port_and_metrics_sum_across_them(
     tmp_path, pki, search, monkeypatch
 ):
     fake, upstream = search
-    with FakeIdentityEndpoint() as identity:
-        keyless = start_workers(tmp_path, 2, fake, pki, identity)
-        try:
-            route_app_through(monkeypatch, keyless)
-            seen = len(upstream.seen)
-            answers = [put() for _ in range(40)]
-            assert [a.status_code for a in answers] == [201] * 40, answers[0].text
-            assert len(upstream.seen) == seen + 40 and not upstream.problems
-            per_worker = [keyless.metric("keyless_worker_requests_total", worker=str(n))
-                          for n in range(2)]
-            assert all(count > 0 for count in per_worker), per_worker  # both served
-            assert sum(per_worker) == 40
-            # the pod's one /metrics: each worker's counter summed
-            assert keyless.metric("keyless_requests_total", service="search",
-                                  outcome="converted") == 40
-            assert keyless.metric("keyless_key_material_stripped_total", service="search") == 40
-            assert len(identity.calls) == 1
-            assert keyless.metric("keyless_token_fetches_total", result="ok") == 1
-            metrics = keyless.metrics()
-            assert not any(token in metrics for token in identity.issued)
-        finally:
-            assert keyless.stop() == 0, keyless.log()
+    with FakeIdentityEndpoint() as identity, \
+            stopped_cleanly(start_workers(tmp_path, 2, fake, pki, identity)) as keyless:
+        route_app_through(monkeypatch, keyless)
+        seen = len(upstream.seen)
+        answers = [put() for _ in range(40)]
+        assert [a.status_code for a in answers] == [201] * 40, answers[0].text
+        assert len(upstream.seen) == seen + 40 and not upstream.problems
+        per_worker = [keyless.metric("keyless_worker_requests_total", worker=str(n))
+                      for n in range(2)]
+        assert all(count > 0 for count in per_worker), per_worker  # both served
+        assert sum(per_worker) == 40
+        # the pod's one /metrics: each worker's counter summed
+        assert keyless.metric("keyless_requests_total", service="search",
+                              outcome="converted") == 40
+        assert keyless.metric("keyless_key_material_stripped_total", service="search") == 40
+        assert len(identity.calls) == 1
+        assert keyless.metric("keyless_token_fetches_total", result="ok") == 1
+        metrics = keyless.metrics()
+        assert not any(token in metrics for token in identity.issued)
     log = keyless.log()
     assert " worker=0 " in log and " worker=1 " in log and " worker=supervisor " in log
     # one audit state file, in today's format, with both workers' calls merged into it
@@ -157,47 +164,42 @@ async def cold_requests(proxy_url: str, ca_path: str, count: int) -> list[int]:
 def test_500_cold_requests_over_4_workers_make_one_identity_call(tmp_path, pki, search):
     fake, upstream = search
     # the identity endpoint takes its time: every request arrives while no token is cached
-    with FakeIdentityEndpoint(mode="slow", delay_seconds=3.0) as identity:
-        keyless = start_workers(tmp_path, 4, fake, pki, identity, "--token-timeout", "60")
-        try:
-            statuses = asyncio.run(cold_requests(keyless.proxy_url, keyless.ca_path, 500))
-            assert statuses == [201] * 500
-            assert not upstream.problems
-            assert len(identity.calls_for(SEARCH_RESOURCE)) == 1
-            per_worker = [keyless.metric("keyless_worker_requests_total", worker=str(n))
-                          for n in range(4)]
-            assert sum(per_worker) == 500 and all(count > 0 for count in per_worker), per_worker
-        finally:
-            assert keyless.stop() == 0, keyless.log()
+    with FakeIdentityEndpoint(mode="slow", delay_seconds=3.0) as identity, \
+            stopped_cleanly(start_workers(tmp_path, 4, fake, pki, identity,
+                                    "--token-timeout", "60")) as keyless:
+        statuses = asyncio.run(cold_requests(keyless.proxy_url, keyless.ca_path, 500))
+        assert statuses == [201] * 500
+        assert not upstream.problems
+        assert len(identity.calls_for(SEARCH_RESOURCE)) == 1
+        per_worker = [keyless.metric("keyless_worker_requests_total", worker=str(n))
+                      for n in range(4)]
+        assert sum(per_worker) == 500 and all(count > 0 for count in per_worker), per_worker
 
 
 def test_a_killed_worker_is_restarted_and_the_pod_is_unready_meanwhile(
     tmp_path, pki, search, monkeypatch
 ):
     fake, _ = search
-    with FakeIdentityEndpoint() as identity:
-        keyless = start_workers(tmp_path, 2, fake, pki, identity)
-        try:
-            route_app_through(monkeypatch, keyless)
-            assert put().status_code == 201
-            assert keyless.process is not None
-            before = worker_pids(keyless.process.pid)
-            assert len(before) == 2
-            victim = before[0]
-            os.kill(victim, signal.SIGKILL)
-            poll(lambda: keyless.get("/readyz")[0] == 503, 10, "/readyz 503 without a worker")
-            assert "not ready" in keyless.get("/readyz")[1]
-            # the other worker serves while the victim is away
-            assert [put().status_code for _ in range(5)] == [201] * 5
-            poll(lambda: keyless.get("/readyz")[0] == 200, 60, "ready again")
-            after = worker_pids(keyless.process.pid)
-            assert len(after) == 2 and victim not in after
-            assert keyless.metric("keyless_worker_restarts_total") == 1
-            assert [put().status_code for _ in range(10)] == [201] * 10
-            # one token call for the pod, the restarted worker included
-            assert len(identity.calls) == 1
-        finally:
-            assert keyless.stop() == 0, keyless.log()
+    with FakeIdentityEndpoint() as identity, \
+            stopped_cleanly(start_workers(tmp_path, 2, fake, pki, identity)) as keyless:
+        route_app_through(monkeypatch, keyless)
+        assert put().status_code == 201
+        assert keyless.process is not None
+        before = worker_pids(keyless.process.pid)
+        assert len(before) == 2
+        victim = before[0]
+        os.kill(victim, signal.SIGKILL)
+        poll(lambda: keyless.get("/readyz")[0] == 503, 10, "/readyz 503 without a worker")
+        assert "not ready" in keyless.get("/readyz")[1]
+        # the other worker serves while the victim is away
+        assert [put().status_code for _ in range(5)] == [201] * 5
+        poll(lambda: keyless.get("/readyz")[0] == 200, 60, "ready again")
+        after = worker_pids(keyless.process.pid)
+        assert len(after) == 2 and victim not in after
+        assert keyless.metric("keyless_worker_restarts_total") == 1
+        assert [put().status_code for _ in range(10)] == [201] * 10
+        # one token call for the pod, the restarted worker included
+        assert len(identity.calls) == 1
 
 
 def test_sigterm_lets_every_in_flight_request_finish_then_all_exit_0(
@@ -231,22 +233,20 @@ def test_a_token_error_is_refused_with_the_supervisors_reason_not_a_hang(
     tmp_path, pki, search, monkeypatch
 ):
     fake, upstream = search
-    with FakeIdentityEndpoint(mode="error") as identity:
-        keyless = start_workers(tmp_path, 2, fake, pki, identity, "--token-timeout", "5")
-        try:
-            route_app_through(monkeypatch, keyless)
-            seen = len(upstream.seen)
-            started = time.monotonic()
-            refused = put()
-            assert time.monotonic() - started < 15
-            assert refused.status_code == 503, refused.text
-            # the supervisor's reason, as one process would give it, not a relay error
-            assert refused.json()["error"]["message"].startswith(
-                "could not get a token for scope https://search.azure.com/.default "
-                "(identity default): ClientAuthenticationError: ")
-            assert len(upstream.seen) == seen, "a request without a token reached the service"
-        finally:
-            assert keyless.stop() == 0, keyless.log()
+    with FakeIdentityEndpoint(mode="error") as identity, \
+            stopped_cleanly(start_workers(tmp_path, 2, fake, pki, identity,
+                                    "--token-timeout", "5")) as keyless:
+        route_app_through(monkeypatch, keyless)
+        seen = len(upstream.seen)
+        started = time.monotonic()
+        refused = put()
+        assert time.monotonic() - started < 15
+        assert refused.status_code == 503, refused.text
+        # the supervisor's reason, as one process would give it, not a relay error
+        assert refused.json()["error"]["message"].startswith(
+            "could not get a token for scope https://search.azure.com/.default "
+            "(identity default): ClientAuthenticationError: ")
+        assert len(upstream.seen) == seen, "a request without a token reached the service"
 
 
 def test_a_port_taken_fails_the_start_and_no_worker_stays(tmp_path, pki, search):
@@ -278,33 +278,30 @@ def test_workers_of_a_killed_supervisor_drain_and_exit(tmp_path, pki, search):
 
 def test_the_token_socket_answers_only_the_workers(tmp_path, pki, search, monkeypatch):
     fake, _ = search
-    with FakeIdentityEndpoint() as identity:
-        keyless = start_workers(tmp_path, 2, fake, pki, identity)
-        try:
-            route_app_through(monkeypatch, keyless)
-            assert put().status_code == 201  # the supervisor holds a token now
-            assert keyless.process is not None
-            worker = worker_pids(keyless.process.pid)[0]
-            environ = dict(item.split("=", 1) for item in Path(
-                f"/proc/{worker}/environ").read_text().split("\0") if "=" in item)
-            path = environ["KEYLESS_INTERNAL_SUPERVISOR_SOCKET"]
-            assert oct(Path(path).parent.stat().st_mode & 0o777) == "0o700"
-            with socket.socket(socket.AF_UNIX) as stranger:  # this test is not a worker
-                stranger.settimeout(10)
-                stranger.connect(path)
-                # The supervisor checks the peer's credentials on accept and may close before
-                # our request is written (BrokenPipe) or read (ConnectionReset): both mean
-                # "disconnected with nothing handed out", as does a clean EOF.
-                try:
-                    stranger.sendall(b'{"op": "token", "identity": null, '
-                                     b'"scope": "https://search.azure.com/.default"}\n')
-                    answer = stranger.recv(65536)
-                except (BrokenPipeError, ConnectionResetError):
-                    answer = b""
-                assert answer == b""  # closed, nothing handed out
-            assert "not a worker" in keyless.log()
-        finally:
-            assert keyless.stop() == 0, keyless.log()
+    with FakeIdentityEndpoint() as identity, \
+            stopped_cleanly(start_workers(tmp_path, 2, fake, pki, identity)) as keyless:
+        route_app_through(monkeypatch, keyless)
+        assert put().status_code == 201  # the supervisor holds a token now
+        assert keyless.process is not None
+        worker = worker_pids(keyless.process.pid)[0]
+        environ = dict(item.split("=", 1) for item in Path(
+            f"/proc/{worker}/environ").read_text().split("\0") if "=" in item)
+        path = environ["KEYLESS_INTERNAL_SUPERVISOR_SOCKET"]
+        assert oct(Path(path).parent.stat().st_mode & 0o777) == "0o700"
+        with socket.socket(socket.AF_UNIX) as stranger:  # this test is not a worker
+            stranger.settimeout(10)
+            stranger.connect(path)
+            # The supervisor checks the peer's credentials on accept and may close before
+            # our request is written (BrokenPipe) or read (ConnectionReset): both mean
+            # "disconnected with nothing handed out", as does a clean EOF.
+            try:
+                stranger.sendall(b'{"op": "token", "identity": null, '
+                                 b'"scope": "https://search.azure.com/.default"}\n')
+                answer = stranger.recv(65536)
+            except (BrokenPipeError, ConnectionResetError):
+                answer = b""
+            assert answer == b""  # closed, nothing handed out
+        assert "not a worker" in keyless.log()
 
 
 def test_reverse_mode_under_two_workers(tmp_path, pki, search):
@@ -313,9 +310,8 @@ def test_reverse_mode_under_two_workers(tmp_path, pki, search):
     fake, upstream = search
     with FakeIdentityEndpoint() as identity:
         reverse_port = free_port()
-        keyless = start_workers(tmp_path, 2, fake, pki, identity,
-                                "--reverse", f"{reverse_port}=https://{HOST}")
-        try:
+        with stopped_cleanly(start_workers(tmp_path, 2, fake, pki, identity,
+                                 "--reverse", f"{reverse_port}=https://{HOST}")) as keyless:
             seen = len(upstream.seen)
             answers = []
             for _ in range(20):
@@ -329,5 +325,3 @@ def test_reverse_mode_under_two_workers(tmp_path, pki, search):
             per_worker = [keyless.metric("keyless_worker_requests_total", worker=str(n))
                           for n in range(2)]
             assert sum(per_worker) == 20 and all(count > 0 for count in per_worker), per_worker
-        finally:
-            assert keyless.stop() == 0, keyless.log()
