@@ -201,11 +201,16 @@ def injected(pod: dict[str, Any], config: str = "") -> dict[str, Any]:
     return jsonpatch.JsonPatch(plan(pod, decision.options, defaults)).apply(pod)
 
 
+def container_named(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    """One of the pod's containers, init containers (native sidecars) included."""
+    spec = pod["spec"]
+    return next(c for c in spec.get("initContainers", []) + spec["containers"]
+                if c["name"] == name)
+
+
 def injected_command(pod: dict[str, Any], container: str, paths: dict[str, str]) -> list[str]:
     """The command of one injected container, with pod paths mapped to local ones."""
-    patched = injected(pod)
-    found = next(c for c in patched["spec"]["initContainers"] if c["name"] == container)
-    return [map_paths(arg, paths) for arg in found["command"]]
+    return [map_paths(arg, paths) for arg in container_named(injected(pod), container)["command"]]
 
 
 def map_paths(value: str, paths: dict[str, str]) -> str:

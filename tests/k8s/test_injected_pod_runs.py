@@ -31,7 +31,7 @@ import pytest
 from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV
 from tests.e2e.test_java import _AZURITE_REQUEST, CLIENTS, MAIN, SAS_SIGNATURE
 from tests.e2e.test_nodejs import APP as NODE_APP
-from tests.k8s.support import Webhook, apply, map_paths, review
+from tests.k8s.support import Webhook, apply, container_named, map_paths, review
 from tests.support.azurite import ACCOUNT, WRONG_KEY, Azurite, TestPKI
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.jvm import MavenApp, maven_app
@@ -81,9 +81,7 @@ class RunningPod:
     ca_dir: Path
 
     def container(self, name: str) -> dict[str, Any]:
-        spec = self.pod["spec"]
-        return next(c for c in spec.get("initContainers", []) + spec["containers"]
-                    if c["name"] == name)
+        return container_named(self.pod, name)
 
     def env_of(self, name: str) -> dict[str, str]:
         """The container's environment as the kubelet gives it, adapted in paths and ports."""

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import BLOB_HOST, DEAD_PROXY_ENV
-from tests.k8s.support import Webhook, apply, map_paths, review
+from tests.k8s.support import Webhook, apply, container_named, map_paths, review
 from tests.support.azurite import ACCOUNT, WRONG_KEY, Azurite, TestPKI
 from tests.support.identity_endpoint import FakeIdentityEndpoint
 from tests.support.keyless import keyless_command
@@ -72,8 +72,7 @@ class Running:
     workdir: Path
 
     def container(self, name: str) -> dict[str, Any]:
-        spec = self.patched["spec"]
-        return next(c for c in spec["initContainers"] + spec["containers"] if c["name"] == name)
+        return container_named(self.patched, name)
 
     def mapped(self, value: str) -> str:
         return map_paths(value, self.paths).replace("127.0.0.1:8080",
