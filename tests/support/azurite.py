@@ -134,13 +134,22 @@ def find_azurite(azurite_bin: str | None = None) -> str:
     )
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     # Racy by nature (the port is released before Azurite binds it), but the
-    # kernel hands out ephemeral ports round-robin so reuse is unlikely.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    # kernel hands out ephemeral ports round-robin so reuse is unlikely. Within this process
+    # a port is never handed out twice: two calls in a row once returned the same port (one
+    # keyless' --listen and --admin, which then failed to start).
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port not handed out before in 100 tries")
 
 
 class Azurite:
